@@ -1,0 +1,19 @@
+"""fnattr: functional, typed feature attribution for generative language models."""
+
+from fnattr import aggregate as aggregate
+from fnattr import hooks as hooks
+from fnattr import methods as methods
+from fnattr import targets as targets
+from fnattr.api import attribute as attribute
+from fnattr.batch import Batch as Batch
+from fnattr.batch import prepare as prepare
+from fnattr.loading import default_model_path as default_model_path
+from fnattr.loading import load_model as load_model
+from fnattr.result import AttributionTensors as AttributionTensors
+from fnattr.result import load as load
+from fnattr.result import save as save
+
+__all__ = [
+    "AttributionTensors", "Batch", "aggregate", "attribute", "default_model_path", "hooks",
+    "load", "load_model", "methods", "prepare", "save", "targets",
+]

@@ -1,0 +1,212 @@
+"""Batch of tokenized sources and targets, and `prepare` to build one (generated or forced)."""
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from jaxtyping import Bool, Int
+from torch import Tensor
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from fnattr._check import typechecked
+
+
+@typechecked
+@dataclasses.dataclass(frozen=True)
+class Batch:
+    """Sources and targets of a batch, padded, with masks.
+
+    Decoder-only models: `source` is the prompt (left padded), `target` the continuation (right
+    padded); step t predicts `target_ids[:, t]` from the prompt and `target_ids[:, :t]`.
+    Encoder-decoder models: `source` is the encoder input, `target` the decoder output without the
+    decoder start token, which `decoder_start_id` holds.
+    """
+
+    source_ids: Int[Tensor, "batch src"]
+    source_mask: Bool[Tensor, "batch src"]
+    source_special: Bool[Tensor, "batch src"]
+    target_ids: Int[Tensor, "batch tgt"]
+    target_mask: Bool[Tensor, "batch tgt"]
+    target_special: Bool[Tensor, "batch tgt"]
+    source_tokens: tuple[tuple[str, ...], ...]
+    target_tokens: tuple[tuple[str, ...], ...]
+    sources: tuple[str, ...]
+    targets: tuple[str, ...]
+    is_encoder_decoder: bool
+    pad_id: int
+    unk_id: int | None = None
+    decoder_start_id: int | None = None
+
+    def __len__(self) -> int:
+        return self.source_ids.shape[0]
+
+    def to(self, device: torch.device | str) -> "Batch":
+        moved = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return Batch(**{k: v.to(device) if isinstance(v, Tensor) else v for k, v in moved.items()})
+
+    def select(self, rows: Sequence[int]) -> "Batch":
+        """The sub-batch of `rows`, with padding columns that no kept row uses dropped."""
+        idx = torch.as_tensor(list(rows), dtype=torch.long, device=self.source_ids.device)
+        src_keep = self.source_mask[idx].any(0)
+        tgt_keep = self.target_mask[idx].any(0)
+        src_cols = src_keep.nonzero().squeeze(1)
+        tgt_cols = torch.arange(int(tgt_keep.nonzero().max()) + 1 if tgt_keep.any() else 1)
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        for side, cols in (("source", src_cols), ("target", tgt_cols)):
+            for key in ("ids", "mask", "special"):
+                fields[f"{side}_{key}"] = fields[f"{side}_{key}"][idx][:, cols.to(idx.device)]
+            fields[f"{side}_tokens"] = tuple(
+                tuple(fields[f"{side}_tokens"][r][c] for c in cols.tolist()) for r in rows
+            )
+            fields[f"{side}s"] = tuple(fields[f"{side}s"][r] for r in rows)
+        return Batch(**fields)
+
+
+def _as_texts(texts: str | Sequence[str], name: str) -> tuple[str, ...]:
+    texts = (texts,) if isinstance(texts, str) else tuple(texts)
+    if not texts:
+        raise ValueError(f"`{name}` is empty: pass at least one text.")
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(f"`{name}[{i}]` is {type(text).__name__}, not str: pass texts.")
+        if not text.strip():
+            raise ValueError(f"`{name}[{i}]` is an empty text: pass a non-empty string.")
+    return texts
+
+
+def _pad_id(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel) -> int:
+    for candidate in (tokenizer.pad_token_id, model.config.pad_token_id, tokenizer.eos_token_id):
+        if isinstance(candidate, int):
+            return candidate
+    return 0
+
+
+def _eos_ids(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel) -> set[int]:
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    ids = set(eos if isinstance(eos, list) else [eos])
+    ids.add(tokenizer.eos_token_id)
+    return {i for i in ids if isinstance(i, int)}
+
+
+def _tokenize(
+    tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], name: str, *, mode: str
+) -> list[list[int]]:
+    """`mode`: "source" (with special tokens), "continuation" (without), "decoder" (text_target)."""
+    if mode == "decoder":
+        rows = [list(tokenizer(text_target=text)["input_ids"]) for text in texts]
+    else:
+        special = mode == "source"
+        rows = [list(tokenizer(text, add_special_tokens=special)["input_ids"]) for text in texts]
+    for i, ids in enumerate(rows):
+        if not ids:
+            raise ValueError(f"`{name}[{i}]` gives no tokens: pass a text the tokenizer can encode.")
+    return rows
+
+
+def _pad(rows: Sequence[Sequence[int]], pad_id: int, *, left: bool) -> tuple[Tensor, Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.bool)
+    for i, row in enumerate(rows):
+        cols = slice(width - len(row), width) if left else slice(0, len(row))
+        ids[i, cols] = torch.as_tensor(row, dtype=torch.long)
+        mask[i, cols] = True
+    return ids, mask
+
+
+def _cut_at_eos(rows: Tensor, eos_ids: set[int]) -> list[list[int]]:
+    """Generated rows up to and including the first EOS (later tokens are padding)."""
+    out = []
+    for row in rows.tolist():
+        end = next((i + 1 for i, tok in enumerate(row) if tok in eos_ids), len(row))
+        out.append(row[:end])
+    return out
+
+
+def _tokens(tokenizer: PreTrainedTokenizerBase, ids: Tensor) -> tuple[tuple[str, ...], ...]:
+    return tuple(tuple(tokenizer.decode([i]) for i in row) for row in ids.tolist())
+
+
+def _special(tokenizer: PreTrainedTokenizerBase, ids: Tensor, mask: Tensor) -> Tensor:
+    specials = torch.as_tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long)
+    return torch.isin(ids, specials) | ~mask
+
+
+def _generate(
+    model: PreTrainedModel, src_ids: Tensor, src_mask: Tensor, pad_id: int, eos: set[int],
+    max_new_tokens: int, generate_kwargs: dict[str, Any],
+) -> list[list[int]]:
+    kwargs = {"do_sample": False, "pad_token_id": pad_id, **generate_kwargs}
+    device = model.device
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=src_ids.to(device), attention_mask=src_mask.to(device).long(),
+            max_new_tokens=max_new_tokens, **kwargs,
+        ).cpu()
+    new = out[:, 1:] if model.config.is_encoder_decoder else out[:, src_ids.shape[1]:]
+    return _cut_at_eos(new, eos)
+
+
+def _decoder_start_id(model: PreTrainedModel) -> int | None:
+    if not model.config.is_encoder_decoder:
+        return None
+    for cfg in (model.generation_config, model.config):
+        start = getattr(cfg, "decoder_start_token_id", None)
+        if isinstance(start, int):
+            return start
+    raise ValueError("the model's config has no `decoder_start_token_id`: set it on model.config.")
+
+
+def prepare(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    sources: str | Sequence[str],
+    targets: str | Sequence[str] | None = None,
+    *,
+    max_new_tokens: int = 16,
+    **generate_kwargs: Any,
+) -> Batch:
+    """Tokenize `sources` and either force `targets` or generate them (greedy unless told).
+
+    Targets are the continuation only: a forced target is never required to repeat the source.
+    Extra keyword arguments go to `model.generate` (e.g. `do_sample=True, top_p=0.9`).
+
+    >>> batch = prepare(model, tokenizer, ["The capital of France is"], max_new_tokens=4)
+    >>> batch.target_tokens  # ((" Paris", ".", ...),)
+    """
+    sources = _as_texts(sources, "sources")
+    if targets is not None:
+        targets = _as_texts(targets, "targets")
+        if len(targets) != len(sources):
+            raise ValueError(
+                f"`targets` has {len(targets)} texts but `sources` has {len(sources)}: "
+                "give exactly one target per source."
+            )
+    if max_new_tokens < 1:
+        raise ValueError(f"`max_new_tokens` is {max_new_tokens}: it must be at least 1.")
+    enc_dec = bool(model.config.is_encoder_decoder)
+    pad_id = _pad_id(tokenizer, model)
+    src_rows = _tokenize(tokenizer, sources, "sources", mode="source")
+    src_ids, src_mask = _pad(src_rows, pad_id, left=not enc_dec)
+    if targets is None:
+        eos = _eos_ids(tokenizer, model)
+        tgt_rows = _generate(model, src_ids, src_mask, pad_id, eos, max_new_tokens, generate_kwargs)
+    elif enc_dec:
+        tgt_rows = _tokenize(tokenizer, targets, "targets", mode="decoder")
+    else:
+        tgt_rows = _tokenize(tokenizer, targets, "targets", mode="continuation")
+    for i, row in enumerate(tgt_rows):
+        if not row:
+            raise ValueError(f"generation for `sources[{i}]` produced no token: raise max_new_tokens.")
+    tgt_ids, tgt_mask = _pad(tgt_rows, pad_id, left=False)
+    unk = tokenizer.unk_token_id
+    return Batch(
+        source_ids=src_ids, source_mask=src_mask, source_special=_special(tokenizer, src_ids, src_mask),
+        target_ids=tgt_ids, target_mask=tgt_mask, target_special=_special(tokenizer, tgt_ids, tgt_mask),
+        source_tokens=_tokens(tokenizer, src_ids), target_tokens=_tokens(tokenizer, tgt_ids),
+        sources=sources,
+        targets=tuple(tokenizer.decode(row, skip_special_tokens=True) for row in tgt_rows),
+        is_encoder_decoder=enc_dec, pad_id=pad_id, unk_id=unk if isinstance(unk, int) else None,
+        decoder_start_id=_decoder_start_id(model),
+    )

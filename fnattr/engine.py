@@ -1,0 +1,146 @@
+"""The one-pass step engine: one teacher-forced forward serves every generated step.
+
+Step t's logits come from the full sequence because of causal masking, so a method runs the
+model once (per perturbation) and takes per-step gradients with one batched backward.
+"""
+
+import dataclasses
+import inspect
+import warnings
+from collections.abc import Sequence
+from functools import lru_cache
+
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+from transformers import PreTrainedModel
+
+from fnattr._check import typechecked
+from fnattr.batch import Batch
+from fnattr.hooks.embedding import EmbeddingHandle
+from fnattr.types import Logits, StepScores, TargetFn
+
+
+@lru_cache(maxsize=64)
+def _accepts(forward_cls: type, name: str) -> bool:
+    return name in inspect.signature(forward_cls.forward).parameters
+
+
+def step_range(batch: Batch, attr_pos_start: int | None, attr_pos_end: int | None) -> Tensor:
+    """Target positions to attribute: `[attr_pos_start, attr_pos_end)`, Python-style negatives."""
+    n = batch.target_ids.shape[1]
+    start, end, _ = slice(attr_pos_start, attr_pos_end).indices(n)
+    for name, value in (("attr_pos_start", attr_pos_start), ("attr_pos_end", attr_pos_end)):
+        if value is not None and not -n <= value <= n:
+            raise ValueError(f"`{name}`={value} is outside the {n} target positions: use 0..{n}.")
+    if end <= start:
+        raise ValueError(f"`attr_pos_start`={attr_pos_start} and `attr_pos_end`={attr_pos_end} select "
+                         f"no step of the {n} target positions: need start < end.")
+    return torch.arange(start, end, device=batch.target_ids.device)
+
+
+@dataclasses.dataclass(frozen=True)
+class Embedded:
+    """Embeddings of a batch's two sides; `target` holds the target tokens y_0..y_{T-1}."""
+
+    source: Float[Tensor, "batch src d"]
+    target: Float[Tensor, "batch tgt d"]
+    start: Float[Tensor, "1 1 d"] | None  # decoder start token (encoder-decoder only)
+
+
+def embed(handle: EmbeddingHandle, batch: Batch) -> Embedded:
+    """The embeddings that the model computes for `batch`, detached."""
+    with torch.no_grad():
+        src = handle.embed(batch.source_ids, "source")
+        tgt = handle.embed(batch.target_ids, "target")
+        start = None
+        if batch.is_encoder_decoder:
+            ids = torch.tensor([[batch.decoder_start_id]], device=batch.target_ids.device)
+            start = handle.embed(ids, "target")
+    return Embedded(src, tgt, start)
+
+
+def forward(
+    model: PreTrainedModel,
+    batch: Batch,
+    handle: EmbeddingHandle,
+    source: Float[Tensor, "rows src d"],
+    target: Float[Tensor, "rows tgt d"],
+    start: Float[Tensor, "1 1 d"] | None = None,
+    rows: Int[Tensor, " rows"] | None = None,
+) -> Logits:
+    """Logits of every step `[rows, tgt, vocab]` when the model reads `source`/`target` embeddings.
+
+    `rows[i]` names the batch row that row i of the embeddings belongs to (default: all rows in
+    order), so perturbed copies of a batch run in one forward.
+    """
+    if rows is None:
+        rows = torch.arange(len(batch), device=source.device)
+    src_ids, src_mask = batch.source_ids[rows], batch.source_mask[rows]
+    tgt_ids = batch.target_ids[rows]
+    n_tgt = tgt_ids.shape[1]
+    cls = type(model)
+    if batch.is_encoder_decoder:
+        dec_ids = torch.cat([torch.full_like(tgt_ids[:, :1], batch.decoder_start_id), tgt_ids[:, :-1]], 1)
+        dec_emb = torch.cat([start.expand(len(rows), 1, -1), target[:, :-1]], 1)
+        handle.replace(source=source, target=dec_emb)
+        out = model(input_ids=src_ids, attention_mask=src_mask.long(), decoder_input_ids=dec_ids,
+                    use_cache=False)
+        handle.check_used()
+        return out.logits
+    ids = torch.cat([src_ids, tgt_ids[:, :-1]], 1)
+    mask = torch.cat([src_mask, batch.target_mask[rows][:, :-1]], 1)
+    kwargs = {"attention_mask": mask.long(), "use_cache": False}
+    if _accepts(cls, "position_ids"):
+        kwargs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    if _accepts(cls, "logits_to_keep"):
+        kwargs["logits_to_keep"] = n_tgt
+    handle.replace(source=torch.cat([source, target[:, :-1]], 1))
+    out = model(input_ids=ids, **kwargs)
+    handle.check_used()
+    return out.logits[:, -n_tgt:]
+
+
+def score_steps(
+    target_fn: TargetFn, logits: Logits, batch: Batch, steps: Tensor, rows: Tensor | None = None
+) -> Float[Tensor, "rows step"]:
+    """`target_fn` at the attributed steps, zero at padding steps."""
+    tgt_ids = batch.target_ids if rows is None else batch.target_ids[rows]
+    mask = batch.target_mask if rows is None else batch.target_mask[rows]
+    scores = target_fn(logits, tgt_ids)
+    if scores.shape != tgt_ids.shape:
+        raise ValueError(f"the target function returned shape {tuple(scores.shape)}; "
+                         f"it must return one score per step, {tuple(tgt_ids.shape)}.")
+    return scores[:, steps] * mask[:, steps]
+
+
+@typechecked
+def step_gradients(
+    scores: Float[Tensor, "rows step"], inputs: Sequence[Tensor]
+) -> list[Tensor]:
+    """Gradient of every step's score w.r.t. each input: `[rows, step, *input.shape[1:]]`.
+
+    One batched backward (`is_grads_batched`) for all steps; a loop of backward passes where
+    vmap cannot run the backward (e.g. under `torch.compile`). Rows must not interact (true for
+    transformer forwards in eval mode), so summing scores over rows is exact.
+    """
+    k = scores.shape[1]
+    seeds = torch.eye(k, dtype=scores.dtype, device=scores.device)[:, None, :].expand(k, *scores.shape)
+    try:
+        if torch.compiler.is_compiling():
+            raise RuntimeError("compiling")
+        grads = torch.autograd.grad(scores, inputs, seeds, is_grads_batched=True, allow_unused=True,
+                                    materialize_grads=True, retain_graph=True)
+    except RuntimeError as err:
+        if "compiling" not in str(err):
+            warnings.warn(f"batched backward failed ({err}); using one backward per step.", stacklevel=2)
+        per_step = [torch.autograd.grad(scores, inputs, seeds[i], retain_graph=i < k - 1,
+                                        allow_unused=True, materialize_grads=True) for i in range(k)]
+        grads = [torch.stack(g) for g in zip(*per_step)]
+    return [g.movedim(0, 1) for g in grads]
+
+
+def causal_target_mask(batch: Batch, steps: Tensor) -> Bool[Tensor, "batch step tgt"]:
+    """True where target token j is an input of step k: j < steps[k] and j is not padding."""
+    j = torch.arange(batch.target_ids.shape[1], device=steps.device)
+    return (j[None, :] < steps[:, None])[None] & batch.target_mask[:, None, :]

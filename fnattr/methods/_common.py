@@ -1,0 +1,135 @@
+"""What every method shares: set-up inside the restoring context managers, and the result."""
+
+import dataclasses
+import json
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+import torch
+from torch import Tensor
+from transformers import PreTrainedModel
+
+from fnattr import targets as _targets
+from fnattr.batch import Batch
+from fnattr.engine import Embedded, causal_target_mask, embed, score_steps, step_range
+from fnattr.hooks.embedding import EmbeddingHandle, embedding_hooks
+from fnattr.hooks.frozen import frozen
+from fnattr.result import AttributionTensors
+from fnattr.types import Logits, TargetFn
+
+StepScoreSpec = Sequence[str | TargetFn]
+
+TARGET_FUNCTIONS: Mapping[str, TargetFn] = {
+    name: getattr(_targets, name) for name in ("probability", "logprob", "logit")
+}
+
+
+def fn_name(fn: TargetFn) -> str:
+    return getattr(fn, "__name__", None) or getattr(getattr(fn, "func", None), "__name__", "target")
+
+
+def resolve_step_scores(specs: StepScoreSpec) -> dict[str, TargetFn]:
+    """Names of built-in target functions or callables -> {name: function}."""
+    out = {}
+    for spec in specs:
+        if isinstance(spec, str):
+            if spec not in TARGET_FUNCTIONS:
+                raise ValueError(f"`step_scores` names unknown {spec!r}: use one of "
+                                 f"{sorted(TARGET_FUNCTIONS)} or pass a function.")
+            out[spec] = TARGET_FUNCTIONS[spec]
+        else:
+            out[fn_name(spec)] = spec
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Context:
+    model: PreTrainedModel
+    batch: Batch
+    handle: EmbeddingHandle
+    embedded: Embedded
+    steps: Tensor
+    attribute_target: bool
+
+
+@contextmanager
+def attribution_context(
+    model: PreTrainedModel, batch: Batch, *, attribute_target: bool | None,
+    attr_pos_start: int | None, attr_pos_end: int | None,
+) -> Iterator[Context]:
+    """Validate, then freeze the model and hook its embeddings for the body; restore on exit."""
+    if bool(model.config.is_encoder_decoder) != batch.is_encoder_decoder:
+        kind = "an encoder-decoder" if batch.is_encoder_decoder else "a decoder-only"
+        raise ValueError(f"`batch` was prepared for {kind} model: call prepare() with this model.")
+    steps = step_range(batch, attr_pos_start, attr_pos_end)
+    if attribute_target is None:
+        attribute_target = not batch.is_encoder_decoder
+    batch = batch.to(model.device)
+    with ExitStack() as stack:
+        stack.enter_context(frozen(model))
+        handle = stack.enter_context(embedding_hooks(model))
+        yield Context(model, batch, handle, embed(handle, batch), steps.to(model.device),
+                      attribute_target)
+
+
+def logit_step_scores(
+    ctx: Context, logits: Logits, target_fn: TargetFn, extra: StepScoreSpec
+) -> dict[str, Tensor]:
+    """The attributed target's score and the requested step scores, from one forward's logits."""
+    fns = {fn_name(target_fn): target_fn, **resolve_step_scores(extra)}
+    with torch.no_grad():
+        return {name: score_steps(fn, logits.detach(), ctx.batch, ctx.steps).detach()
+                for name, fn in fns.items()}
+
+
+def _versions() -> dict[str, str]:
+    out = {}
+    for pkg in ("fnattr", "torch", "transformers", "captum"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "unknown"
+    return out
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Tensor):
+        return f"<tensor {tuple(value.shape)}>"
+    if isinstance(value, (str, int, float, bool, type(None))):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return getattr(value, "__name__", repr(value))
+
+
+def finish(
+    ctx: Context, *, method: str, args: Mapping[str, Any], target_fn: TargetFn,
+    source: Tensor, target: Tensor | None, step_scores: dict[str, Tensor],
+    delta: Tensor | None = None, extra_dims: tuple[str, ...] = ("hidden",),
+) -> AttributionTensors:
+    """Mask padding and invisible positions to exact zeros and build the result (on CPU)."""
+    batch, extra = ctx.batch, (None,) * len(extra_dims)
+    step_mask = batch.target_mask[:, ctx.steps]
+    source = source * (step_mask[:, :, None] & batch.source_mask[:, None, :])[(..., *extra)]
+    if target is not None:
+        target = target * (step_mask[:, :, None] & causal_target_mask(batch, ctx.steps))[(..., *extra)]
+    meta = {
+        "method": method,
+        "args": json.dumps({k: _jsonable(v) for k, v in args.items()}),
+        "target_fn": fn_name(target_fn),
+        "model": str(getattr(ctx.model.config, "name_or_path", "") or type(ctx.model).__name__),
+        "model_class": type(ctx.model).__name__,
+        "is_encoder_decoder": str(batch.is_encoder_decoder).lower(),
+        "versions": json.dumps(_versions()),
+    }
+    cpu = lambda t: None if t is None else t.detach().cpu()  # noqa: E731
+    return AttributionTensors(
+        source=cpu(source), target=cpu(target), steps=cpu(ctx.steps),
+        step_scores={k: cpu(v) for k, v in step_scores.items()},
+        source_ids=cpu(batch.source_ids), target_ids=cpu(batch.target_ids),
+        source_mask=cpu(batch.source_mask), target_mask=cpu(batch.target_mask),
+        source_tokens=batch.source_tokens, target_tokens=batch.target_tokens,
+        extra_dims=extra_dims, delta=cpu(delta), meta=meta,
+    )

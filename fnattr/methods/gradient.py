@@ -1,0 +1,74 @@
+"""Saliency and input x gradient: one forward and one batched backward for all steps."""
+
+from torch import Tensor
+from transformers import PreTrainedModel
+
+from fnattr.batch import Batch
+from fnattr.engine import forward, score_steps, step_gradients
+from fnattr.methods._common import Context, StepScoreSpec, attribution_context, finish, logit_step_scores
+from fnattr.result import AttributionTensors
+from fnattr.targets import probability
+from fnattr.types import TargetFn
+
+
+def _gradients(ctx: Context, target_fn: TargetFn, step_scores: StepScoreSpec):
+    """Per-step gradients at the actual input, and the step scores of that same forward."""
+    emb = ctx.embedded
+    src = emb.source.clone().requires_grad_()
+    tgt = emb.target.clone().requires_grad_(ctx.attribute_target)
+    logits = forward(ctx.model, ctx.batch, ctx.handle, src, tgt, emb.start)
+    scores = score_steps(target_fn, logits, ctx.batch, ctx.steps)
+    inputs = [src, tgt] if ctx.attribute_target else [src]
+    grads = step_gradients(scores, inputs)
+    grad_tgt = grads[1] if ctx.attribute_target else None
+    return grads[0], grad_tgt, logit_step_scores(ctx, logits, target_fn, step_scores)
+
+
+def _times(grad: Tensor | None, x: Tensor) -> Tensor | None:
+    return None if grad is None else grad * x[:, None]
+
+
+def saliency(
+    model: PreTrainedModel, batch: Batch, target_fn: TargetFn = probability, *,
+    abs: bool = True, attribute_target: bool | None = None,
+    attr_pos_start: int | None = None, attr_pos_end: int | None = None,
+    step_scores: StepScoreSpec = (),
+) -> AttributionTensors:
+    """Saliency (Simonyan et al. 2013, arXiv:1312.6034): gradient of each step's target w.r.t.
+    the input embeddings, absolute value by default.
+
+    Returns `source` [batch step src hidden] (and `target` [batch step tgt hidden] for the
+    earlier generated tokens). One forward and one batched backward serve every step.
+
+    >>> out = saliency(model, prepare(model, tok, "The capital of France is"))
+    """
+    args = {"abs": abs, "attribute_target": attribute_target,
+            "attr_pos_start": attr_pos_start, "attr_pos_end": attr_pos_end}
+    with attribution_context(model, batch, attribute_target=attribute_target,
+                             attr_pos_start=attr_pos_start, attr_pos_end=attr_pos_end) as ctx:
+        g_src, g_tgt, scores = _gradients(ctx, target_fn, step_scores)
+        if abs:
+            g_src, g_tgt = g_src.abs(), None if g_tgt is None else g_tgt.abs()
+        return finish(ctx, method="saliency", args=args, target_fn=target_fn,
+                      source=g_src, target=g_tgt, step_scores=scores)
+
+
+def input_x_gradient(
+    model: PreTrainedModel, batch: Batch, target_fn: TargetFn = probability, *,
+    attribute_target: bool | None = None,
+    attr_pos_start: int | None = None, attr_pos_end: int | None = None,
+    step_scores: StepScoreSpec = (),
+) -> AttributionTensors:
+    """Input x gradient (Shrikumar et al. 2016, arXiv:1605.01713): embedding times the gradient
+    of each step's target w.r.t. it.
+
+    Returns `source` [batch step src hidden] (and `target` [batch step tgt hidden]).
+    """
+    args = {"attribute_target": attribute_target,
+            "attr_pos_start": attr_pos_start, "attr_pos_end": attr_pos_end}
+    with attribution_context(model, batch, attribute_target=attribute_target,
+                             attr_pos_start=attr_pos_start, attr_pos_end=attr_pos_end) as ctx:
+        g_src, g_tgt, scores = _gradients(ctx, target_fn, step_scores)
+        return finish(ctx, method="input_x_gradient", args=args, target_fn=target_fn,
+                      source=_times(g_src, ctx.embedded.source),
+                      target=_times(g_tgt, ctx.embedded.target), step_scores=scores)

@@ -1,0 +1,107 @@
+"""AttributionTensors: the result of every method, saved and loaded as safetensors."""
+
+import dataclasses
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from jaxtyping import Bool, Float, Int
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+from fnattr._check import typechecked
+
+FORMAT = "fnattr.attribution/1"
+
+
+@typechecked
+@dataclasses.dataclass(frozen=True)
+class AttributionTensors:
+    """Scores of every attributed step over source tokens (and earlier target tokens).
+
+    - `source[b, k, i, ...]`: score of source token i for attributed step k.
+    - `target[b, k, j, ...]`: score of target token j (an earlier generated token) for step k;
+      exactly 0 where j >= step (the model cannot see it). None when the target side is not
+      attributed (encoder-decoder models without `attribute_target=True`).
+    - `steps[k]`: which target position step k predicts (`attr_pos_start` .. `attr_pos_end`).
+    - `step_scores[name][b, k]`: per-step scores, the attributed target function's among them.
+    - `delta[b, k]`: completeness error, for methods that have one (IG: sum of scores minus
+      f(input) - f(baseline)).
+    - `extra_dims`: names of the trailing `*extra` dimensions, e.g. ("hidden",).
+    Padding positions carry score 0; `source_mask` / `target_mask` say which are real.
+    """
+
+    source: Float[Tensor, "batch step src *extra"]
+    target: Float[Tensor, "batch step tgt *extra"] | None
+    steps: Int[Tensor, " step"]
+    step_scores: dict[str, Float[Tensor, "batch step"]]
+    source_ids: Int[Tensor, "batch src"]
+    target_ids: Int[Tensor, "batch tgt"]
+    source_mask: Bool[Tensor, "batch src"]
+    target_mask: Bool[Tensor, "batch tgt"]
+    source_tokens: tuple[tuple[str, ...], ...]
+    target_tokens: tuple[tuple[str, ...], ...]
+    extra_dims: tuple[str, ...] = ()
+    delta: Float[Tensor, "batch step"] | None = None
+    meta: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        extra = self.source.ndim - 3
+        if len(self.extra_dims) != extra:
+            raise ValueError(f"`extra_dims` names {len(self.extra_dims)} dims but scores have {extra}.")
+        if self.target is not None and self.target.shape[3:] != self.source.shape[3:]:
+            raise ValueError("`target` and `source` must share their extra dimensions.")
+
+    @property
+    def step_mask(self) -> Bool[Tensor, "batch step"]:
+        """True where step k of row b is a real (not padding) target token."""
+        return self.target_mask[:, self.steps]
+
+    def replace(self, **changes: Any) -> "AttributionTensors":
+        return dataclasses.replace(self, **changes)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write tensors and metadata to a `.safetensors` file (no pickle)."""
+        save(self, path)
+
+
+_TENSORS = ("source", "target", "steps", "source_ids", "target_ids", "source_mask",
+            "target_mask", "delta")
+
+
+def save(result: AttributionTensors, path: str | os.PathLike) -> None:
+    """Write `result` to `path` as safetensors; tokens and metadata go in the header."""
+    tensors = {k: getattr(result, k) for k in _TENSORS if getattr(result, k) is not None}
+    tensors |= {f"step_scores.{k}": v for k, v in result.step_scores.items()}
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
+    header = {
+        "format": FORMAT,
+        "source_tokens": json.dumps(result.source_tokens),
+        "target_tokens": json.dumps(result.target_tokens),
+        "extra_dims": json.dumps(result.extra_dims),
+        "step_score_names": json.dumps(list(result.step_scores)),
+        "meta": json.dumps(result.meta),
+    }
+    save_file(tensors, os.fspath(path), metadata=header)
+
+
+def load(path: str | os.PathLike) -> AttributionTensors:
+    """Read an `AttributionTensors` written by `save` (safetensors: never unpickles)."""
+    with safe_open(os.fspath(path), framework="pt") as f:
+        header: Mapping[str, str] = f.metadata() or {}
+        if header.get("format") != FORMAT:
+            raise ValueError(f"{os.fspath(path)!r} is not an fnattr result (format {header.get('format')!r}).")
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    names = json.loads(header["step_score_names"])
+    tokens = {k: tuple(tuple(row) for row in json.loads(header[k]))
+              for k in ("source_tokens", "target_tokens")}
+    return AttributionTensors(
+        **{k: tensors.get(k) for k in _TENSORS},
+        step_scores={n: tensors[f"step_scores.{n}"] for n in names},
+        extra_dims=tuple(json.loads(header["extra_dims"])),
+        meta=json.loads(header["meta"]),
+        **tokens,
+    )

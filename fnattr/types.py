@@ -1,0 +1,25 @@
+"""Shape-annotated tensor aliases and the target-function protocol."""
+
+from typing import Protocol
+
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+
+TokenIds = Int[Tensor, "batch seq"]
+Mask = Bool[Tensor, "batch seq"]
+Embeds = Float[Tensor, "batch seq d_model"]
+Logits = Float[Tensor, "batch step vocab"]
+TargetIds = Int[Tensor, "batch step"]
+StepScores = Float[Tensor, "batch step"]
+
+
+class TargetFn(Protocol):
+    """Maps the logits of every generated step and the target ids to one score per step.
+
+    `logits[b, t]` are the model's logits when it predicts `target_ids[b, t]`. A target function
+    must treat steps independently (score t may read only `logits[:, t]` and `target_ids[:, t]`),
+    which is what lets one forward pass serve every step. Any callable of this form works
+    wherever a built-in one does; there is nothing to register.
+    """
+
+    def __call__(self, logits: Logits, target_ids: TargetIds, /) -> StepScores: ...
