@@ -3,8 +3,11 @@
 Plain functions: pass any callable of the same form (see `fnattr.types.TargetFn`).
 """
 
+from collections.abc import Mapping
+from types import MappingProxyType
+
 from fnattr._check import typechecked
-from fnattr.types import Logits, StepScores, TargetIds
+from fnattr.types import Logits, StepScores, TargetFn, TargetIds
 
 
 def _pick(values: Logits, target_ids: TargetIds) -> StepScores:
@@ -27,3 +30,10 @@ def logprob(logits: Logits, target_ids: TargetIds) -> StepScores:
 def probability(logits: Logits, target_ids: TargetIds) -> StepScores:
     """Probability of the target token: `softmax(z_t)[y_t]` (the default target)."""
     return _pick(logits.softmax(-1), target_ids)
+
+
+# Built-in target functions by name (for `step_scores=["logprob", ...]`, the CLI). A read-only
+# table of this module's functions; user functions are passed directly, never registered.
+TARGETS: Mapping[str, TargetFn] = MappingProxyType({
+    "probability": probability, "logprob": logprob, "logit": logit,
+})

@@ -21,9 +21,6 @@ from fnattr.types import Logits, TargetFn
 
 StepScoreSpec = Sequence[str | TargetFn]
 
-TARGET_FUNCTIONS: Mapping[str, TargetFn] = {
-    name: getattr(_targets, name) for name in ("probability", "logprob", "logit")
-}
 
 
 def fn_name(fn: TargetFn) -> str:
@@ -35,10 +32,10 @@ def resolve_step_scores(specs: StepScoreSpec) -> dict[str, TargetFn]:
     out = {}
     for spec in specs:
         if isinstance(spec, str):
-            if spec not in TARGET_FUNCTIONS:
+            if spec not in _targets.TARGETS:
                 raise ValueError(f"`step_scores` names unknown {spec!r}: use one of "
-                                 f"{sorted(TARGET_FUNCTIONS)} or pass a function.")
-            out[spec] = TARGET_FUNCTIONS[spec]
+                                 f"{sorted(_targets.TARGETS)} or pass a function.")
+            out[spec] = _targets.TARGETS[spec]
         else:
             out[fn_name(spec)] = spec
     return out
