@@ -102,8 +102,9 @@ def forward(
 
 
 def score_steps(
-    target_fn: TargetFn, logits: Logits, batch: Batch, steps: Tensor, rows: Tensor | None = None
-) -> Float[Tensor, "rows step"]:
+    target_fn: TargetFn, logits: Float[Tensor, "rows tgt vocab"], batch: Batch,
+    steps: Int[Tensor, " k"], rows: Int[Tensor, " rows"] | None = None,
+) -> Float[Tensor, "rows k"]:
     """`target_fn` at the attributed steps, zero at padding steps."""
     tgt_ids = batch.target_ids if rows is None else batch.target_ids[rows]
     mask = batch.target_mask if rows is None else batch.target_mask[rows]

@@ -1,6 +1,6 @@
 """Shape-annotated tensor aliases and the target-function protocol."""
 
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
@@ -13,6 +13,7 @@ TargetIds = Int[Tensor, "batch step"]
 StepScores = Float[Tensor, "batch step"]
 
 
+@runtime_checkable
 class TargetFn(Protocol):
     """Maps the logits of every generated step and the target ids to one score per step.
 

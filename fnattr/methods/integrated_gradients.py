@@ -1,7 +1,5 @@
 """Integrated gradients over every generated step, with bounded interpolation batches."""
 
-from typing import Literal
-
 import torch
 from jaxtyping import Float
 from torch import Tensor
@@ -15,7 +13,8 @@ from fnattr.result import AttributionTensors
 from fnattr.targets import probability
 from fnattr.types import TargetFn
 
-Baseline = Literal["unk", "pad", "zeros"] | Float[Tensor, "batch src d"]
+# "unk" | "pad" | "zeros" | a tensor; checked by `baselines` with an error that names the fix.
+Baseline = str | Float[Tensor, "batch src d"]
 
 
 def _fill(ctx: Context, side: str, emb: Tensor, kind: str) -> Tensor:
@@ -68,7 +67,7 @@ def _path_grads(ctx, target_fn, x, base, alphas, weights, chunk):
 
 def integrated_gradients(
     model: PreTrainedModel, batch: Batch, target_fn: TargetFn = probability, *,
-    n_steps: int = 32, method: _paths.Rule = "gausslegendre",
+    n_steps: int = 32, method: str = "gausslegendre",
     internal_batch_size: int = 64, baseline: Baseline = "unk",
     multiply_by_inputs: bool = True, attribute_target: bool | None = None,
     attr_pos_start: int | None = None, attr_pos_end: int | None = None,

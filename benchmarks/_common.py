@@ -1,0 +1,51 @@
+"""Shared set-up for the benchmarks: SmolLM2, fixed prompts, timing and peak-memory helpers."""
+
+import json
+import resource
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+import fnattr
+
+PROMPT = ("Write one sentence about the long history of Paris, the capital city of France, "
+          "and its famous river")  # 20 tokens for SmolLM2 (printed by the benchmarks)
+TARGET = (" The Seine flows through Paris, which grew from a small Roman town into the "
+          "great capital of France")  # 20 tokens
+PROMPTS = [
+    "The capital of France is", "Water boils at a temperature of",
+    "The largest planet in our solar system is", "Shakespeare wrote the play",
+    "The chemical symbol for gold is", "The first man on the moon was",
+    "The tallest mountain on Earth is", "Python is a programming language that",
+]
+
+
+def load():
+    model, tok = fnattr.load_model()
+    return model, tok
+
+
+def n_tokens(tok, text: str, special: bool) -> int:
+    return len(tok(text, add_special_tokens=special)["input_ids"])
+
+
+def best_time(fn: Callable[[], object], repeat: int = 2) -> float:
+    """Best wall time of `repeat` runs (the machine is shared: the minimum is the least noisy)."""
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def in_subprocess(module: str, *args: str) -> dict:
+    """Run `python -m module args` and parse the JSON it prints last (fresh peak RSS)."""
+    out = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
+                         check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])

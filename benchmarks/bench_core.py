@@ -1,0 +1,108 @@
+"""Core benchmark: one-pass saliency and IG vs a per-step loop, batch of 8 vs 8 single calls.
+
+Run: python -m benchmarks.bench_core [--n-steps 16]. Every ratio compares runs made in this one
+process (or its children, for peak memory), on SmolLM2-135M, 20 prompt + 20 forced target tokens.
+"""
+
+import argparse
+import json
+import sys
+
+import torch
+
+import fnattr
+from benchmarks._common import PROMPT, PROMPTS, TARGET, best_time, in_subprocess, load, n_tokens, peak_rss_mb
+from fnattr.methods import integrated_gradients, saliency
+
+
+def per_step_loop(method, model, tok, **kwargs):
+    """The same computation, one step at a time: step t runs on the prefix it reads only."""
+    full = fnattr.prepare(model, tok, PROMPT, TARGET)
+    ids = full.target_ids[0].tolist()
+    outs = []
+    for t in range(len(ids)):
+        batch = fnattr.prepare(model, tok, PROMPT, tok.decode(ids[: t + 1]))
+        assert batch.target_ids[0].tolist() == ids[: t + 1], "prefix does not re-tokenize the same"
+        outs.append(method(model, batch, attr_pos_start=t, attr_pos_end=t + 1, **kwargs))
+    return outs
+
+
+def max_rel_diff(one_pass, loop) -> float:
+    worst = 0.0
+    for t, out in enumerate(loop):
+        a, b = one_pass.source[0, t], out.source[0, 0]
+        worst = max(worst, float((a - b).abs().max() / b.abs().max()))
+    return worst
+
+
+def one_pass_vs_loop(model, tok, n_steps: int) -> None:
+    batch = fnattr.prepare(model, tok, PROMPT, TARGET)
+    print(f"prompt {batch.source_ids.shape[1]} tokens, target {batch.target_ids.shape[1]} tokens")
+    for name, method, kwargs in (("saliency", saliency, {}),
+                                 ("integrated_gradients", integrated_gradients,
+                                  {"n_steps": n_steps, "internal_batch_size": 16})):
+        t_one = best_time(lambda: method(model, batch, **kwargs))
+        t_loop = best_time(lambda: per_step_loop(method, model, tok, **kwargs), repeat=1)
+        diff = max_rel_diff(method(model, batch, **kwargs), per_step_loop(method, model, tok, **kwargs))
+        print(f"{name:22s} one-pass {t_one:6.2f}s  per-step loop {t_loop:6.2f}s  "
+              f"speed-up {t_loop / t_one:5.1f}x  max rel diff {diff:.1e}")
+
+
+def child(kind: str, method: str, n_steps: int, ibs: int) -> None:
+    """Child process: run one configuration, print time and peak RSS as JSON."""
+    model, tok = load()
+    base_rss = peak_rss_mb()
+    fn = {"saliency": saliency, "integrated_gradients": integrated_gradients}[method]
+    kwargs = {} if method == "saliency" else {"n_steps": n_steps, "internal_batch_size": ibs}
+    targets = [TARGET] * len(PROMPTS)
+    if kind == "batch":
+        batch = fnattr.prepare(model, tok, PROMPTS, targets)
+        run = lambda: fn(model, batch, **kwargs)  # noqa: E731
+    else:
+        singles = [fnattr.prepare(model, tok, p, t) for p, t in zip(PROMPTS, targets)]
+        run = lambda: [fn(model, b, **kwargs) for b in singles]  # noqa: E731
+    seconds = best_time(run)
+    print(json.dumps({"seconds": seconds, "peak_mb": peak_rss_mb(), "model_mb": base_rss}))
+
+
+def batch_vs_singles(n_steps: int) -> None:
+    for method in ("saliency", "integrated_gradients"):
+        res = {k: in_subprocess("benchmarks.bench_core", "--child", k, method, str(n_steps), "64")
+               for k in ("batch", "single")}
+        print(f"{method:22s} batch of 8 {res['batch']['seconds']:6.2f}s  8 single calls "
+              f"{res['single']['seconds']:6.2f}s  speed-up {res['single']['seconds'] / res['batch']['seconds']:4.1f}x  "
+              f"peak RSS {res['batch']['peak_mb']:.0f} MB vs {res['single']['peak_mb']:.0f} MB "
+              f"(model loaded: {res['batch']['model_mb']:.0f} MB)")
+
+
+def ig_memory_vs_steps() -> None:
+    rows = []
+    for n_steps in (16, 64):
+        r = in_subprocess("benchmarks.bench_core", "--child", "batch", "integrated_gradients", str(n_steps), "32")
+        rows.append((n_steps, r))
+    print("IG, batch of 8, internal_batch_size=32: " + ", ".join(
+        f"n_steps={n}: {r['seconds']:.1f}s peak {r['peak_mb']:.0f} MB" for n, r in rows)
+        + f"  -> peak ratio {rows[1][1]['peak_mb'] / rows[0][1]['peak_mb']:.2f} for 4x the steps")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--n-steps", type=int, default=16)
+    parser.add_argument("--child", nargs=4, metavar=("KIND", "METHOD", "N_STEPS", "IBS"))
+    args = parser.parse_args()
+    torch.set_grad_enabled(True)
+    if args.child:
+        kind, method, n_steps, ibs = args.child
+        child(kind, method, int(n_steps), int(ibs))
+        return
+    model, tok = load()
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
+          f"prompt tokens {n_tokens(tok, PROMPT, True)}, target tokens {n_tokens(tok, TARGET, False)}")
+    one_pass_vs_loop(model, tok, args.n_steps)
+    batch_vs_singles(args.n_steps)
+    ig_memory_vs_steps()
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
