@@ -1,8 +1,10 @@
 """fnattr: functional, typed feature attribution for generative language models."""
 
 from fnattr import aggregate as aggregate
+from fnattr import dataset as dataset
 from fnattr import hooks as hooks
 from fnattr import methods as methods
+from fnattr import render as render
 from fnattr import targets as targets
 from fnattr.api import attribute as attribute
 from fnattr.batch import Batch as Batch
@@ -14,6 +16,6 @@ from fnattr.result import load as load
 from fnattr.result import save as save
 
 __all__ = [
-    "AttributionTensors", "Batch", "aggregate", "attribute", "default_model_path", "hooks",
-    "load", "load_model", "methods", "prepare", "save", "targets",
+    "AttributionTensors", "Batch", "aggregate", "attribute", "dataset", "default_model_path",
+    "hooks", "load", "load_model", "methods", "prepare", "render", "save", "targets",
 ]

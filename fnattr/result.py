@@ -67,6 +67,12 @@ class AttributionTensors:
         """Write tensors and metadata to a `.safetensors` file (no pickle)."""
         save(self, path)
 
+    def show(self) -> None:
+        """Display the heatmap: HTML in a Jupyter notebook, a coloured table in a terminal."""
+        from fnattr.render import show  # render imports this module
+
+        show(self)
+
 
 _TENSORS = ("source", "target", "steps", "source_ids", "target_ids", "source_mask",
             "target_mask", "delta")

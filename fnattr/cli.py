@@ -1,0 +1,245 @@
+"""The `fnattr` command line: `attribute`, `attribute-dataset`, `show`.
+
+Errors print one line (no traceback unless `--debug`) and exit with status 1 (2 for bad usage).
+"""
+
+import argparse
+import inspect
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+DEFAULT_SAVE = "fnattr-out.safetensors"
+
+
+class UsageError(Exception):
+    """A mistake in the command line itself (exit status 2)."""
+
+
+def _value(text: str) -> Any:
+    """A method option value: JSON when it parses (`16`, `true`, `[1,2]`), else the string."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def method_options(pairs: Sequence[str], rest: Sequence[str]) -> dict[str, Any]:
+    """`--arg key=value` pairs and leftover `--key value` / `--key=value` / `--flag` options."""
+    opts: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not key:
+            raise UsageError(f"`--arg {pair}` is not key=value: write e.g. `--arg n_steps=16`.")
+        opts[key.replace("-", "_")] = _value(text)
+    i = 0
+    while i < len(rest):
+        item = rest[i]
+        if not item.startswith("--") or item == "--":
+            raise UsageError(f"unexpected argument {item!r}: quote texts that contain spaces.")
+        key, sep, text = item[2:].partition("=")
+        if not sep:
+            has_value = i + 1 < len(rest) and not rest[i + 1].startswith("--")
+            text, i = (rest[i + 1], i + 1) if has_value else ("true", i)
+        opts[key.replace("-", "_")] = _value(text)
+        i += 1
+    return opts
+
+
+def check_options(fn: Callable, name: str, opts: dict[str, Any]) -> None:
+    """Fail before loading the model when `opts` names an option that `fn` does not take."""
+    params = inspect.signature(fn).parameters
+    fixed = {"model", "batch", "target_fn", "step_scores"}
+    allowed = [p for p, v in params.items() if p not in fixed and v.kind is v.KEYWORD_ONLY]
+    unknown = [k for k in opts if k not in allowed]
+    if unknown:
+        raise UsageError(f"method {name!r} has no option {', '.join(map(repr, unknown))}: "
+                         f"its options are {', '.join(allowed) or 'none'}.")
+
+
+def resolve_method(name: str) -> Callable:
+    from fnattr.methods import METHODS
+
+    if name not in METHODS:
+        raise UsageError(f"--method {name!r} is unknown: use one of {', '.join(sorted(METHODS))}.")
+    return METHODS[name]
+
+
+def resolve_target_fn(name: str) -> Callable:
+    from fnattr.targets import TARGETS
+
+    if name not in TARGETS:
+        raise UsageError(f"--target-fn {name!r} is unknown: use one of {', '.join(sorted(TARGETS))}.")
+    return TARGETS[name]
+
+
+def load(model: str | None, *, dtype: str | None, device: str):
+    """`fnattr.load_model`, with any failure turned into one clear line."""
+    from transformers.utils import logging as hf_logging
+
+    from fnattr.loading import load_model
+
+    hf_logging.disable_progress_bar()
+    try:
+        return load_model(model, dtype=dtype, device=device)
+    except Exception as error:  # noqa: BLE001 - every loading failure gets the same message shape
+        what = "the default model" if model is None else f"--model {model!r}"
+        raise RuntimeError(f"{what} could not be loaded: {error}") from error
+
+
+def _outputs(out, args: argparse.Namespace, log) -> None:
+    from fnattr import render
+
+    if args.save:
+        out.save(args.save)
+        log(f"saved {args.save}")
+    if args.html:
+        render.save_html(out, args.html)
+        log(f"wrote {args.html}")
+    if args.png:
+        rows = out.source.shape[0]
+        for r in range(rows):
+            root, ext = os.path.splitext(args.png)
+            path = args.png if rows == 1 else f"{root}-{r}{ext or '.png'}"
+            render.save_png(out, path, row=r)
+            log(f"wrote {path}")
+
+
+def cmd_attribute(args: argparse.Namespace, rest: list[str]) -> int:
+    from fnattr import render
+    from fnattr.batch import prepare
+
+    fn = resolve_method(args.method)
+    target_fn = resolve_target_fn(args.target_fn)
+    opts = method_options(args.arg, rest)
+    check_options(fn, args.method, opts)
+    if args.target is not None and len(args.target) != len(args.text):
+        raise UsageError(f"{len(args.target)} --target for {len(args.text)} texts: give one "
+                         "--target per text, or none to generate.")
+    log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
+    start = time.perf_counter()
+    model, tokenizer = load(args.model, dtype=args.dtype, device=args.device)
+    batch = prepare(model, tokenizer, args.text, args.target, max_new_tokens=args.max_new_tokens)
+    out = fn(model, batch, target_fn, step_scores=tuple(args.step_scores), **opts)
+    for src, tgt in zip(batch.sources, batch.targets):
+        print(f"{src}\u2192{tgt}" if args.quiet else f"{src} \u2192 {tgt!r}")
+    if not args.no_table:
+        render.console(out)
+    _outputs(out, args, log)
+    log(f"done in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def cmd_show(args: argparse.Namespace, rest: list[str]) -> int:
+    from fnattr import render
+    from fnattr.result import load as load_result
+
+    if rest:
+        raise UsageError(f"unexpected arguments {' '.join(rest)!r} for `fnattr show`.")
+    if not os.path.isfile(args.file):
+        raise FileNotFoundError(f"{args.file!r} does not exist: pass a .safetensors file written by "
+                                "`fnattr attribute --save` or `AttributionTensors.save`.")
+    out = load_result(args.file)
+    if not args.no_table:
+        render.console(out)
+    args.save = None
+    _outputs(out, args, lambda msg: print(msg, file=sys.stderr))
+    return 0
+
+
+def cmd_dataset(args: argparse.Namespace, rest: list[str]) -> int:
+    from fnattr import dataset
+
+    fn = resolve_method(args.method)
+    target_fn = resolve_target_fn(args.target_fn)
+    opts = method_options(args.arg, rest)
+    check_options(fn, args.method, opts)
+    examples = dataset.read_examples(args.input, text_field=args.text_field,
+                                     target_field=args.target_field)
+    total = dataset.count_examples(args.input)
+    model, tokenizer = load(args.model, dtype=args.dtype, device=args.device)
+    config = {"input": os.path.abspath(args.input), "text_field": args.text_field,
+              "target_field": args.target_field, "model": args.model}
+    done = dataset.run(model, tokenizer, examples, fn, out_dir=args.out, target_fn=target_fn,
+                       batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                       step_scores=tuple(args.step_scores), method_args=opts, config=config,
+                       total=total, progress=not args.quiet)
+    if not args.quiet:
+        print(f"{done} examples in {args.out}", file=sys.stderr)
+    return 0
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="hub id, model folder or .gguf file "
+                   "(default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--method", default="integrated_gradients", help="attribution method name")
+    p.add_argument("--target-fn", default="probability", help="probability, logprob or logit")
+    p.add_argument("--step-scores", nargs="*", default=[], metavar="NAME",
+                   help="extra per-step scores to record (probability, logprob, logit)")
+    p.add_argument("--max-new-tokens", type=int, default=8)
+    p.add_argument("--arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="a method option (JSON value), e.g. --arg n_steps=16; "
+                        "`--n-steps 16` works as well")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16, ... (default: as stored)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--quiet", action="store_true", help="no progress or status messages")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fnattr", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    att = sub.add_parser("attribute", help="attribute the generation of one or more texts")
+    att.add_argument("text", nargs="+", help="source text(s)")
+    att.add_argument("--target", action="append", default=None,
+                     help="force this target (once per text) instead of generating")
+    _common(att)
+    att.add_argument("--save", default=DEFAULT_SAVE, help=f"result file (default {DEFAULT_SAVE})")
+    att.add_argument("--html", default=None, help="write a standalone HTML heatmap")
+    att.add_argument("--png", default=None, help="write a PNG heatmap")
+    att.add_argument("--no-table", action="store_true", help="do not print the table")
+    att.set_defaults(run=cmd_attribute)
+
+    ds = sub.add_parser("attribute-dataset", help="attribute a .jsonl/.csv file into shards")
+    ds.add_argument("--input", required=True, help="a .jsonl or .csv file")
+    ds.add_argument("--text-field", required=True)
+    ds.add_argument("--target-field", default=None)
+    ds.add_argument("--out", required=True, help="folder for the shards (resumed if present)")
+    ds.add_argument("--batch-size", type=int, default=8, help="examples per batch and per shard")
+    _common(ds)
+    ds.set_defaults(run=cmd_dataset)
+
+    show = sub.add_parser("show", help="re-render a saved result")
+    show.add_argument("file")
+    show.add_argument("--html", default=None)
+    show.add_argument("--png", default=None)
+    show.add_argument("--no-table", action="store_true")
+    show.add_argument("--debug", action="store_true", help="show tracebacks")
+    show.set_defaults(run=cmd_show)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.debug:
+        return args.run(args, rest)
+    try:
+        return args.run(args, rest)
+    except UsageError as error:
+        parser.exit(2, f"fnattr {args.command}: error: {error}\n")
+    except KeyboardInterrupt:
+        print("fnattr: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # noqa: BLE001 - one clear line instead of a traceback
+        print(f"fnattr {args.command}: error: {error} (run with --debug for the traceback)",
+              file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
