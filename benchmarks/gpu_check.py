@@ -1,0 +1,102 @@
+"""GPU check (run on a CUDA machine): the CPU test properties hold on CUDA, and GPU timings.
+
+Uses the tiny test models (float64: CUDA vs CPU equality) and a randomly initialised Llama with
+SmolLM2-135M's shape (timings do not depend on the weights' values). Prints ratios measured in
+this one run: one-pass vs per-step loop, batch of 8 vs 8 single calls, IG peak memory vs n_steps.
+"""
+
+import sys
+import time
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import fnattr
+from fnattr.methods import integrated_gradients, saliency
+from tests.conftest import _build, _tokenizer
+
+DEVICE = "cuda"
+
+
+def sync_time(fn, repeat=3):
+    fn()
+    torch.cuda.synchronize()
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def check_equal_to_cpu():
+    for name in ("gpt2", "llama", "bart", "t5"):
+        tok = _tokenizer("$A </s>" if name in ("bart", "t5") else "<s> $A")
+        cpu = _build(name, len(tok))
+        gpu = _build(name, len(tok)).to(DEVICE)
+        sources, targets = ["The capital of France is", "A dog"], [" Paris is a city", " ran"]
+        for method, kw in ((saliency, {}), (integrated_gradients, {"n_steps": 8})):
+            a = method(cpu, fnattr.prepare(cpu, tok, sources, targets), attribute_target=True, **kw)
+            b = method(gpu, fnattr.prepare(gpu, tok, sources, targets), attribute_target=True, **kw)
+            err = float((a.source - b.source).abs().max() / a.source.abs().max())
+            print(f"{name:6s} {method.__name__:22s} CUDA vs CPU (float64) max rel diff {err:.1e}")
+            assert err < 1e-8, err
+            assert b.source.device.type == "cpu"  # results come back on the CPU
+
+
+def smollm2_shaped(dtype):
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                      num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
+                      tie_word_embeddings=True, pad_token_id=2, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    return LlamaForCausalLM(cfg).to(DEVICE, dtype).eval()
+
+
+def random_batch(model, n, src=20, tgt=20):
+    g = torch.Generator().manual_seed(n)
+    ids = torch.randint(10, 49000, (n, src + tgt), generator=g)
+    true = torch.ones(n, src, dtype=torch.bool)
+    return fnattr.Batch(
+        source_ids=ids[:, :src], source_mask=true, source_special=torch.zeros_like(true),
+        target_ids=ids[:, src:], target_mask=torch.ones(n, tgt, dtype=torch.bool),
+        target_special=torch.zeros(n, tgt, dtype=torch.bool),
+        source_tokens=(("x",) * src,) * n, target_tokens=(("y",) * tgt,) * n,
+        sources=("x",) * n, targets=("y",) * n, is_encoder_decoder=False, pad_id=2, unk_id=0)
+
+
+def per_step(method, model, batch, **kw):
+    for t in range(batch.target_ids.shape[1]):
+        sub = fnattr.Batch(**{**batch.__dict__, "target_ids": batch.target_ids[:, : t + 1],
+                              "target_mask": batch.target_mask[:, : t + 1],
+                              "target_special": batch.target_special[:, : t + 1],
+                              "target_tokens": tuple(r[: t + 1] for r in batch.target_tokens)})
+        method(model, sub, attr_pos_start=t, attr_pos_end=t + 1, **kw)
+
+
+def timings(dtype):
+    model = smollm2_shaped(dtype)
+    one = random_batch(model, 1)
+    eight = random_batch(model, 8)
+    singles = [random_batch(model, 1) for _ in range(8)]
+    ig = {"n_steps": 16, "internal_batch_size": 64}
+    for method, kw in ((saliency, {}), (integrated_gradients, ig)):
+        t1 = sync_time(lambda: method(model, one, **kw))
+        tl = sync_time(lambda: per_step(method, model, one, **kw), repeat=1)
+        tb = sync_time(lambda: method(model, eight, **kw))
+        ts = sync_time(lambda: [method(model, b, **kw) for b in singles], repeat=1)
+        print(f"{str(dtype):15s} {method.__name__:22s} one-pass {t1 * 1e3:7.1f} ms, per-step loop "
+              f"{tl * 1e3:7.1f} ms ({tl / t1:4.1f}x); batch of 8 {tb * 1e3:7.1f} ms vs 8 singles "
+              f"{ts * 1e3:7.1f} ms ({ts / tb:4.1f}x)")
+    for n_steps in (16, 64):
+        torch.cuda.reset_peak_memory_stats()
+        integrated_gradients(model, eight, n_steps=n_steps, internal_batch_size=32)
+        print(f"{str(dtype):15s} IG batch of 8, n_steps={n_steps}, internal_batch_size=32: peak "
+              f"{torch.cuda.max_memory_allocated() / 2**20:.0f} MiB")
+
+
+if __name__ == "__main__":
+    print(torch.__version__, torch.cuda.get_device_name(0), file=sys.stderr)
+    check_equal_to_cpu()
+    for dtype in (torch.float32, torch.bfloat16):
+        timings(dtype)
