@@ -1,12 +1,14 @@
 """fnattr: functional, typed feature attribution for generative language models."""
 
 from fnattr import aggregate as aggregate
+from fnattr import contrast as contrast
 from fnattr import dataset as dataset
 from fnattr import hooks as hooks
 from fnattr import methods as methods
 from fnattr import render as render
 from fnattr import targets as targets
 from fnattr.api import attribute as attribute
+from fnattr.api import compute_step_scores as compute_step_scores
 from fnattr.batch import Batch as Batch
 from fnattr.batch import prepare as prepare
 from fnattr.loading import default_model_path as default_model_path
@@ -16,6 +18,6 @@ from fnattr.result import load as load
 from fnattr.result import save as save
 
 __all__ = [
-    "AttributionTensors", "Batch", "aggregate", "attribute", "dataset", "default_model_path",
+    "AttributionTensors", "Batch", "aggregate", "attribute", "compute_step_scores", "contrast", "dataset", "default_model_path",
     "hooks", "load", "load_model", "methods", "prepare", "render", "save", "targets",
 ]

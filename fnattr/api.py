@@ -1,12 +1,20 @@
 """`attribute`: prepare a batch and run one method by name, in one call."""
 
-from collections.abc import Callable, Sequence
+import functools
+import inspect
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import torch
+from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from fnattr.batch import prepare
+from fnattr import targets as _targets
+from fnattr.batch import Batch, prepare
+from fnattr.contrast import Alignments, Contrast, prepare_contrast
+from fnattr.engine import forward, score_steps
 from fnattr.methods import METHODS
+from fnattr.methods._common import StepScoreSpec, attribution_context, resolve_step_scores
 from fnattr.result import AttributionTensors
 from fnattr.targets import probability
 from fnattr.types import TargetFn
@@ -21,6 +29,46 @@ def get_method(method: str | Callable) -> Callable:
     return METHODS[method]
 
 
+def _options(factory: Callable, options: Mapping[str, Any], used: set[str]) -> dict[str, Any]:
+    """The keyword-only options of `factory` found in `options` (marked as used)."""
+    params = inspect.signature(factory).parameters
+    names = [n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    used.update(n for n in names if n in options)
+    return {n: options[n] for n in names if n in options}
+
+
+def resolve_target(
+    spec: str | TargetFn, *, model: PreTrainedModel, batch: Batch, contrast: Contrast | None,
+    options: Mapping[str, Any], used: set[str],
+) -> TargetFn:
+    """A target function from a name (built with `contrast` / `model` where it needs them).
+
+    Names: `fnattr.targets.TARGETS`, `CONTRAST_TARGETS` (need a contrast), `MODEL_TARGETS`;
+    `options` (e.g. `top_p`, `n_mcd_steps`) go to the functions that take them.
+    """
+    if not isinstance(spec, str):
+        return spec
+    if spec in _targets.TARGETS:
+        fn = _targets.TARGETS[spec]
+        kwargs = _options(fn, options, used)
+        return functools.partial(fn, **kwargs) if kwargs else fn
+    if spec in _targets.CONTRAST_TARGETS:
+        if contrast is None:
+            raise ValueError(f"{spec!r} compares with a contrastive input: pass `contrast_targets=` "
+                             "and/or `contrast_sources=`.")
+        factory = _targets.CONTRAST_TARGETS[spec]
+        return factory(contrast, **_options(factory, options, used))
+    if spec in _targets.MODEL_TARGETS:
+        factory = _targets.MODEL_TARGETS[spec]
+        return factory(model, batch, **_options(factory, options, used))
+    known = sorted({*_targets.TARGETS, *_targets.CONTRAST_TARGETS, *_targets.MODEL_TARGETS})
+    raise ValueError(f"target function {spec!r} is unknown: use one of {known} or pass a function.")
+
+
+def _uses_contrast(specs: Sequence[str | TargetFn]) -> bool:
+    return any(isinstance(s, str) and s in _targets.CONTRAST_TARGETS for s in specs)
+
+
 def attribute(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -28,17 +76,69 @@ def attribute(
     targets: str | Sequence[str] | None = None,
     *,
     method: str | Callable = "saliency",
-    target_fn: TargetFn = probability,
+    target_fn: TargetFn | str = probability,
     max_new_tokens: int = 16,
     generate_kwargs: dict[str, Any] | None = None,
+    contrast_targets: str | Sequence[str] | None = None,
+    contrast_sources: str | Sequence[str] | None = None,
+    contrast_targets_alignments: Alignments = None,
+    target_args: Mapping[str, Any] | None = None,
     **method_args: Any,
 ) -> AttributionTensors:
     """Tokenize, generate (or force `targets`), and attribute with `method`, in one call.
 
+    `target_fn` and the names in `step_scores=` may name built-in functions
+    (`fnattr.targets.TARGETS`, `CONTRAST_TARGETS`, `MODEL_TARGETS`). The contrastive ones read
+    `contrast_targets` / `contrast_sources` (one per source), aligned by
+    `contrast_targets_alignments` (None, "auto", or (target, contrast) position pairs), run once
+    without gradient (`fnattr.contrast.prepare_contrast`). `target_args` holds their options
+    (`top_k`, `top_p`, `n_mcd_steps`, `seed`).
+
     >>> out = attribute(model, tok, "The capital of France is", method="integrated_gradients",
     ...                 max_new_tokens=4, n_steps=32)
+    >>> out = attribute(model, tok, "The capital of France is", " Paris.",
+    ...                 target_fn="contrast_prob_diff", contrast_targets=" Rome.",
+    ...                 step_scores=["entropy", "contrast_prob"])
     """
     fn = get_method(method)  # fail on a bad name before generating
+    specs = [target_fn, *method_args.get("step_scores", ())]
+    has_contrast = contrast_targets is not None or contrast_sources is not None
+    if has_contrast != _uses_contrast(specs) or (contrast_targets_alignments is not None
+                                                 and contrast_targets is None):
+        raise ValueError("contrastive arguments and functions go together: pass `contrast_targets=` "
+                         "(and optionally `contrast_sources=`, `contrast_targets_alignments=`) "
+                         "with a contrastive `target_fn` or step score, e.g. 'contrast_prob_diff'.")
     batch = prepare(model, tokenizer, sources, targets, max_new_tokens=max_new_tokens,
                     **(generate_kwargs or {}))
-    return fn(model, batch, target_fn, **method_args)
+    contrast = None
+    if has_contrast:
+        contrast = prepare_contrast(model, tokenizer, batch, contrast_targets=contrast_targets,
+                                    contrast_sources=contrast_sources,
+                                    contrast_targets_alignments=contrast_targets_alignments)
+    options, used = dict(target_args or {}), set()
+    resolve = functools.partial(resolve_target, model=model, batch=batch, contrast=contrast,
+                                options=options, used=used)
+    target = resolve(target_fn)
+    if "step_scores" in method_args:
+        method_args["step_scores"] = [resolve(s) for s in method_args["step_scores"]]
+    if unused := sorted(set(options) - used):
+        raise ValueError(f"`target_args` {unused} are options of none of the target functions used.")
+    return fn(model, batch, target, **method_args)
+
+
+def compute_step_scores(
+    model: PreTrainedModel, batch: Batch, step_scores: StepScoreSpec, *,
+    attr_pos_start: int | None = None, attr_pos_end: int | None = None,
+) -> dict[str, Tensor]:
+    """Step scores alone `{name: [batch step]}`: one no-grad forward, as methods compute them.
+
+    >>> compute_step_scores(model, batch, ["entropy", fnattr.targets.perplexity])
+    """
+    if not step_scores:
+        raise ValueError("`step_scores` is empty: name at least one function, e.g. ['entropy'].")
+    with attribution_context(model, batch, attribute_target=None, attr_pos_start=attr_pos_start,
+                             attr_pos_end=attr_pos_end) as ctx, torch.no_grad():
+        emb = ctx.embedded
+        logits = forward(ctx.model, ctx.batch, ctx.handle, emb.source, emb.target, emb.start)
+        return {name: score_steps(fn, logits, ctx.batch, ctx.steps).cpu()
+                for name, fn in resolve_step_scores(step_scores).items()}

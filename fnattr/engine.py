@@ -101,6 +101,16 @@ def forward(
     return out.logits[:, -n_tgt:]
 
 
+def for_rows(target_fn: TargetFn, rows: Tensor | None) -> TargetFn:
+    """`target_fn` for perturbed copies: row i of the logits belongs to batch row `rows[i]`.
+
+    A target function that holds per-row data (a contrastive forward, say) exposes
+    `at_rows(rows)`; plain functions are used as they are.
+    """
+    at_rows = getattr(target_fn, "at_rows", None)
+    return target_fn if rows is None or at_rows is None else at_rows(rows)
+
+
 def score_steps(
     target_fn: TargetFn, logits: Float[Tensor, "rows tgt vocab"], batch: Batch,
     steps: Int[Tensor, " k"], rows: Int[Tensor, " rows"] | None = None,
@@ -108,7 +118,7 @@ def score_steps(
     """`target_fn` at the attributed steps, zero at padding steps."""
     tgt_ids = batch.target_ids if rows is None else batch.target_ids[rows]
     mask = batch.target_mask if rows is None else batch.target_mask[rows]
-    scores = target_fn(logits, tgt_ids)
+    scores = for_rows(target_fn, rows)(logits, tgt_ids)
     if scores.shape != tgt_ids.shape:
         raise ValueError(f"the target function returned shape {tuple(scores.shape)}; "
                          f"it must return one score per step, {tuple(tgt_ids.shape)}.")

@@ -1,12 +1,31 @@
 """Target functions: (logits of every step, target ids) -> one score per step.
 
-Plain functions: pass any callable of the same form (see `fnattr.types.TargetFn`).
+Plain functions: pass any callable of the same form (see `fnattr.types.TargetFn`). Functions that
+need more than the logits (a contrastive input, dropout samples) are built by factories that run
+the extra forward once for all steps, without gradients, and return a plain target function:
+
+>>> contrast = fnattr.contrast.prepare_contrast(model, tok, batch, contrast_targets=["Rome."])
+>>> out = saliency(model, batch, contrast_prob_diff(contrast), step_scores=["entropy"])
+
+Notation: z_t are the logits of step t, p_t = softmax(z_t), y_t the target token; primes mark
+the contrastive input (z'_t, p'_t, y'_t at the contrast step aligned with t).
 """
 
-from collections.abc import Mapping
+import math
+from collections.abc import Callable, Mapping
 from types import MappingProxyType
 
+import torch
+from torch import Tensor
+from transformers import PreTrainedModel
+
 from fnattr._check import typechecked
+from fnattr.batch import Batch
+from fnattr.contrast import Contrast
+from fnattr.engine import embed, forward
+from fnattr.hooks.dropout import dropout_modules, enable_dropout
+from fnattr.hooks.embedding import embedding_hooks
+from fnattr.hooks.frozen import frozen
 from fnattr.types import Logits, StepScores, TargetFn, TargetIds
 
 
@@ -32,8 +51,258 @@ def probability(logits: Logits, target_ids: TargetIds) -> StepScores:
     return _pick(logits.softmax(-1), target_ids)
 
 
-# Built-in target functions by name (for `step_scores=["logprob", ...]`, the CLI). A read-only
+@typechecked
+def entropy(logits: Logits, target_ids: TargetIds) -> StepScores:
+    """Entropy of the next-token distribution, in nats: `H_t = -sum_v p_t(v) log p_t(v)`."""
+    logp = logits.log_softmax(-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+@typechecked
+def crossentropy(logits: Logits, target_ids: TargetIds) -> StepScores:
+    """Cross-entropy of the target token (its negative log-likelihood): `CE_t = -log p_t(y_t)`."""
+    return -logprob(logits, target_ids)
+
+
+@typechecked
+def perplexity(logits: Logits, target_ids: TargetIds) -> StepScores:
+    """Per-step perplexity `PPL_t = exp(CE_t) = 1 / p_t(y_t)`.
+
+    The sequence perplexity `exp(mean_t CE_t)` is the geometric mean of these over the steps.
+    """
+    return crossentropy(logits, target_ids).exp()
+
+
+def _attached(logits: Logits, value: Tensor) -> StepScores:
+    """`value` as a score of these logits: its gradient with respect to the input is zero."""
+    return value.to(logits.dtype) + logits[..., 0].nan_to_num(0.0, 0.0, 0.0) * 0
+
+
+def _nucleus(probs: Tensor, top_k: int, top_p: float) -> Tensor:
+    """True at the `top_k` most likely tokens (0: all) that form the smallest set of mass >= top_p."""
+    if top_k < 0 or not 0.0 < top_p <= 1.0:
+        raise ValueError(f"`top_k`={top_k}, `top_p`={top_p}: need top_k >= 0 and 0 < top_p <= 1.")
+    n = probs.shape[-1]
+    if top_p >= 1.0 and top_k in (0, n):
+        return torch.ones_like(probs, dtype=torch.bool)
+    k = min(n, top_k or 64)
+    while True:  # the k most likely tokens, sorted; widen k until each nucleus closes inside
+        values, order = probs.sort(-1, descending=True) if k == n else probs.topk(k, -1)
+        if k == n or k == top_k or bool((values.sum(-1) >= top_p).all()):
+            break
+        k = n if 32 * k > n else 4 * k  # a full sort beats a top-k of most of the vocabulary
+    keep = (values.cumsum(-1) - values) < top_p  # mass before the token is still short of top_p
+    keep[..., 0] = True
+    return torch.zeros_like(probs, dtype=torch.bool).scatter(-1, order, keep)
+
+
+@typechecked
+def top_p_size(logits: Logits, target_ids: TargetIds, *, top_p: float = 0.9) -> StepScores:
+    """Size of the nucleus (Holtzman et al. 2020, arXiv:1904.09751): the fewest tokens whose
+    probability adds up to at least `top_p`: `min |V| s.t. sum_{v in V} p_t(v) >= top_p`.
+
+    A count (zero gradient). Other `top_p`: `functools.partial(top_p_size, top_p=0.5)`.
+    """
+    with torch.no_grad():
+        size = _nucleus(logits.softmax(-1), 0, top_p).sum(-1)
+    return _attached(logits, size)
+
+
+def _check_rows(name: str, own_ids: Tensor, target_ids: Tensor) -> bool:
+    """Whether data held for `own_ids`' rows must be broadcast (one row) to `target_ids`' rows."""
+    if own_ids.shape == target_ids.shape and torch.equal(own_ids, target_ids):
+        return False
+    if own_ids.shape[0] == 1 and own_ids.shape[1:] == target_ids.shape[1:] and torch.equal(
+            own_ids.expand_as(target_ids), target_ids):
+        return True
+    raise ValueError(
+        f"`{name}` holds data for {own_ids.shape[0]} batch rows of {own_ids.shape[1]} steps but got "
+        f"target ids {tuple(target_ids.shape)} that are not those rows. A method that runs "
+        "perturbed copies of a batch must call `target_fn.at_rows(rows)` first; otherwise "
+        "attribute one example at a time (a one-row batch serves any number of copies).")
+
+
+def bind(name: str, score: Callable[..., Tensor], own_ids: Tensor, *data: Tensor) -> TargetFn:
+    """A target function `score(logits, target_ids, *data)` over per-batch-row `data`.
+
+    `data` tensors have the batch rows first and belong to the rows whose target ids are
+    `own_ids`; `fn.at_rows(rows)` gives the function for the rows `rows` of that batch (row i
+    of the logits belongs to batch row rows[i]), as a method running perturbed copies needs.
+    """
+    def target(logits: Logits, target_ids: TargetIds) -> StepScores:
+        if _check_rows(name, own_ids, target_ids):
+            rows = torch.zeros(len(target_ids), dtype=torch.long, device=own_ids.device)
+            return score(logits, target_ids, *(d[rows] for d in data))
+        return score(logits, target_ids, *data)
+
+    def at_rows(rows: Tensor) -> TargetFn:
+        rows = rows.to(own_ids.device)
+        return bind(name, score, own_ids[rows], *(d[rows] for d in data))
+
+    target.__name__ = target.__qualname__ = name
+    target.at_rows = at_rows
+    return target
+
+
+@typechecked
+def _contrast_logit(logits: Logits, target_ids: TargetIds, c_logits: Logits,
+                    c_ids: TargetIds) -> StepScores:
+    return _attached(logits, _pick(c_logits, c_ids))
+
+
+@typechecked
+def _contrast_prob(logits: Logits, target_ids: TargetIds, c_logits: Logits,
+                   c_ids: TargetIds) -> StepScores:
+    return _attached(logits, _pick(c_logits.softmax(-1), c_ids))
+
+
+@typechecked
+def _logit_diff(logits: Logits, target_ids: TargetIds, c_logits: Logits,
+                c_ids: TargetIds) -> StepScores:
+    return _pick(logits, target_ids) - _pick(c_logits, c_ids)
+
+
+@typechecked
+def _prob_diff(logits: Logits, target_ids: TargetIds, c_logits: Logits,
+               c_ids: TargetIds) -> StepScores:
+    return _pick(logits.softmax(-1), target_ids) - _pick(c_logits.softmax(-1), c_ids)
+
+
+@typechecked
+def _log2_ratio(logits: Logits, target_ids: TargetIds, c_logits: Logits,
+                c_ids: TargetIds) -> StepScores:
+    c_logp = _pick(c_logits.log_softmax(-1), c_ids)
+    return (_pick(logits.log_softmax(-1), target_ids) - c_logp) / math.log(2)
+
+
+def _contrast(name: str, score: Callable[..., Tensor], contrast: Contrast) -> TargetFn:
+    return bind(name, score, contrast.target_ids, contrast.logits, contrast.ids)
+
+
+def contrast_logits(contrast: Contrast) -> TargetFn:
+    """Logit of the contrast token under the contrastive input: `z'_t[y'_t]`.
+
+    Computed once, without gradient: a constant of the attributed input (zero attributions)."""
+    return _contrast("contrast_logits", _contrast_logit, contrast)
+
+
+def contrast_prob(contrast: Contrast) -> TargetFn:
+    """Probability of the contrast token under the contrastive input: `p'_t(y'_t)`.
+
+    Computed once, without gradient: a constant of the attributed input (zero attributions)."""
+    return _contrast("contrast_prob", _contrast_prob, contrast)
+
+
+def contrast_logits_diff(contrast: Contrast) -> TargetFn:
+    """Contrastive logit difference (Yin & Neubig 2022, arXiv:2202.10419): `z_t[y_t] - z'_t[y'_t]`."""
+    return _contrast("contrast_logits_diff", _logit_diff, contrast)
+
+
+def contrast_prob_diff(contrast: Contrast) -> TargetFn:
+    """Contrastive probability difference (Yin & Neubig 2022): `p_t(y_t) - p'_t(y'_t)`.
+
+    Only the first term depends on the attributed input: its gradient is that of `p_t(y_t)`."""
+    return _contrast("contrast_prob_diff", _prob_diff, contrast)
+
+
+def pcxmi(contrast: Contrast) -> TargetFn:
+    """Pointwise conditional cross-mutual information (Fernandes et al. 2021, arXiv:2109.07446),
+    in bits: `P-CXMI_t = log2 p_t(y_t | x, C, y_<t) - log2 p'_t(y_t | x, y_<t)`.
+
+    The attributed input holds the context C; the contrast (`contrast_sources`) leaves it out.
+    Positive where the context makes y_t more likely."""
+    return _contrast("pcxmi", _log2_ratio, contrast)
+
+
+def in_context_pvi(contrast: Contrast) -> TargetFn:
+    """In-context pointwise V-usable information (Lu et al. 2023, arXiv:2310.12300), in bits:
+    `PVI_t = log2 p_t(y_t | x, y_<t) - log2 p'_t(y_t | x_null, y_<t)`.
+
+    The attributed input holds the instance x; the contrast (`contrast_sources`) holds the same
+    prompt with x left out (the null input). Positive where x makes y_t more likely."""
+    return _contrast("in_context_pvi", _log2_ratio, contrast)
+
+
+def kl_divergence(contrast: Contrast, *, top_k: int = 0, top_p: float = 1.0) -> TargetFn:
+    """KL divergence of the contrastive from the attributed next-token distribution (Sarti et
+    al. 2023, PECoRe, arXiv:2310.01188): `KL_t = sum_{v in V_t} q_t(v) log(q_t(v) / q'_t(v))`,
+    in nats, where V_t holds the `top_k` (0: all) most likely tokens of p_t of cumulative mass
+    `top_p`, and q_t, q'_t are p_t, p'_t restricted to V_t and renormalised.
+    """
+    _nucleus(torch.ones(1, 1, 1), top_k, top_p)  # validate now, not at the first step
+
+    @typechecked
+    def _kl(logits: Logits, target_ids: TargetIds, c_logits: Logits, c_ids: TargetIds) -> StepScores:
+        keep = _nucleus(logits.detach().softmax(-1), top_k, top_p)
+        low = torch.finfo(logits.dtype).min  # masked tokens get probability 0, finite logs
+        logq = logits.masked_fill(~keep, low).log_softmax(-1)
+        logq_c = c_logits.to(logits.dtype).masked_fill(~keep, low).log_softmax(-1)
+        return torch.where(keep, logq.exp() * (logq - logq_c), 0).sum(-1)
+
+    return _contrast("kl_divergence", _kl, contrast)
+
+
+def _seeded(device: torch.device):
+    if device.type == "cpu":
+        return torch.random.fork_rng(devices=[])
+    return torch.random.fork_rng(devices=[device], device_type=device.type)
+
+
+@typechecked
+def _constant(logits: Logits, target_ids: TargetIds, values: StepScores) -> StepScores:
+    return _attached(logits, values)
+
+
+def mc_dropout_prob_avg(
+    model: PreTrainedModel, batch: Batch, *, n_mcd_steps: int = 10, seed: int = 0,
+    internal_batch_size: int = 64,
+) -> TargetFn:
+    """Monte-Carlo dropout average probability (Gal & Ghahramani 2016, arXiv:1506.02142):
+    `(1/K) sum_{k=1..K} p^(k)_t(y_t)`, with K = `n_mcd_steps` forwards whose dropout masks differ.
+
+    The K samples run as copies of the batch in one no-grad pass (chunks of at most
+    `internal_batch_size` rows), with only the dropout modules in training mode
+    (`fnattr.hooks.enable_dropout`, restored after). Seeded by `seed` without touching the
+    global RNG. A constant of the attributed input: use it as a step score.
+    """
+    if n_mcd_steps < 1 or internal_batch_size < 1:
+        raise ValueError(f"`n_mcd_steps`={n_mcd_steps}, `internal_batch_size`={internal_batch_size}: "
+                         "both must be at least 1.")
+    if bool(model.config.is_encoder_decoder) != batch.is_encoder_decoder:
+        raise ValueError("`batch` was prepared for another kind of model: call prepare() with this model.")
+    if not any(getattr(m, "p", 0) > 0 for m in dropout_modules(model)):
+        raise ValueError(f"{type(model).__name__} has no torch.nn dropout module with p > 0 (dropout "
+                         "called functionally inside layers cannot be enabled alone): MC dropout "
+                         "would equal `probability`. Use a model with nn.Dropout modules.")
+    batch = batch.to(model.device)
+    total = torch.zeros(batch.target_ids.shape, dtype=model.dtype, device=model.device)
+    copies = torch.arange(len(batch), device=model.device).repeat(n_mcd_steps)
+    with torch.no_grad(), frozen(model), enable_dropout(model), embedding_hooks(model) as handle, \
+            _seeded(model.device):
+        torch.manual_seed(seed)
+        emb = embed(handle, batch)
+        for rows in copies.split(internal_batch_size):
+            logits = forward(model, batch, handle, emb.source[rows], emb.target[rows], emb.start, rows)
+            total.index_add_(0, rows, probability(logits, batch.target_ids[rows]).to(total.dtype))
+    return bind("mc_dropout_prob_avg", _constant, batch.target_ids, total / n_mcd_steps)
+
+
+# Built-in target functions by name (for `step_scores=["entropy", ...]`, the CLI). A read-only
 # table of this module's functions; user functions are passed directly, never registered.
 TARGETS: Mapping[str, TargetFn] = MappingProxyType({
-    "probability": probability, "logprob": logprob, "logit": logit,
+    "probability": probability, "logprob": logprob, "logit": logit, "entropy": entropy,
+    "crossentropy": crossentropy, "perplexity": perplexity, "top_p_size": top_p_size,
+})
+
+# Factories `(contrast, **options) -> TargetFn` by name, for `fnattr.attribute(...,
+# contrast_targets=...)`, which builds the `Contrast` and the function.
+CONTRAST_TARGETS: Mapping[str, Callable[..., TargetFn]] = MappingProxyType({
+    "contrast_logits": contrast_logits, "contrast_prob": contrast_prob,
+    "contrast_logits_diff": contrast_logits_diff, "contrast_prob_diff": contrast_prob_diff,
+    "pcxmi": pcxmi, "kl_divergence": kl_divergence, "in_context_pvi": in_context_pvi,
+})
+
+# Factories `(model, batch, **options) -> TargetFn` by name (they run the model themselves).
+MODEL_TARGETS: Mapping[str, Callable[..., TargetFn]] = MappingProxyType({
+    "mc_dropout_prob_avg": mc_dropout_prob_avg,
 })

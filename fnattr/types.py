@@ -20,7 +20,9 @@ class TargetFn(Protocol):
     `logits[b, t]` are the model's logits when it predicts `target_ids[b, t]`. A target function
     must treat steps independently (score t may read only `logits[:, t]` and `target_ids[:, t]`),
     which is what lets one forward pass serve every step. Any callable of this form works
-    wherever a built-in one does; there is nothing to register.
+    wherever a built-in one does; there is nothing to register. A function that holds per-row
+    data may also expose `at_rows(rows)`, returning the function for perturbed copies whose row i
+    belongs to batch row `rows[i]` (see `fnattr.engine.for_rows`).
     """
 
     def __call__(self, logits: Logits, target_ids: TargetIds, /) -> StepScores: ...

@@ -1,0 +1,179 @@
+"""Contrastive inputs: one no-grad forward of an alternative source/target, aligned to the target.
+
+"Why y rather than y'?" (Yin & Neubig 2022, arXiv:2202.10419): `prepare_contrast` runs the
+contrastive source and/or target once for all steps and keeps, for every target position t, the
+contrast logits and token of the contrast position aligned with t. The contrastive target
+functions of `fnattr.targets` (`contrast_prob_diff(contrast)`, ...) read them.
+"""
+
+import dataclasses
+import difflib
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from fnattr._check import typechecked
+from fnattr.batch import Batch, prepare
+from fnattr.engine import embed, forward
+from fnattr.hooks.embedding import embedding_hooks
+from fnattr.hooks.frozen import frozen
+
+Pairs = Sequence[tuple[int, int]]
+Alignments = Literal["auto"] | Pairs | Sequence[Pairs] | None
+
+
+@typechecked
+@dataclasses.dataclass(frozen=True)
+class Contrast:
+    """The contrastive side of a batch, aligned with its target positions.
+
+    - `logits[b, t]`: contrast logits at the contrast step aligned with target position t.
+    - `ids[b, t]`: the contrast token at that step (what the contrast input predicts there).
+    - `target_ids`: the attributed batch's target ids (to check which rows a function gets).
+    - `alignments[b]`: the (target position, contrast position) pairs used for row b.
+    """
+
+    logits: Float[Tensor, "batch tgt vocab"]
+    ids: Int[Tensor, "batch tgt"]
+    target_ids: Int[Tensor, "batch tgt"]
+    alignments: tuple[tuple[tuple[int, int], ...], ...]
+
+
+def align_tokens(target: Sequence[int], contrast: Sequence[int]) -> list[tuple[int, int]]:
+    """Align every target position with a contrast position by matching tokens ("auto").
+
+    Equal runs of tokens (difflib's longest matching blocks) align one to one; a replaced run
+    aligns position by position (its tail to the last replacing token); a target run with no
+    counterpart aligns with the contrast token that stands where it would be. Contrast tokens
+    with no target counterpart are left out.
+
+    >>> align_tokens([5, 6, 7], [5, 9, 9, 7])
+    [(0, 0), (1, 1), (2, 3)]
+    """
+    if not target or not contrast:
+        raise ValueError("cannot align an empty sequence: both target and contrast need tokens.")
+    pairs = []
+    matcher = difflib.SequenceMatcher(a=list(target), b=list(contrast), autojunk=False)
+    for op, i1, i2, j1, j2 in matcher.get_opcodes():
+        for i in range(i1, i2):
+            if op == "equal":
+                pairs.append((i, j1 + i - i1))
+            elif op == "replace":
+                pairs.append((i, j1 + min(i - i1, j2 - j1 - 1)))
+            elif op == "delete":
+                pairs.append((i, min(j1, len(contrast) - 1)))
+    return pairs
+
+
+def _row_pairs(alignments: Alignments, n_rows: int) -> list[Pairs | None | str]:
+    """One alignment spec per row: "auto", None (identity) or explicit pairs."""
+    if alignments is None or isinstance(alignments, str):
+        if isinstance(alignments, str) and alignments != "auto":
+            raise ValueError(f"`contrast_targets_alignments`={alignments!r}: use 'auto', None, or "
+                             "(target position, contrast position) pairs.")
+        return [alignments] * n_rows
+    alignments = list(alignments)
+    flat = all(isinstance(p, (tuple, list)) and len(p) == 2 and all(isinstance(v, int) for v in p)
+               for p in alignments)
+    if flat:
+        return [alignments] * n_rows
+    if len(alignments) != n_rows:
+        raise ValueError(f"`contrast_targets_alignments` has {len(alignments)} lists of pairs for "
+                         f"{n_rows} rows: give one list per row, or one list for every row.")
+    return alignments
+
+
+def _positions(spec: Pairs | None | str, tgt: list[int], con: list[int], row: int) -> list[int]:
+    """The contrast position of every target position of one row."""
+    if spec == "auto":
+        spec = align_tokens(tgt, con)
+    named = {}
+    for pair in spec or ():
+        t, c = (int(v) for v in pair)
+        if not (0 <= t < len(tgt) and 0 <= c < len(con)):
+            raise ValueError(f"`contrast_targets_alignments` pair {tuple(pair)} of row {row} is out "
+                             f"of range: target positions are 0..{len(tgt) - 1}, contrast positions "
+                             f"0..{len(con) - 1}.")
+        if named.setdefault(t, c) != c:
+            raise ValueError(f"`contrast_targets_alignments` aligns target position {t} of row {row} "
+                             "twice: give one contrast position per target position.")
+    out = []
+    for t in range(len(tgt)):
+        if t not in named and t >= len(con):
+            raise ValueError(f"target position {t} of row {row} has no contrast position: the contrast "
+                             f"has {len(con)} tokens. Pass contrast_targets_alignments='auto' or a "
+                             f"pair ({t}, j).")
+        out.append(named.get(t, t))
+    return out
+
+
+def _texts(texts: str | Sequence[str] | None, n: int, name: str) -> tuple[str, ...] | None:
+    if texts is None:
+        return None
+    texts = (texts,) if isinstance(texts, str) else tuple(texts)
+    if len(texts) != n:
+        raise ValueError(f"`{name}` has {len(texts)} texts for a batch of {n}: give one per row.")
+    return texts
+
+
+def contrast_batch(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batch: Batch, *,
+    contrast_targets: str | Sequence[str] | None = None,
+    contrast_sources: str | Sequence[str] | None = None,
+) -> Batch:
+    """The batch of contrastive inputs: each side either the contrast texts or `batch`'s own ids."""
+    c_tgt = _texts(contrast_targets, len(batch), "contrast_targets")
+    c_src = _texts(contrast_sources, len(batch), "contrast_sources")
+    if c_tgt is None and c_src is None:
+        raise ValueError("no contrast given: pass `contrast_targets` and/or `contrast_sources`.")
+    # Forced targets: nothing is generated. A side without contrast texts keeps the batch's ids.
+    try:
+        made = prepare(model, tokenizer, c_src or batch.sources, c_tgt or c_src)
+    except ValueError as err:  # name the contrast arguments, not prepare's
+        raise ValueError(f"contrast_sources / contrast_targets: {err}") from None
+    keep = ([] if c_src else ["source"]) + ([] if c_tgt else ["target"])
+    fields = {f"{side}_{key}": getattr(batch, f"{side}_{key}")
+              for side in keep for key in ("ids", "mask", "special", "tokens")}
+    fields.update({f"{side}s": getattr(batch, f"{side}s") for side in keep})
+    return dataclasses.replace(made, **fields)
+
+
+def prepare_contrast(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batch: Batch, *,
+    contrast_targets: str | Sequence[str] | None = None,
+    contrast_sources: str | Sequence[str] | None = None,
+    contrast_targets_alignments: Alignments = None,
+) -> Contrast:
+    """Run the contrastive input once (no grad, eval mode) and align it with `batch`'s targets.
+
+    `contrast_targets`: alternative target texts ("why y rather than y'"); `contrast_sources`:
+    alternative inputs (e.g. without context); either or both, one per row. Alignment of target
+    position t with a contrast position: None keeps t (the contrast must be long enough), "auto"
+    matches tokens (`align_tokens`), explicit (t, j) pairs (one list for all rows or one per row)
+    set the named positions and keep t elsewhere. Returns a `Contrast` on the model's device.
+
+    >>> contrast = prepare_contrast(model, tok, batch, contrast_targets=["Rome."])
+    >>> out = saliency(model, batch, fnattr.targets.contrast_prob_diff(contrast))
+    """
+    cb = contrast_batch(model, tokenizer, batch, contrast_targets=contrast_targets,
+                        contrast_sources=contrast_sources)
+    specs = _row_pairs(contrast_targets_alignments, len(batch))
+    lengths = batch.target_mask.sum(1).tolist(), cb.target_mask.sum(1).tolist()
+    index = torch.zeros_like(batch.target_ids)
+    for row, (spec, n_t, n_c) in enumerate(zip(specs, *lengths)):
+        tgt, con = batch.target_ids[row, :n_t].tolist(), cb.target_ids[row, :n_c].tolist()
+        index[row, :n_t] = torch.as_tensor(_positions(spec, tgt, con, row))
+    cb, index = cb.to(model.device), index.to(model.device)
+    with torch.no_grad(), frozen(model), embedding_hooks(model) as handle:
+        emb = embed(handle, cb)
+        logits = forward(model, cb, handle, emb.source, emb.target, emb.start)
+    vocab = logits.shape[-1]
+    pairs = tuple(tuple((t, int(index[r, t])) for t in range(n)) for r, n in enumerate(lengths[0]))
+    return Contrast(logits=logits.gather(1, index[..., None].expand(-1, -1, vocab)),
+                    ids=cb.target_ids.gather(1, index),
+                    target_ids=batch.target_ids.to(model.device), alignments=pairs)
+
