@@ -1,0 +1,161 @@
+"""DeepLIFT and layer DeepLIFT over every generated step: one forward of [inputs; references]."""
+
+from contextlib import ExitStack
+from functools import partial
+
+import torch
+from torch import Tensor
+from transformers import PreTrainedModel
+
+from fnattr.batch import Batch
+from fnattr.engine import forward, score_steps, step_gradients
+from fnattr.hooks.layer import LayerSpec, layer_hooks
+from fnattr.methods import _layers
+from fnattr.methods._common import Context, StepScoreSpec, attribution_context, finish, logit_step_scores
+from fnattr.methods._deeplift_rules import deeplift_rules
+from fnattr.methods._layers import Acts
+from fnattr.methods.integrated_gradients import Baseline, baselines, completeness_delta
+from fnattr.result import AttributionTensors
+from fnattr.targets import probability
+from fnattr.types import TargetFn
+
+RULES_DOC = """Multipliers (see `fnattr.methods._deeplift_rules`): the Rescale rule on elementwise
+    activation modules as a whole (torch.nn activations, transformers' ACT2FN classes: GELU,
+    NewGELU, SiLU, ReLU, ...) and on the elementwise functions exp, log, tanh, sigmoid, erf, sqrt,
+    rsqrt, reciprocal, pow, relu, gelu, silu, softplus, elu, mish; the average product rule on
+    products of two input-dependent tensors (mul, matmul, bmm, division, e.g. q.k, attn.v, gated
+    MLPs); softmax, log_softmax (also in the target function), layer_norm, rms_norm and SDPA are
+    decomposed into these, so they are exact too. Any other nonlinear op falls back to its
+    gradient, and `delta` shows the error it causes. Models that compute norms in float32 (Llama,
+    T5) sum to delta within float32 rounding."""
+
+
+def _stacked(ctx: Context, baseline: Baseline) -> tuple[Tensor, Tensor, Tensor]:
+    """Source and target embeddings of [inputs; references], and the batch row of each."""
+    emb = ctx.embedded
+    base_src, base_tgt = baselines(ctx, baseline)
+    n = len(ctx.batch)
+    rows = torch.cat([torch.arange(n), torch.arange(n)]).to(emb.source.device)
+    return torch.cat([emb.source, base_src]), torch.cat([emb.target, base_tgt]), rows
+
+
+def _run(ctx, target_fn, source, target, rows):
+    """The DeepLIFT forward (rules active): logits [2n tgt vocab], scores [2n step]."""
+    with deeplift_rules(ctx.model):
+        logits = forward(ctx.model, ctx.batch, ctx.handle, source, target, ctx.embedded.start, rows)
+        return logits, score_steps(target_fn, logits, ctx.batch, ctx.steps, rows)
+
+
+def deeplift(
+    model: PreTrainedModel, batch: Batch, target_fn: TargetFn = probability, *,
+    baseline: Baseline = "unk", multiply_by_inputs: bool = True,
+    attribute_target: bool | None = None,
+    attr_pos_start: int | None = None, attr_pos_end: int | None = None,
+    step_scores: StepScoreSpec = (),
+) -> AttributionTensors:
+    """DeepLIFT (Shrikumar et al. 2017, arXiv:1704.02685) w.r.t. the input embeddings.
+
+    One forward runs the inputs and the references (`baseline`, as in `integrated_gradients`)
+    side by side; one batched backward gives every step's multipliers. With
+    `multiply_by_inputs=False` the multipliers are returned.
+
+    {rules}
+
+    Returns `source` [batch step src hidden], `target` [batch step tgt hidden] and `delta`
+    [batch step]: sum of scores minus (f(input) - f(reference)), ~0 (summation-to-delta).
+    """
+    args = {"baseline": baseline, "multiply_by_inputs": multiply_by_inputs,
+            "attribute_target": attribute_target, "attr_pos_start": attr_pos_start,
+            "attr_pos_end": attr_pos_end}
+    with ExitStack() as stack:
+        ctx = stack.enter_context(attribution_context(
+            model, batch, attribute_target=attribute_target,
+            attr_pos_start=attr_pos_start, attr_pos_end=attr_pos_end))
+        source, target, rows = _stacked(ctx, baseline)
+        n = len(ctx.batch)
+        source.requires_grad_()
+        target.requires_grad_(ctx.attribute_target)
+        logits, raw = _run(ctx, target_fn, source, target, rows)
+        scores = raw[:n]
+        inputs = [source, target] if ctx.attribute_target else [source]
+        grads = [g[:n] for g in step_gradients(scores, inputs)]
+        if multiply_by_inputs:
+            grads = [g * (x[:n] - x[n:]).detach()[:, None] for g, x in zip(grads, inputs)]
+        out = finish(ctx, method="deeplift", args=args, target_fn=target_fn, source=grads[0],
+                     target=grads[1] if ctx.attribute_target else None,
+                     step_scores=logit_step_scores(ctx, logits[:n], target_fn, step_scores))
+        if not multiply_by_inputs:
+            return out
+        return out.replace(delta=completeness_delta(out, (raw[:n] - raw[n:]).detach().cpu()))
+
+
+def _leaf(a: Tensor, *, role: str, n_src: int, attribute_target: bool) -> Tensor:
+    """The layer's output as a leaf; reference rows copy the input rows where not attributed."""
+    a = a.detach().clone()
+    n = a.shape[0] // 2
+    if role == "joint" and not attribute_target:
+        a[n:, n_src:] = a[:n, n_src:]
+    elif role == "target":
+        a[n:, :1] = a[:n, :1]  # the decoder start position is never attributed
+    return a.requires_grad_()
+
+
+def layer_deeplift(
+    model: PreTrainedModel, batch: Batch, target_fn: TargetFn = probability, *,
+    layer: LayerSpec | None = None, baseline: Baseline = "unk", multiply_by_inputs: bool = True,
+    attribute_target: bool | None = None,
+    attr_pos_start: int | None = None, attr_pos_end: int | None = None,
+    step_scores: StepScoreSpec = (),
+) -> AttributionTensors:
+    """Layer DeepLIFT: DeepLIFT multipliers w.r.t. a layer's output times its difference from
+    the layer's output at the reference input (`baseline`).
+
+    `layer` as in `layer_gradient_x_activation` (default: the input embeddings, where this equals
+    `deeplift`). Positions that are not attributed (target positions without `attribute_target`,
+    the decoder start) take the input's activation in the reference too. The scores sum to
+    f(input) - f(reference) when the layer cuts the graph (the embeddings, a whole block of a
+    decoder-only model or of the encoder); for other layers (an attention module beside its
+    residual, a decoder layer whose cross-attention reads the reference's encoder) `delta` says
+    how much flows around the layer.
+
+    {rules}
+
+    Returns `source` [batch step src hidden], `target` [batch step tgt hidden], `delta` [batch step].
+    """
+    args = {"layer": layer, "baseline": baseline, "multiply_by_inputs": multiply_by_inputs,
+            "attribute_target": attribute_target, "attr_pos_start": attr_pos_start,
+            "attr_pos_end": attr_pos_end}
+    with ExitStack() as stack:
+        ctx = stack.enter_context(attribution_context(
+            model, batch, attribute_target=attribute_target,
+            attr_pos_start=attr_pos_start, attr_pos_end=attr_pos_end))
+        hooks = stack.enter_context(layer_hooks(model, _layers.default_layer(model) if layer is None
+                                                else layer))
+        roles = _layers.roles(model, hooks.modules)
+        _layers.check_sides(roles, ctx.attribute_target)
+        source, target, rows = _stacked(ctx, baseline)
+        n_src, n = ctx.batch.source_ids.shape[1], len(ctx.batch)
+        hooks.take()
+        hooks.replace(*[partial(_leaf, role=r, n_src=n_src, attribute_target=ctx.attribute_target)
+                        for r in roles])
+        logits, raw = _run(ctx, target_fn, source, target, rows)
+        scores = raw[:n]
+        hooks.check_used()
+        leaves = hooks.take()
+        grads = _layers.split(step_gradients(scores, leaves), roles, n_src, dim=2)
+        acts = _layers.split(leaves, roles, n_src)
+        parts = []
+        for g, a in ((grads.source, acts.source), (grads.target, acts.target)):
+            if g is not None:
+                g = g[:n] * (a[:n] - a[n:]).detach()[:, None] if multiply_by_inputs else g[:n]
+            parts.append(g)
+        out = _layers.finish_layer(ctx, "layer_deeplift", args, target_fn, Acts(*parts, None),
+                                   logit_step_scores(ctx, logits[:n], target_fn, step_scores), acts)
+        if not multiply_by_inputs:
+            return out
+        return out.replace(delta=completeness_delta(out, (raw[:n] - raw[n:]).detach().cpu()))
+
+
+for _fn in (deeplift, layer_deeplift):
+    if _fn.__doc__:  # None under python -OO
+        _fn.__doc__ = _fn.__doc__.format(rules=RULES_DOC)

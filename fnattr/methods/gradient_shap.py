@@ -1,0 +1,132 @@
+"""GradientSHAP (expected gradients with input noise) over every generated step."""
+
+import dataclasses
+import hashlib
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+from transformers import PreTrainedModel
+
+from fnattr.batch import Batch
+from fnattr.engine import forward, score_steps, step_gradients
+from fnattr.methods._common import Context, StepScoreSpec, attribution_context, finish, logit_step_scores
+from fnattr.methods.integrated_gradients import Baseline, baselines
+from fnattr.result import AttributionTensors
+from fnattr.targets import probability
+from fnattr.types import TargetFn
+
+
+@dataclasses.dataclass(frozen=True)
+class Draws:
+    """Random draws of every (sample, row): path point, baseline index, input noise."""
+
+    alpha: Tensor        # [sample batch]
+    which: Tensor        # [sample batch] index into the baselines
+    source: Tensor       # [sample batch src d] noise (0 at padding and special tokens)
+    target: Tensor       # [sample batch tgt d]
+
+
+def row_generator(seed: int, batch: Batch, row: int) -> torch.Generator:
+    """A generator seeded by `seed` and the row's real tokens: a row draws the same numbers
+    whatever batch it is in."""
+    ids = [batch.source_ids[row][batch.source_mask[row]].tolist(),
+           batch.target_ids[row][batch.target_mask[row]].tolist()]
+    digest = hashlib.sha256(f"{seed}|{ids}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+
+
+def _noise(gen, n, ids_mask, special, d, stdevs, dtype):
+    out = torch.zeros(n, len(ids_mask), d, dtype=dtype)
+    where = ids_mask & ~special
+    if stdevs > 0:
+        out[:, where.cpu()] = torch.randn(n, int(where.sum()), d, generator=gen, dtype=dtype) * stdevs
+    return out
+
+
+def draws(ctx: Context, n_samples: int, n_baselines: int, stdevs: float, seed: int,
+          generator: torch.Generator | None) -> Draws:
+    """All draws, row by row: from `generator` in order, or from `row_generator(seed, ...)`."""
+    b, emb = ctx.batch, ctx.embedded
+    d, dtype = emb.source.shape[-1], emb.source.dtype
+    rows = []
+    for r in range(len(b)):
+        gen = generator if generator is not None else row_generator(seed, b, r)
+        alpha = torch.rand(n_samples, generator=gen, dtype=dtype)
+        which = torch.randint(n_baselines, (n_samples,), generator=gen)
+        src = _noise(gen, n_samples, b.source_mask[r], b.source_special[r], d, stdevs, dtype)
+        tgt = (_noise(gen, n_samples, b.target_mask[r], b.target_special[r], d, stdevs, dtype)
+               if ctx.attribute_target else torch.zeros(n_samples, b.target_ids.shape[1], d, dtype=dtype))
+        rows.append((alpha, which, src, tgt))
+    dev = emb.source.device
+    return Draws(*(torch.stack(parts, 1).to(dev) for parts in zip(*rows)))
+
+
+def _grads(ctx, target_fn, x, bases, dr: Draws, n_samples, chunk):
+    """mean_s grad f_step(b_s + a_s (x + e_s - b_s)) * (x + e_s - b_s), chunked over rows."""
+    n_rows = len(ctx.batch)
+    sides = [0, 1] if ctx.attribute_target else [0]
+    acc = [torch.zeros(n_rows, len(ctx.steps), *x[i].shape[1:], dtype=x[i].dtype, device=x[i].device)
+           for i in sides]
+    pairs = [(s, r) for s in range(n_samples) for r in range(n_rows)]
+    noise = (dr.source, dr.target)
+    for lo in range(0, len(pairs), chunk):
+        s_idx, rows = (torch.tensor(v, device=x[0].device) for v in zip(*pairs[lo:lo + chunk]))
+        which, alpha = dr.which[s_idx, rows], dr.alpha[s_idx, rows][:, None, None]
+        base = [torch.stack([bases[k][i][r] for k, r in zip(which.tolist(), rows.tolist())])
+                for i in (0, 1)]
+        diff = [x[i][rows] + noise[i][s_idx, rows] - base[i] for i in (0, 1)]
+        point = [(base[i] + alpha * diff[i]).requires_grad_(i in sides) for i in (0, 1)]
+        tgt = point[1] if ctx.attribute_target else x[1][rows]
+        logits = forward(ctx.model, ctx.batch, ctx.handle, point[0], tgt, ctx.embedded.start, rows)
+        scores = score_steps(target_fn, logits, ctx.batch, ctx.steps, rows)
+        grads = step_gradients(scores, [point[i] for i in sides])
+        for total, g, i in zip(acc, grads, sides):
+            total.index_add_(0, rows, g * diff[i][:, None] / n_samples)
+    return acc
+
+
+def gradient_shap(
+    model: PreTrainedModel, batch: Batch, target_fn: TargetFn = probability, *,
+    n_samples: int = 32, stdevs: float = 0.0,
+    baseline: Baseline | Sequence[Baseline] = "unk",
+    seed: int = 0, generator: torch.Generator | None = None,
+    internal_batch_size: int = 64, attribute_target: bool | None = None,
+    attr_pos_start: int | None = None, attr_pos_end: int | None = None,
+    step_scores: StepScoreSpec = (),
+) -> AttributionTensors:
+    """GradientSHAP (Lundberg & Lee 2017, arXiv:1705.07874; captum's GradientShap): the mean over
+    `n_samples` draws of grad f(b + a (x + e - b)) * (x + e - b), with b drawn uniformly from
+    `baseline` (one baseline as in `integrated_gradients`, or a sequence of them), a ~ U[0, 1]
+    and Gaussian noise e (standard deviation `stdevs`, on ordinary tokens; none at specials).
+
+    Its expectation is expected gradients, i.e. the mean of IG over the baselines (and the noise).
+    Reproducible: the draws of each row come from `seed` and the row's tokens (so a row gets the
+    same draws in any batch), or from `generator` (a CPU `torch.Generator`) in row order if one
+    is given. The draws are made on the CPU, so a seed gives the same result on any device.
+
+    Returns `source` [batch step src hidden] (and `target` [batch step tgt hidden]).
+
+    >>> out = gradient_shap(model, batch, n_samples=64, baseline=("unk", "zeros"), seed=1)
+    """
+    if n_samples < 1 or internal_batch_size < 1 or stdevs < 0:
+        raise ValueError(f"`n_samples`={n_samples}, `internal_batch_size`={internal_batch_size} "
+                         f"and `stdevs`={stdevs}: use n_samples, internal_batch_size >= 1, stdevs >= 0.")
+    specs = list(baseline) if isinstance(baseline, (list, tuple)) else [baseline]
+    if not specs:
+        raise ValueError("`baseline` is an empty sequence: pass at least one baseline.")
+    args = {"n_samples": n_samples, "stdevs": stdevs, "baseline": baseline, "seed": seed,
+            "generator": "given" if generator is not None else None,
+            "internal_batch_size": internal_batch_size, "attribute_target": attribute_target,
+            "attr_pos_start": attr_pos_start, "attr_pos_end": attr_pos_end}
+    with attribution_context(model, batch, attribute_target=attribute_target,
+                             attr_pos_start=attr_pos_start, attr_pos_end=attr_pos_end) as ctx:
+        x = (ctx.embedded.source, ctx.embedded.target)
+        bases = [baselines(ctx, spec) for spec in specs]
+        dr = draws(ctx, n_samples, len(bases), stdevs, seed, generator)
+        attr = _grads(ctx, target_fn, x, bases, dr, n_samples, internal_batch_size)
+        with torch.no_grad():
+            logits = forward(ctx.model, ctx.batch, ctx.handle, *x, ctx.embedded.start)
+        return finish(ctx, method="gradient_shap", args=args, target_fn=target_fn, source=attr[0],
+                      target=attr[1] if ctx.attribute_target else None,
+                      step_scores=logit_step_scores(ctx, logits, target_fn, step_scores))

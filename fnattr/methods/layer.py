@@ -1,0 +1,154 @@
+"""Layer methods: attributions to the output of any module, per source/target position."""
+
+from contextlib import ExitStack
+
+import torch
+from transformers import PreTrainedModel
+
+from fnattr.batch import Batch
+from fnattr.engine import score_steps, step_gradients
+from fnattr.hooks.layer import LayerSpec, layer_hooks
+from fnattr.methods import _layers, _paths
+from fnattr.methods._common import StepScoreSpec, attribution_context, logit_step_scores
+from fnattr.methods._layers import Acts
+from fnattr.methods.integrated_gradients import Baseline, baselines, completeness_delta
+from fnattr.result import AttributionTensors
+from fnattr.targets import probability
+from fnattr.types import TargetFn
+
+
+def _open(stack: ExitStack, model, batch, layer, attribute_target, attr_pos_start, attr_pos_end):
+    """Enter the attribution context and the layer hooks; validate the layer's sides."""
+    ctx = stack.enter_context(attribution_context(
+        model, batch, attribute_target=attribute_target,
+        attr_pos_start=attr_pos_start, attr_pos_end=attr_pos_end))
+    modules = _layers.default_layer(model) if layer is None else layer
+    hooks = stack.enter_context(layer_hooks(model, modules))
+    roles = _layers.roles(model, hooks.modules)
+    _layers.check_sides(roles, ctx.attribute_target)
+    return ctx, hooks, roles
+
+
+def layer_gradient_x_activation(
+    model: PreTrainedModel, batch: Batch, target_fn: TargetFn = probability, *,
+    layer: LayerSpec | None = None, multiply_by_inputs: bool = True,
+    attribute_target: bool | None = None,
+    attr_pos_start: int | None = None, attr_pos_end: int | None = None,
+    step_scores: StepScoreSpec = (),
+) -> AttributionTensors:
+    """Layer gradient x activation: a layer's output times the gradient of each step's target
+    w.r.t. it (the gradient alone with `multiply_by_inputs=False`).
+
+    `layer`: a module name (e.g. "model.layers.3"), a module, or one per side for encoder-decoder
+    models; default: the input embedding layer(s). Positions of the layer's output map to source
+    and target tokens (see `fnattr.methods._layers`). One forward, one batched backward.
+
+    Returns `source` [batch step src hidden] and `target` [batch step tgt hidden].
+    """
+    args = {"layer": layer, "multiply_by_inputs": multiply_by_inputs,
+            "attribute_target": attribute_target, "attr_pos_start": attr_pos_start,
+            "attr_pos_end": attr_pos_end}
+    with ExitStack() as stack:
+        ctx, hooks, roles = _open(stack, model, batch, layer, attribute_target,
+                                  attr_pos_start, attr_pos_end)
+        emb = ctx.embedded
+        leaf = lambda a: a.detach().requires_grad_()  # noqa: E731
+        logits, leaves = _layers.run(ctx, hooks, roles, emb.source, emb.target,
+                                     replace=[leaf] * len(roles))
+        acts = _layers.split(leaves, roles, ctx.batch.source_ids.shape[1])
+        scores = score_steps(target_fn, logits, ctx.batch, ctx.steps)
+        grads = _layers.split(step_gradients(scores, leaves), roles,
+                              ctx.batch.source_ids.shape[1], dim=2)
+        attr = grads
+        if multiply_by_inputs:
+            attr = Acts(*(None if g is None else g * a.detach()[:, None]
+                          for g, a in ((grads.source, acts.source), (grads.target, acts.target))),
+                        None)
+        return _layers.finish_layer(ctx, "layer_gradient_x_activation", args, target_fn, attr,
+                       logit_step_scores(ctx, logits, target_fn, step_scores), acts)
+
+
+def _mix(x: Acts, base: Acts, attribute_target: bool) -> Acts:
+    """Baseline activations at attributed positions, actual ones elsewhere (and at the start)."""
+    return Acts(base.source, base.target if attribute_target else x.target, x.start)
+
+
+def _layer_path_grads(ctx, hooks, roles, target_fn, x: Acts, base: Acts, alphas, weights, chunk):
+    """sum_a w_a * grad f_step(base + a (x - base)) over the layer's attributed positions."""
+    names = [n for n in ("source", "target") if getattr(x, n) is not None
+             and (n == "source" or ctx.attribute_target)]
+    n_rows = len(ctx.batch)
+    acc = {n: torch.zeros(n_rows, len(ctx.steps), *getattr(x, n).shape[1:], dtype=getattr(x, n).dtype,
+                          device=getattr(x, n).device) for n in names}
+    pairs = [(a, r) for a in range(len(alphas)) for r in range(n_rows)]
+    emb = ctx.embedded
+    for lo in range(0, len(pairs), chunk):
+        a_idx, rows = (torch.tensor(v, device=emb.source.device) for v in zip(*pairs[lo:lo + chunk]))
+        alpha = alphas.to(emb.source)[a_idx]
+        xr, br = x.rows(rows), base.rows(rows)
+        path = {n: (getattr(br, n) + alpha.view(-1, *[1] * (getattr(xr, n).ndim - 1))
+                    * (getattr(xr, n) - getattr(br, n))).requires_grad_() for n in names}
+        acts = Acts(path.get("source", xr.source), path.get("target", xr.target), xr.start)
+        logits, _ = _layers.run(ctx, hooks, roles, emb.source[rows], emb.target[rows], rows,
+                                _layers.join(acts, roles))
+        scores = score_steps(target_fn, logits, ctx.batch, ctx.steps, rows)
+        grads = step_gradients(scores, [path[n] for n in names])
+        w = weights.to(emb.source)[a_idx]
+        for n, g in zip(names, grads):
+            acc[n].index_add_(0, rows, g * w.view(-1, *[1] * (g.ndim - 1)))
+    return Acts(acc.get("source"), acc.get("target"), None)
+
+
+def layer_integrated_gradients(
+    model: PreTrainedModel, batch: Batch, target_fn: TargetFn = probability, *,
+    layer: LayerSpec | None = None, n_steps: int = 32, method: _paths.Rule = "gausslegendre",
+    internal_batch_size: int = 64, baseline: Baseline = "unk", multiply_by_inputs: bool = True,
+    attribute_target: bool | None = None,
+    attr_pos_start: int | None = None, attr_pos_end: int | None = None,
+    step_scores: StepScoreSpec = (),
+) -> AttributionTensors:
+    """Layer integrated gradients (arXiv:1703.01365 applied to a layer's output, as captum's
+    LayerIntegratedGradients): integrate from the layer's output at the `baseline` input to its
+    actual output.
+
+    `layer` as in `layer_gradient_x_activation` (default: the input embeddings, where this equals
+    `integrated_gradients`). Positions that are not attributed (target positions without
+    `attribute_target`, the decoder start) keep their actual activations on the whole path.
+    `baseline`, `n_steps`, `method`, `internal_batch_size` as in `integrated_gradients`.
+
+    Returns `source` [batch step src hidden], `target` [batch step tgt hidden] and `delta`
+    [batch step] (sum of scores minus f(input) - f(baseline layer output)).
+    """
+    if internal_batch_size < 1:
+        raise ValueError(f"`internal_batch_size`={internal_batch_size}: it must be at least 1.")
+    alphas, weights = _paths.quadrature(method, n_steps)
+    args = {"layer": layer, "n_steps": n_steps, "method": method,
+            "internal_batch_size": internal_batch_size, "baseline": baseline,
+            "multiply_by_inputs": multiply_by_inputs, "attribute_target": attribute_target,
+            "attr_pos_start": attr_pos_start, "attr_pos_end": attr_pos_end}
+    with ExitStack() as stack:
+        ctx, hooks, roles = _open(stack, model, batch, layer, attribute_target,
+                                  attr_pos_start, attr_pos_end)
+        emb = ctx.embedded
+        base_src, base_tgt = baselines(ctx, baseline)
+        with torch.no_grad():
+            n_src = ctx.batch.source_ids.shape[1]
+            logits, calls = _layers.run(ctx, hooks, roles, emb.source, emb.target)
+            x = _layers.split(calls, roles, n_src)
+            base = _layers.split(_layers.run(ctx, hooks, roles, base_src, base_tgt)[1], roles, n_src)
+            base = _mix(x, base, ctx.attribute_target)
+            logits_base, _ = _layers.run(ctx, hooks, roles, emb.source, emb.target,
+                                         replace=_layers.join(base, roles))
+        grads = _layer_path_grads(ctx, hooks, roles, target_fn, x, base, alphas, weights,
+                                  internal_batch_size)
+        attr = grads
+        if multiply_by_inputs:
+            attr = Acts(*(None if g is None else g * (a - b)[:, None] for g, a, b in
+                          ((grads.source, x.source, base.source), (grads.target, x.target, base.target))),
+                        None)
+        out = _layers.finish_layer(ctx, "layer_integrated_gradients", args, target_fn, attr,
+                      logit_step_scores(ctx, logits, target_fn, step_scores), x)
+        if not multiply_by_inputs:
+            return out
+        f_x, f_base = (score_steps(target_fn, lg, ctx.batch, ctx.steps) for lg in (logits, logits_base))
+        return out.replace(delta=completeness_delta(out, (f_x - f_base).cpu()))
