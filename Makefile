@@ -7,7 +7,7 @@ PIP := $(PY) -m pip install --quiet --disable-pip-version-check -c constraints.t
 STAMP := $(VENV)/.fnattr-installed
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench bench-peer clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -29,5 +29,13 @@ test: install
 bench: install
 	$(PY) -m benchmarks.bench_core
 
+# the same benchmark side by side with the peer, inseq 0.7.1, installed in its own venv
+.peer/bin/python:
+	$(PYTHON) -m venv .peer
+	.peer/bin/python -m pip install --quiet --disable-pip-version-check torch==2.13.0 inseq==0.7.1
+
+bench-peer: install .peer/bin/python
+	$(PY) -m benchmarks.bench_core --peer .peer/bin/python
+
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .peer .pytest_cache

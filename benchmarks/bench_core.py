@@ -6,6 +6,7 @@ process (or its children, for peak memory), on SmolLM2-135M, 20 prompt + 20 forc
 
 import argparse
 import json
+import subprocess
 import sys
 
 import torch
@@ -35,8 +36,9 @@ def max_rel_diff(one_pass, loop) -> float:
     return worst
 
 
-def one_pass_vs_loop(model, tok, n_steps: int) -> None:
+def one_pass_vs_loop(model, tok, n_steps: int) -> dict:
     batch = fnattr.prepare(model, tok, PROMPT, TARGET)
+    times = {}
     print(f"prompt {batch.source_ids.shape[1]} tokens, target {batch.target_ids.shape[1]} tokens")
     for name, method, kwargs in (("saliency", saliency, {}),
                                  ("integrated_gradients", integrated_gradients,
@@ -46,6 +48,8 @@ def one_pass_vs_loop(model, tok, n_steps: int) -> None:
         diff = max_rel_diff(method(model, batch, **kwargs), per_step_loop(method, model, tok, **kwargs))
         print(f"{name:22s} one-pass {t_one:6.2f}s  per-step loop {t_loop:6.2f}s  "
               f"speed-up {t_loop / t_one:5.1f}x  max rel diff {diff:.1e}")
+        times[f"{name}_single"] = t_one
+    return times
 
 
 def child(kind: str, method: str, n_steps: int, ibs: int) -> None:
@@ -65,7 +69,8 @@ def child(kind: str, method: str, n_steps: int, ibs: int) -> None:
     print(json.dumps({"seconds": seconds, "peak_mb": peak_rss_mb(), "model_mb": base_rss}))
 
 
-def batch_vs_singles(n_steps: int) -> None:
+def batch_vs_singles(n_steps: int) -> dict:
+    times = {}
     for method in ("saliency", "integrated_gradients"):
         res = {k: in_subprocess("benchmarks.bench_core", "--child", k, method, str(n_steps), "64")
                for k in ("batch", "single")}
@@ -73,6 +78,21 @@ def batch_vs_singles(n_steps: int) -> None:
               f"{res['single']['seconds']:6.2f}s  speed-up {res['single']['seconds'] / res['batch']['seconds']:4.1f}x  "
               f"peak RSS {res['batch']['peak_mb']:.0f} MB vs {res['single']['peak_mb']:.0f} MB "
               f"(model loaded: {res['batch']['model_mb']:.0f} MB)")
+        times[f"{method}_batch8"] = res["batch"]["seconds"]
+        times[f"{method}_8_singles"] = res["single"]["seconds"]
+    return times
+
+
+def peer(python: str, n_steps: int, ours: dict) -> None:
+    """inseq 0.7.1 in its own venv, same model (fnattr's safetensors cache) and inputs."""
+    from fnattr.loading import default_model_path, gguf_cache_path
+
+    out = subprocess.run([python, "benchmarks/peer_inseq.py", str(gguf_cache_path(default_model_path())),
+                          str(n_steps)], capture_output=True, text=True, check=True)
+    theirs = json.loads(out.stdout.strip().splitlines()[-1])
+    for key in sorted(ours):
+        print(f"vs inseq 0.7.1  {key:32s} fnattr {ours[key]:6.2f}s  inseq {theirs[key]:6.2f}s  "
+              f"fnattr is {theirs[key] / ours[key]:5.1f}x faster")
 
 
 def ig_memory_vs_steps() -> None:
@@ -88,6 +108,7 @@ def ig_memory_vs_steps() -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--n-steps", type=int, default=16)
+    parser.add_argument("--peer", help="python of a venv with inseq 0.7.1 (e.g. .peer/bin/python)")
     parser.add_argument("--child", nargs=4, metavar=("KIND", "METHOD", "N_STEPS", "IBS"))
     args = parser.parse_args()
     torch.set_grad_enabled(True)
@@ -98,9 +119,11 @@ def main() -> None:
     model, tok = load()
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"prompt tokens {n_tokens(tok, PROMPT, True)}, target tokens {n_tokens(tok, TARGET, False)}")
-    one_pass_vs_loop(model, tok, args.n_steps)
-    batch_vs_singles(args.n_steps)
+    ours = one_pass_vs_loop(model, tok, args.n_steps)
+    ours |= batch_vs_singles(args.n_steps)
     ig_memory_vs_steps()
+    if args.peer:
+        peer(args.peer, args.n_steps, ours)
     sys.stdout.flush()
 
 

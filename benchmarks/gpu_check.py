@@ -41,7 +41,7 @@ def check_equal_to_cpu():
             b = method(gpu, fnattr.prepare(gpu, tok, sources, targets), attribute_target=True, **kw)
             err = float((a.source - b.source).abs().max() / a.source.abs().max())
             print(f"{name:6s} {method.__name__:22s} CUDA vs CPU (float64) max rel diff {err:.1e}")
-            assert err < 1e-8, err
+            assert err < 1e-6, err  # Llama computes rotary cos/sin in float32 on each device
             assert b.source.device.type == "cpu"  # results come back on the CPU
 
 

@@ -1,0 +1,41 @@
+"""The peer, inseq 0.7.1, on the same model and inputs as bench_core. Runs in its own venv:
+`.peer/bin/python benchmarks/peer_inseq.py MODEL_DIR` (MODEL_DIR: fnattr's safetensors cache of
+SmolLM2). Prints one JSON line of timings. Uses inseq's public API only.
+"""
+
+import json
+import sys
+import time
+
+import inseq
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+sys.path.insert(0, ".")
+from benchmarks._prompts import PROMPT, PROMPTS, TARGET  # noqa: E402
+
+
+def timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def main(path: str, n_steps: int) -> None:
+    hf = AutoModelForCausalLM.from_pretrained(path).eval()
+    tok = AutoTokenizer.from_pretrained(path)
+    res = {}
+    for method, kwargs in (("saliency", {}), ("integrated_gradients", {"n_steps": n_steps})):
+        model = inseq.load_model(hf, method, tokenizer=tok)
+        run = lambda: model.attribute(PROMPT, PROMPT + TARGET, show_progress=False, **kwargs)  # noqa: E731
+        run()  # warm-up
+        res[f"{method}_single"] = timed(run)
+        texts = [p + TARGET for p in PROMPTS]
+        res[f"{method}_batch8"] = timed(lambda: model.attribute(
+            PROMPTS, texts, show_progress=False, batch_size=8, **kwargs))
+        res[f"{method}_8_singles"] = timed(lambda: [model.attribute(
+            p, t, show_progress=False, **kwargs) for p, t in zip(PROMPTS, texts)])
+    print(json.dumps(res))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 16)
