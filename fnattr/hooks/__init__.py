@@ -1,8 +1,20 @@
 """Context managers that change a model temporarily and always restore it."""
 
+from fnattr.hooks.attention import AttentionCapture as AttentionCapture
+from fnattr.hooks.attention import capture_attention as capture_attention
+from fnattr.hooks.attention import eager_attention as eager_attention
+from fnattr.hooks.dropout import enable_dropout as enable_dropout
 from fnattr.hooks.embedding import EmbeddingHandle as EmbeddingHandle
 from fnattr.hooks.embedding import embedding_hooks as embedding_hooks
 from fnattr.hooks.embedding import embedding_modules as embedding_modules
 from fnattr.hooks.frozen import frozen as frozen
+from fnattr.hooks.layer import LayerHandle as LayerHandle
+from fnattr.hooks.layer import layer_hooks as layer_hooks
+from fnattr.hooks.value_zeroing import ValueZeroingHandle as ValueZeroingHandle
+from fnattr.hooks.value_zeroing import value_zeroing as value_zeroing
 
-__all__ = ["EmbeddingHandle", "embedding_hooks", "embedding_modules", "frozen"]
+__all__ = [
+    "AttentionCapture", "EmbeddingHandle", "LayerHandle", "ValueZeroingHandle",
+    "capture_attention", "eager_attention", "embedding_hooks", "embedding_modules",
+    "enable_dropout", "frozen", "layer_hooks", "value_zeroing",
+]

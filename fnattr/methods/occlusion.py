@@ -1,0 +1,134 @@
+"""Occlusion: the drop of every step's score when a token (or a window of tokens) is replaced.
+
+One forward per occluded window serves every step at once: causal masking makes the logits of
+step t exactly those of a per-step run, so a window that step t cannot see changes nothing for it.
+Occluded copies of the batch rows run `internal_batch_size` at a time (`engine.forward`'s `rows`).
+"""
+
+from typing import Literal
+
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+from transformers import PreTrainedModel
+
+from fnattr.batch import Batch
+from fnattr.engine import forward, score_steps
+from fnattr.methods._common import Context, StepScoreSpec, attribution_context, finish, logit_step_scores
+from fnattr.methods.integrated_gradients import baselines
+from fnattr.result import AttributionTensors
+from fnattr.targets import probability
+from fnattr.types import TargetFn
+
+Fill = Literal["unk", "pad", "zeros"]
+
+
+def occludable(ctx: Context) -> tuple[Bool[Tensor, "batch src"], Bool[Tensor, "batch tgt"]]:
+    """Tokens that can be occluded: real, not special (BOS/EOS keep their embedding), and, on the
+    target side, inputs of some real attributed step of their row (token j feeds steps after j)."""
+    batch = ctx.batch
+    src = batch.source_mask & ~batch.source_special
+    j = torch.arange(batch.target_ids.shape[1], device=batch.target_ids.device)
+    real_steps = batch.target_mask[:, ctx.steps]  # [batch step]
+    feeds = ((ctx.steps[None, :] > j[:, None])[None] & real_steps[:, None, :]).any(-1)
+    tgt = batch.target_mask & ~batch.target_special & feeds
+    return src, tgt & ctx.attribute_target
+
+
+def windows(n: int, window: int, stride: int) -> list[range]:
+    """Windows of `window` consecutive items among `n`, every `stride`; the last ends at n."""
+    if n == 0:
+        return []
+    starts = list(range(0, max(n - window, 0) + 1, stride))
+    if starts[-1] + window < n:
+        starts.append(n - window)
+    return [range(s, min(s + window, n)) for s in starts]
+
+
+def perturbed_scores(
+    ctx: Context, target_fn: TargetFn, rows: Int[Tensor, " n"],
+    masks: tuple[Bool[Tensor, "n src"], Bool[Tensor, "n tgt"]],
+    fills: tuple[Tensor, Tensor], chunk: int,
+) -> Float[Tensor, "n step"]:
+    """Every step's score for copies of batch `rows` whose masked tokens read the `fills`
+    embeddings; at most `chunk` copies per forward."""
+    emb = ctx.embedded
+    out = [emb.source.new_zeros(0, len(ctx.steps))]
+    with torch.no_grad():
+        for lo in range(0, len(rows), chunk):
+            r = rows[lo:lo + chunk]
+            inputs = [torch.where(m[lo:lo + chunk, :, None], f[r], x[r])
+                      for m, f, x in zip(masks, fills, (emb.source, emb.target))]
+            logits = forward(ctx.model, ctx.batch, ctx.handle, *inputs, emb.start, r)
+            out.append(score_steps(target_fn, logits, ctx.batch, ctx.steps, r))
+    return torch.cat(out)
+
+
+def _occlusions(ctx: Context, window: int, stride: int):
+    """(row, source mask, target mask) of every window to occlude, as tensors."""
+    sides = occludable(ctx)
+    rows, masks = [], ([], [])
+    for b in range(len(ctx.batch)):
+        for side, can in enumerate(sides):
+            positions = can[b].nonzero().squeeze(1)
+            for w in windows(len(positions), window, stride):
+                mask = [torch.zeros_like(s[b]) for s in sides]
+                mask[side][positions[w.start:w.stop]] = True
+                rows.append(b)
+                for m, keep in zip(masks, mask):
+                    m.append(keep)
+    device = ctx.batch.source_ids.device
+    if not rows:
+        return (torch.zeros(0, dtype=torch.long, device=device),
+                tuple(torch.zeros(0, s.shape[1], dtype=torch.bool, device=device) for s in sides))
+    return torch.tensor(rows, device=device), tuple(torch.stack(m) for m in masks)
+
+
+def occlusion(
+    model: PreTrainedModel, batch: Batch, target_fn: TargetFn = probability, *,
+    window: int = 1, stride: int = 1, baseline: Fill = "unk", internal_batch_size: int = 32,
+    attribute_target: bool | None = None,
+    attr_pos_start: int | None = None, attr_pos_end: int | None = None,
+    step_scores: StepScoreSpec = (),
+) -> AttributionTensors:
+    """Occlusion (Zeiler & Fergus 2014, arXiv:1311.2901) of tokens, scored at every step.
+
+    Each window of `window` consecutive ordinary tokens (every `stride`, per side and row) is
+    replaced by the `baseline` embedding ("unk", "pad" or "zeros"); a token's score for step t is
+    f_t(input) - f_t(occluded), averaged over the windows that cover it. Special tokens
+    (BOS/EOS) are never occluded and score 0. One forward per window serves all steps;
+    `internal_batch_size` windows run per forward.
+
+    Returns `source` [batch step src] and `target` [batch step tgt] (`extra_dims` ()), and the
+    step scores of the unoccluded input.
+
+    >>> out = occlusion(model, batch, window=2)
+    """
+    for name, value in (("window", window), ("stride", stride),
+                        ("internal_batch_size", internal_batch_size)):
+        if value < 1:
+            raise ValueError(f"`{name}`={value}: it must be at least 1.")
+    if baseline not in ("unk", "pad", "zeros"):
+        raise ValueError(f"`baseline`={baseline!r}: use 'unk', 'pad' or 'zeros'.")
+    args = {"window": window, "stride": stride, "baseline": baseline,
+            "internal_batch_size": internal_batch_size, "attribute_target": attribute_target,
+            "attr_pos_start": attr_pos_start, "attr_pos_end": attr_pos_end}
+    with attribution_context(model, batch, attribute_target=attribute_target,
+                             attr_pos_start=attr_pos_start, attr_pos_end=attr_pos_end) as ctx:
+        emb = ctx.embedded
+        with torch.no_grad():
+            logits = forward(ctx.model, ctx.batch, ctx.handle, emb.source, emb.target, emb.start)
+        f_x = score_steps(target_fn, logits, ctx.batch, ctx.steps)
+        rows, masks = _occlusions(ctx, window, stride)
+        drop = f_x[rows] - perturbed_scores(ctx, target_fn, rows, masks, baselines(ctx, baseline),
+                                            internal_batch_size)
+        scores = []
+        for mask in masks:
+            total = f_x.new_zeros(len(ctx.batch), len(ctx.steps), mask.shape[1])
+            total.index_add_(0, rows, drop[:, :, None] * mask[:, None, :])
+            count = f_x.new_zeros(len(ctx.batch), mask.shape[1]).index_add_(0, rows, mask.to(f_x))
+            scores.append(total / count.clamp(min=1)[:, None, :])
+        return finish(ctx, method="occlusion", args=args, target_fn=target_fn, source=scores[0],
+                      target=scores[1] if ctx.attribute_target else None,
+                      step_scores=logit_step_scores(ctx, logits, target_fn, step_scores),
+                      extra_dims=())
