@@ -217,16 +217,19 @@ def test_local_folder_moves_to_requested_device(tiny_gpt2: pathlib.Path) -> None
     assert {p.device.type for p in model.parameters()} == {"cpu"}
 
 
-def test_interrupted_cache_write_leaves_nothing(tiny_gpt2: pathlib.Path, tmp_path: pathlib.Path) -> None:
+def test_interrupted_cache_write_leaves_nothing(
+    tiny_gpt2: pathlib.Path, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     model, tokenizer = load_model(tiny_gpt2)
 
-    class Exploding:
-        def save_pretrained(self, folder: object) -> None:
-            raise KeyboardInterrupt
+    def explode(folder: object, *args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt  # interrupted after the model was written, before the tokenizer
 
     target = tmp_path / "cache" / "m-0123"
-    with pytest.raises(KeyboardInterrupt):
-        loading._write_cache(model, Exploding(), target)  # type: ignore[arg-type]
+    with monkeypatch.context() as patch:
+        patch.setattr(tokenizer, "save_pretrained", explode)
+        with pytest.raises(KeyboardInterrupt):
+            loading._write_cache(model, tokenizer, target)
     assert list((tmp_path / "cache").iterdir()) == []
     loading._write_cache(model, tokenizer, target)
     assert (target / "model.safetensors").is_file()
