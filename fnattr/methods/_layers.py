@@ -14,7 +14,8 @@ import dataclasses
 import torch
 from torch import Tensor, nn
 
-from fnattr.engine import forward
+from fnattr.engine import Output
+from fnattr.engine import run as run_model
 from fnattr.hooks.embedding import embedding_modules
 from fnattr.hooks.layer import LayerHandle
 from fnattr.methods._common import Context, finish
@@ -109,19 +110,19 @@ def join(acts: Acts, roles: tuple[str, ...]) -> list[Tensor]:
 
 
 def run(ctx: Context, hooks: LayerHandle, roles: tuple[str, ...], source: Tensor, target: Tensor,
-        rows: Tensor | None = None, replace: list | None = None) -> tuple[Tensor, list[Tensor]]:
-    """Logits when the model reads `source`/`target` embeddings (and the layer's outputs are
+        rows: Tensor | None = None, replace: list | None = None) -> tuple[Output, list[Tensor]]:
+    """The forward's output (logits, output-layer input) when the model reads `source`/`target` embeddings (and the layer's outputs are
     replaced by `replace`, one item per call), and the layer's output of each call."""
     hooks.take()
     if replace is not None:
         hooks.replace(*replace)
-    logits = forward(ctx.model, ctx.batch, ctx.handle, source, target, ctx.embedded.start, rows)
+    out = run_model(ctx.model, ctx.batch, ctx.handle, source, target, ctx.embedded.start, rows)
     hooks.check_used()
     calls = hooks.take()
     if len(calls) != len(roles):
         raise RuntimeError(f"`layer` ran {len(calls)} times in one forward; expected {len(roles)} "
                            f"({', '.join(roles)}): name a module that runs once per side.")
-    return logits, calls
+    return out, calls
 
 
 def extra_dims(acts: Acts) -> tuple[str, ...]:

@@ -8,7 +8,7 @@ from torch import Tensor
 from transformers import PreTrainedModel
 
 from fnattr.batch import Batch
-from fnattr.engine import forward, score_steps, step_gradients
+from fnattr.engine import forward, run, score_steps, step_gradients
 from fnattr.methods import _paths
 from fnattr.methods._common import Context, StepScoreSpec, attribution_context, finish, logit_step_scores
 from fnattr.methods.integrated_gradients import Baseline, baselines, completeness_delta
@@ -94,9 +94,9 @@ def _dig_grads(ctx, target_fn, paths, per_segment, chunk):
         segs = [p[rows, :, k + 1] - p[rows, :, k] for p in paths]  # [m pos d]
         at = [(p[rows, :, k] + alphas[j][:, None, None] * sg).requires_grad_(i in sides)
               for i, (p, sg) in enumerate(zip(paths, segs))]
-        logits = forward(ctx.model, ctx.batch, ctx.handle, at[0], at[1], ctx.embedded.start, rows)
-        grads = step_gradients(score_steps(target_fn, logits, ctx.batch, ctx.steps, rows),
-                               [at[i] for i in sides])
+        out = run(ctx.model, ctx.batch, ctx.handle, at[0], at[1], ctx.embedded.start, rows)
+        grads = step_gradients(score_steps(target_fn, out.logits, ctx.batch, ctx.steps, rows),
+                               [at[i] for i in sides], out.at(ctx.steps))
         for total, g, i in zip(acc, grads, sides):
             total.index_add_(0, rows, g * (segs[i] * weights[j][:, None, None])[:, None])
     return acc

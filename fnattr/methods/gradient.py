@@ -4,7 +4,7 @@ from torch import Tensor
 from transformers import PreTrainedModel
 
 from fnattr.batch import Batch
-from fnattr.engine import forward, score_steps, step_gradients
+from fnattr.engine import run, score_steps, step_gradients
 from fnattr.methods._common import Context, StepScoreSpec, attribution_context, finish, logit_step_scores
 from fnattr.result import AttributionTensors
 from fnattr.targets import probability
@@ -16,10 +16,11 @@ def _gradients(ctx: Context, target_fn: TargetFn, step_scores: StepScoreSpec):
     emb = ctx.embedded
     src = emb.source.clone().requires_grad_()
     tgt = emb.target.clone().requires_grad_(ctx.attribute_target)
-    logits = forward(ctx.model, ctx.batch, ctx.handle, src, tgt, emb.start)
+    out = run(ctx.model, ctx.batch, ctx.handle, src, tgt, emb.start)
+    logits = out.logits
     scores = score_steps(target_fn, logits, ctx.batch, ctx.steps)
     inputs = [src, tgt] if ctx.attribute_target else [src]
-    grads = step_gradients(scores, inputs)
+    grads = step_gradients(scores, inputs, out.at(ctx.steps))
     grad_tgt = grads[1] if ctx.attribute_target else None
     return grads[0], grad_tgt, logit_step_scores(ctx, logits, target_fn, step_scores)
 

@@ -9,7 +9,7 @@ from torch import Tensor
 from transformers import PreTrainedModel
 
 from fnattr.batch import Batch
-from fnattr.engine import forward, score_steps, step_gradients
+from fnattr.engine import forward, run, score_steps, step_gradients
 from fnattr.methods._common import Context, StepScoreSpec, attribution_context, finish, logit_step_scores
 from fnattr.methods.integrated_gradients import Baseline, baselines
 from fnattr.result import AttributionTensors
@@ -78,9 +78,9 @@ def _grads(ctx, target_fn, x, bases, dr: Draws, n_samples, chunk):
         diff = [x[i][rows] + noise[i][s_idx, rows] - base[i] for i in (0, 1)]
         point = [(base[i] + alpha * diff[i]).requires_grad_(i in sides) for i in (0, 1)]
         tgt = point[1] if ctx.attribute_target else x[1][rows]
-        logits = forward(ctx.model, ctx.batch, ctx.handle, point[0], tgt, ctx.embedded.start, rows)
-        scores = score_steps(target_fn, logits, ctx.batch, ctx.steps, rows)
-        grads = step_gradients(scores, [point[i] for i in sides])
+        out = run(ctx.model, ctx.batch, ctx.handle, point[0], tgt, ctx.embedded.start, rows)
+        scores = score_steps(target_fn, out.logits, ctx.batch, ctx.steps, rows)
+        grads = step_gradients(scores, [point[i] for i in sides], out.at(ctx.steps))
         for total, g, i in zip(acc, grads, sides):
             total.index_add_(0, rows, g * diff[i][:, None] / n_samples)
     return acc

@@ -6,7 +6,7 @@ from torch import Tensor
 from transformers import PreTrainedModel
 
 from fnattr.batch import Batch
-from fnattr.engine import forward, score_steps, step_gradients
+from fnattr.engine import forward, run, score_steps, step_gradients
 from fnattr.methods import _paths
 from fnattr.methods._common import Context, StepScoreSpec, attribution_context, finish, logit_step_scores
 from fnattr.result import AttributionTensors
@@ -56,9 +56,9 @@ def _path_grads(ctx, target_fn, x, base, alphas, weights, chunk):
         alpha = alphas.to(x[0])[a_idx][:, None, None]
         path = [(b[rows] + alpha * (t[rows] - b[rows])).requires_grad_() for t, b in zip(x, base)]
         tgt = path[1] if ctx.attribute_target else x[1][rows]
-        logits = forward(ctx.model, ctx.batch, ctx.handle, path[0], tgt, ctx.embedded.start, rows)
-        scores = score_steps(target_fn, logits, ctx.batch, ctx.steps, rows)
-        grads = step_gradients(scores, path if ctx.attribute_target else path[:1])
+        out = run(ctx.model, ctx.batch, ctx.handle, path[0], tgt, ctx.embedded.start, rows)
+        scores = score_steps(target_fn, out.logits, ctx.batch, ctx.steps, rows)
+        grads = step_gradients(scores, path if ctx.attribute_target else path[:1], out.at(ctx.steps))
         w = weights.to(x[0])[a_idx][(..., *(None,) * (grads[0].ndim - 1))]
         for total, g in zip(acc, grads):
             total.index_add_(0, rows, g * w)

@@ -53,11 +53,11 @@ def layer_gradient_x_activation(
                                   attr_pos_start, attr_pos_end)
         emb = ctx.embedded
         leaf = lambda a: a.detach().requires_grad_()  # noqa: E731
-        logits, leaves = _layers.run(ctx, hooks, roles, emb.source, emb.target,
-                                     replace=[leaf] * len(roles))
+        out, leaves = _layers.run(ctx, hooks, roles, emb.source, emb.target,
+                                  replace=[leaf] * len(roles))
         acts = _layers.split(leaves, roles, ctx.batch.source_ids.shape[1])
-        scores = score_steps(target_fn, logits, ctx.batch, ctx.steps)
-        grads = _layers.split(step_gradients(scores, leaves), roles,
+        scores = score_steps(target_fn, out.logits, ctx.batch, ctx.steps)
+        grads = _layers.split(step_gradients(scores, leaves, out.at(ctx.steps)), roles,
                               ctx.batch.source_ids.shape[1], dim=2)
         attr = grads
         if multiply_by_inputs:
@@ -65,7 +65,7 @@ def layer_gradient_x_activation(
                           for g, a in ((grads.source, acts.source), (grads.target, acts.target))),
                         None)
         return _layers.finish_layer(ctx, "layer_gradient_x_activation", args, target_fn, attr,
-                       logit_step_scores(ctx, logits, target_fn, step_scores), acts)
+                       logit_step_scores(ctx, out.logits, target_fn, step_scores), acts)
 
 
 def _mix(x: Acts, base: Acts, attribute_target: bool) -> Acts:
@@ -89,10 +89,10 @@ def _layer_path_grads(ctx, hooks, roles, target_fn, x: Acts, base: Acts, alphas,
         path = {n: (getattr(br, n) + alpha.view(-1, *[1] * (getattr(xr, n).ndim - 1))
                     * (getattr(xr, n) - getattr(br, n))).requires_grad_() for n in names}
         acts = Acts(path.get("source", xr.source), path.get("target", xr.target), xr.start)
-        logits, _ = _layers.run(ctx, hooks, roles, emb.source[rows], emb.target[rows], rows,
-                                _layers.join(acts, roles))
-        scores = score_steps(target_fn, logits, ctx.batch, ctx.steps, rows)
-        grads = step_gradients(scores, [path[n] for n in names])
+        out, _ = _layers.run(ctx, hooks, roles, emb.source[rows], emb.target[rows], rows,
+                             _layers.join(acts, roles))
+        scores = score_steps(target_fn, out.logits, ctx.batch, ctx.steps, rows)
+        grads = step_gradients(scores, [path[n] for n in names], out.at(ctx.steps))
         w = weights.to(emb.source)[a_idx]
         for n, g in zip(names, grads):
             acc[n].index_add_(0, rows, g * w.view(-1, *[1] * (g.ndim - 1)))
@@ -133,12 +133,13 @@ def layer_integrated_gradients(
         base_src, base_tgt = baselines(ctx, baseline)
         with torch.no_grad():
             n_src = ctx.batch.source_ids.shape[1]
-            logits, calls = _layers.run(ctx, hooks, roles, emb.source, emb.target)
+            clean, calls = _layers.run(ctx, hooks, roles, emb.source, emb.target)
+            logits = clean.logits
             x = _layers.split(calls, roles, n_src)
             base = _layers.split(_layers.run(ctx, hooks, roles, base_src, base_tgt)[1], roles, n_src)
             base = _mix(x, base, ctx.attribute_target)
-            logits_base, _ = _layers.run(ctx, hooks, roles, emb.source, emb.target,
-                                         replace=_layers.join(base, roles))
+            logits_base = _layers.run(ctx, hooks, roles, emb.source, emb.target,
+                                      replace=_layers.join(base, roles))[0].logits
         grads = _layer_path_grads(ctx, hooks, roles, target_fn, x, base, alphas, weights,
                                   internal_batch_size)
         attr = grads

@@ -4,7 +4,7 @@ import torch
 from transformers import PreTrainedModel
 
 from fnattr.batch import Batch
-from fnattr.engine import forward, score_steps, step_gradients
+from fnattr.engine import forward, run, score_steps, step_gradients
 from fnattr.methods import _paths
 from fnattr.methods._common import Context, StepScoreSpec, attribution_context, finish, logit_step_scores
 from fnattr.methods.integrated_gradients import Baseline, baselines
@@ -48,8 +48,9 @@ def _sig_grads(ctx, target_fn, x, base, alphas, weights, chunk):
             sel = side == s
             if sel.any():
                 emb[s][i[sel], pos[sel]] = leaf[sel]
-        logits = forward(ctx.model, ctx.batch, ctx.handle, emb[0], emb[1], ctx.embedded.start, rows)
-        (grad,) = step_gradients(score_steps(target_fn, logits, ctx.batch, ctx.steps, rows), [leaf])
+        out = run(ctx.model, ctx.batch, ctx.handle, emb[0], emb[1], ctx.embedded.start, rows)
+        (grad,) = step_gradients(score_steps(target_fn, out.logits, ctx.batch, ctx.steps, rows), [leaf],
+                                 out.at(ctx.steps))
         contrib = grad * weights[a_idx][:, None, None]  # [job step d]
         for s in (0, 1):
             sel = side == s
