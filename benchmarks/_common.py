@@ -31,7 +31,19 @@ def best_time(fn: Callable[[], object], repeat: int = 2) -> float:
     return min(times)
 
 
+def reset_peak_rss() -> None:
+    """Reset this process's peak RSS (Linux). ru_maxrss cannot be used: a child inherits its
+    parent's peak across fork and exec."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
 def peak_rss_mb() -> float:
+    """Peak resident memory since start or the last `reset_peak_rss`, in MB (VmHWM)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 

@@ -12,7 +12,8 @@ import sys
 import torch
 
 import fnattr
-from benchmarks._common import PROMPT, PROMPTS, TARGET, best_time, in_subprocess, load, n_tokens, peak_rss_mb
+from benchmarks._common import (PROMPT, PROMPTS, TARGET, best_time, in_subprocess, load, n_tokens,
+                                peak_rss_mb, reset_peak_rss)
 from fnattr.methods import integrated_gradients, saliency
 
 
@@ -55,6 +56,7 @@ def one_pass_vs_loop(model, tok, n_steps: int) -> dict:
 def child(kind: str, method: str, n_steps: int, ibs: int) -> None:
     """Child process: run one configuration, print time and peak RSS as JSON."""
     model, tok = load()
+    reset_peak_rss()
     base_rss = peak_rss_mb()
     fn = {"saliency": saliency, "integrated_gradients": integrated_gradients}[method]
     kwargs = {} if method == "saliency" else {"n_steps": n_steps, "internal_batch_size": ibs}
