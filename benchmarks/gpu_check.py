@@ -45,6 +45,25 @@ def check_equal_to_cpu():
             assert b.source.device.type == "cpu"  # results come back on the CPU
 
 
+def check_every_method_on_cuda():
+    """Every method in METHODS gives on CUDA what it gives on CPU (float64, seeded methods too)."""
+    for name in ("llama", "bart"):
+        tok = _tokenizer("$A </s>" if name == "bart" else "<s> $A")
+        cpu, gpu = _build(name, len(tok)), _build(name, len(tok)).to(DEVICE)
+        for method_name, method in fnattr.methods.METHODS.items():
+            kw = {"n_steps": 4} if "integrated" in method_name else {}
+            kw |= {"seed": 0} if method_name == "lime" else {}  # lime draws a fresh seed by default
+            a = method(cpu, fnattr.prepare(cpu, tok, ["The capital of France is"], [" Paris is"]), **kw)
+            try:
+                b = method(gpu, fnattr.prepare(gpu, tok, ["The capital of France is"], [" Paris is"]), **kw)
+            except Exception as err:  # report and go on to the timings
+                print(f"{name:6s} {method_name:34s} FAILED on CUDA: {type(err).__name__}: {err}")
+                continue
+            err = float((a.source - b.source).abs().max() / a.source.abs().max().clamp(min=1e-30))
+            verdict = "ok" if err < 1e-5 else "MISMATCH"
+            print(f"{name:6s} {method_name:34s} CUDA vs CPU (float64) max rel diff {err:.1e} {verdict}")
+
+
 def smollm2_shaped(dtype):
     cfg = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                       num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
@@ -98,5 +117,6 @@ def timings(dtype):
 if __name__ == "__main__":
     print(torch.__version__, torch.cuda.get_device_name(0), file=sys.stderr)
     check_equal_to_cpu()
+    check_every_method_on_cuda()
     for dtype in (torch.float32, torch.bfloat16):
         timings(dtype)

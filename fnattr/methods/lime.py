@@ -54,9 +54,10 @@ def fit_surrogates(
     ridge = torch.diag_embed(torch.cat([torch.zeros_like(penalty[..., :1]), penalty], -1))[..., 1:, :]
     lhs = torch.cat([design, ridge], -2)
     rhs = torch.cat([scores * weights.sqrt(), torch.zeros_like(penalty)], -1)
-    driver = "gelsd" if lhs.device.type == "cpu" else None  # gelsy's result varies run to run
-    coef = torch.linalg.lstsq(lhs, rhs[..., None], driver=driver).solution[..., 0]
-    return coef[..., 1:] * visible
+    # gelsd (SVD) on the CPU: gelsy's result varies run to run, and CUDA offers only gels, which
+    # assumes full rank and gave different surrogates on an H200. The systems are small.
+    coef = torch.linalg.lstsq(lhs.cpu(), rhs[..., None].cpu(), driver="gelsd").solution[..., 0]
+    return coef[..., 1:].to(visible.device) * visible
 
 
 def _features(ctx: Context):
