@@ -61,13 +61,14 @@ def child(kind: str, method: str, n_steps: int, ibs: int) -> None:
     fn = {"saliency": saliency, "integrated_gradients": integrated_gradients}[method]
     kwargs = {} if method == "saliency" else {"n_steps": n_steps, "internal_batch_size": ibs}
     targets = [TARGET] * len(PROMPTS)
-    if kind == "batch":
-        batch = fnattr.prepare(model, tok, PROMPTS, targets)
+    if kind in ("batch", "one"):
+        batch = fnattr.prepare(model, tok, PROMPTS if kind == "batch" else PROMPTS[:1],
+                               targets if kind == "batch" else targets[:1])
         run = lambda: fn(model, batch, **kwargs)  # noqa: E731
     else:
         singles = [fnattr.prepare(model, tok, p, t) for p, t in zip(PROMPTS, targets)]
         run = lambda: [fn(model, b, **kwargs) for b in singles]  # noqa: E731
-    seconds = best_time(run)
+    seconds = best_time(run, repeat=1)
     print(json.dumps({"seconds": seconds, "peak_mb": peak_rss_mb(), "model_mb": base_rss}))
 
 
@@ -100,16 +101,29 @@ def peer(python: str, n_steps: int, ours: dict) -> None:
 def ig_memory_vs_steps() -> None:
     rows = []
     for n_steps in (16, 64):
-        r = in_subprocess("benchmarks.bench_core", "--child", "batch", "integrated_gradients", str(n_steps), "32")
+        r = in_subprocess("benchmarks.bench_core", "--child", "one", "integrated_gradients", str(n_steps), "16")
         rows.append((n_steps, r))
-    print("IG, batch of 8, internal_batch_size=32: " + ", ".join(
+    print("IG, one prompt, internal_batch_size=16: " + ", ".join(
         f"n_steps={n}: {r['seconds']:.1f}s peak {r['peak_mb']:.0f} MB" for n, r in rows)
         + f"  -> peak ratio {rows[1][1]['peak_mb'] / rows[0][1]['peak_mb']:.2f} for 4x the steps")
 
 
+def peer_occlusion(python: str, model, tok) -> None:
+    """Occlusion of 9 generated tokens, fnattr and inseq 0.7.1 on the same model, in one run."""
+    from fnattr.loading import default_model_path, gguf_cache_path
+
+    batch = fnattr.prepare(model, tok, PROMPT, max_new_tokens=9)
+    ours = best_time(lambda: fnattr.methods.occlusion(model, batch), repeat=1)
+    out = subprocess.run([python, "benchmarks/peer_inseq.py", str(gguf_cache_path(default_model_path())),
+                          "occlusion"], capture_output=True, text=True, check=True)
+    theirs = json.loads(out.stdout.strip().splitlines()[-1])["occlusion_9_generated"]
+    print(f"vs inseq 0.7.1  occlusion, 9 generated tokens      fnattr {ours:6.2f}s  inseq {theirs:6.2f}s  "
+          f"fnattr is {theirs / ours:5.1f}x faster")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--n-steps", type=int, default=16)
+    parser.add_argument("--n-steps", type=int, default=8)
     parser.add_argument("--peer", help="python of a venv with inseq 0.7.1 (e.g. .peer/bin/python)")
     parser.add_argument("--child", nargs=4, metavar=("KIND", "METHOD", "N_STEPS", "IBS"))
     args = parser.parse_args()
@@ -126,6 +140,7 @@ def main() -> None:
     ig_memory_vs_steps()
     if args.peer:
         peer(args.peer, args.n_steps, ours)
+        peer_occlusion(args.peer, model, tok)
     sys.stdout.flush()
 
 

@@ -37,5 +37,19 @@ def main(path: str, n_steps: int) -> None:
     print(json.dumps(res))
 
 
+def occlusion(path: str) -> None:
+    """The peer's occlusion of 9 generated tokens (greedy) after PROMPT."""
+    hf = AutoModelForCausalLM.from_pretrained(path).eval()
+    tok = AutoTokenizer.from_pretrained(path)
+    model = inseq.load_model(hf, "occlusion", tokenizer=tok)
+    seconds = timed(lambda: model.attribute(PROMPT, generation_args={"max_new_tokens": 9,
+                                                                     "do_sample": False},
+                                            show_progress=False))
+    print(json.dumps({"occlusion_9_generated": seconds}))
+
+
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 16)
+    if sys.argv[2:3] == ["occlusion"]:
+        occlusion(sys.argv[1])
+    else:
+        main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 16)

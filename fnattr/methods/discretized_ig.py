@@ -97,6 +97,7 @@ def _dig_grads(ctx, target_fn, paths, per_segment, chunk):
         out = run(ctx.model, ctx.batch, ctx.handle, at[0], at[1], ctx.embedded.start, rows)
         grads = step_gradients(score_steps(target_fn, out.logits, ctx.batch, ctx.steps, rows),
                                [at[i] for i in sides], out.at(ctx.steps))
+        del out  # this chunk's graph goes before the next forward
         for total, g, i in zip(acc, grads, sides):
             total.index_add_(0, rows, g * (segs[i] * weights[j][:, None, None])[:, None])
     return acc

@@ -81,6 +81,7 @@ def _grads(ctx, target_fn, x, bases, dr: Draws, n_samples, chunk):
         out = run(ctx.model, ctx.batch, ctx.handle, point[0], tgt, ctx.embedded.start, rows)
         scores = score_steps(target_fn, out.logits, ctx.batch, ctx.steps, rows)
         grads = step_gradients(scores, [point[i] for i in sides], out.at(ctx.steps))
+        del out, scores  # this chunk's graph goes before the next forward
         for total, g, i in zip(acc, grads, sides):
             total.index_add_(0, rows, g * diff[i][:, None] / n_samples)
     return acc

@@ -46,22 +46,30 @@ def baselines(ctx: Context, baseline: Baseline) -> tuple[Tensor, Tensor]:
     return src, tgt
 
 
+def _chunk_grads(ctx, target_fn, x, base, alpha, rows):
+    """Per-step gradients at `base + alpha (x - base)` for `rows`; its autograd graph dies here."""
+    path = [(b[rows] + alpha * (t[rows] - b[rows])).requires_grad_() for t, b in zip(x, base)]
+    tgt = path[1] if ctx.attribute_target else x[1][rows]
+    out = run(ctx.model, ctx.batch, ctx.handle, path[0], tgt, ctx.embedded.start, rows)
+    scores = score_steps(target_fn, out.logits, ctx.batch, ctx.steps, rows)
+    return step_gradients(scores, path if ctx.attribute_target else path[:1], out.at(ctx.steps))
+
+
 def _path_grads(ctx, target_fn, x, base, alphas, weights, chunk):
-    """sum_a w_a * grad f_step(base + a (x - base)), for source and target, chunked over rows."""
+    """sum_a w_a * grad f_step(base + a (x - base)), for source and target, chunked over rows.
+
+    One chunk's graph is alive at a time, so peak memory does not grow with `n_steps`."""
     n_rows, acc = len(ctx.batch), [torch.zeros(len(ctx.batch), len(ctx.steps), *t.shape[1:],
                                                dtype=t.dtype, device=t.device) for t in x]
     pairs = [(a, r) for a in range(len(alphas)) for r in range(n_rows)]
     for lo in range(0, len(pairs), chunk):
         a_idx, rows = (torch.tensor(v, device=x[0].device) for v in zip(*pairs[lo:lo + chunk]))
         alpha = alphas.to(x[0])[a_idx][:, None, None]
-        path = [(b[rows] + alpha * (t[rows] - b[rows])).requires_grad_() for t, b in zip(x, base)]
-        tgt = path[1] if ctx.attribute_target else x[1][rows]
-        out = run(ctx.model, ctx.batch, ctx.handle, path[0], tgt, ctx.embedded.start, rows)
-        scores = score_steps(target_fn, out.logits, ctx.batch, ctx.steps, rows)
-        grads = step_gradients(scores, path if ctx.attribute_target else path[:1], out.at(ctx.steps))
+        grads = _chunk_grads(ctx, target_fn, x, base, alpha, rows)
         w = weights.to(x[0])[a_idx][(..., *(None,) * (grads[0].ndim - 1))]
         for total, g in zip(acc, grads):
             total.index_add_(0, rows, g * w)
+        del grads
     return acc
 
 

@@ -93,6 +93,7 @@ def _layer_path_grads(ctx, hooks, roles, target_fn, x: Acts, base: Acts, alphas,
                              _layers.join(acts, roles))
         scores = score_steps(target_fn, out.logits, ctx.batch, ctx.steps, rows)
         grads = step_gradients(scores, [path[n] for n in names], out.at(ctx.steps))
+        del out, scores  # this chunk's graph goes before the next forward
         w = weights.to(emb.source)[a_idx]
         for n, g in zip(names, grads):
             acc[n].index_add_(0, rows, g * w.view(-1, *[1] * (g.ndim - 1)))

@@ -51,6 +51,7 @@ def _sig_grads(ctx, target_fn, x, base, alphas, weights, chunk):
         out = run(ctx.model, ctx.batch, ctx.handle, emb[0], emb[1], ctx.embedded.start, rows)
         (grad,) = step_gradients(score_steps(target_fn, out.logits, ctx.batch, ctx.steps, rows), [leaf],
                                  out.at(ctx.steps))
+        del out  # this chunk's graph goes before the next forward
         contrib = grad * weights[a_idx][:, None, None]  # [job step d]
         for s in (0, 1):
             sel = side == s
