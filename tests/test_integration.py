@@ -46,5 +46,7 @@ def test_batched_saliency_equals_single_on_the_real_model(smollm2):
     for i in range(2):
         one = fnattr.methods.saliency(model, fnattr.prepare(model, tok, sources[i], targets[i]))
         n = one.target_ids.shape[1]
+        # float32 with and without padding: elementwise noise up to ~1e-5 of the largest score
+        scale = float(one.source.abs().max())
         torch.testing.assert_close(out.source[i, :n][:, batch.source_mask[i]], one.source[0],
-                                   rtol=1e-3, atol=1e-6)
+                                   rtol=1e-3, atol=1e-4 * scale)
