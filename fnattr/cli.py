@@ -68,6 +68,12 @@ def resolve_method(name: str) -> Callable:
     return METHODS[name]
 
 
+def _target_names() -> list[str]:
+    from fnattr.targets import TARGETS
+
+    return sorted(TARGETS)
+
+
 def resolve_target_fn(name: str) -> Callable:
     from fnattr.targets import TARGETS
 
@@ -176,9 +182,10 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="hub id, model folder or .gguf file "
                    "(default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--method", default="integrated_gradients", help="attribution method name")
-    p.add_argument("--target-fn", default="probability", help="probability, logprob or logit")
+    p.add_argument("--target-fn", default="probability",
+                   help="a name from fnattr.targets.TARGETS: " + ", ".join(_target_names()))
     p.add_argument("--step-scores", nargs="*", default=[], metavar="NAME",
-                   help="extra per-step scores to record (probability, logprob, logit)")
+                   help="extra per-step scores to record (same names as --target-fn)")
     p.add_argument("--max-new-tokens", type=int, default=8)
     p.add_argument("--arg", action="append", default=[], metavar="KEY=VALUE",
                    help="a method option (JSON value), e.g. --arg n_steps=16; "
