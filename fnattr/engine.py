@@ -87,7 +87,12 @@ def run(
     start: Float[Tensor, "1 1 d"] | None = None,
     rows: Int[Tensor, " rows"] | None = None,
 ) -> Output:
-    """One teacher-forced forward reading `source`/`target` embeddings; see `forward`."""
+    """One teacher-forced forward when the model reads `source`/`target` embeddings: logits of
+    every step `[rows, tgt, vocab]` and the output layer's input.
+
+    `rows[i]` names the batch row that row i of the embeddings belongs to (default: all rows in
+    order), so perturbed copies of a batch run in one forward.
+    """
     head = model.get_output_embeddings()
     seen: list[Tensor] = []
     hook = None if head is None else head.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
@@ -100,21 +105,9 @@ def run(
     return Output(logits, hidden, 0 if hidden is None else hidden.shape[1] - logits.shape[1])
 
 
-def forward(
-    model: PreTrainedModel,
-    batch: Batch,
-    handle: EmbeddingHandle,
-    source: Float[Tensor, "rows src d"],
-    target: Float[Tensor, "rows tgt d"],
-    start: Float[Tensor, "1 1 d"] | None = None,
-    rows: Int[Tensor, " rows"] | None = None,
-) -> Logits:
-    """Logits of every step `[rows, tgt, vocab]` when the model reads `source`/`target` embeddings.
-
-    `rows[i]` names the batch row that row i of the embeddings belongs to (default: all rows in
-    order), so perturbed copies of a batch run in one forward.
-    """
-    return _forward(model, batch, handle, source, target, start, rows)
+def forward(*args, **kwargs) -> Logits:
+    """The logits of `run(...)` (same arguments)."""
+    return run(*args, **kwargs).logits
 
 
 def _forward(model, batch, handle, source, target, start, rows):
