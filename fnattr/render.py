@@ -79,8 +79,17 @@ def heatmap(out: AttributionTensors, *, row: int = 0) -> Heatmap:
         rows=tuple(label(t) for t in labels),
         cols=tuple(label(out.target_tokens[row][int(s)]) for s in steps.tolist()),
         values=torch.cat(parts), n_source=len(src), title=title,
-        step_scores={k: v[row][cols].double() for k, v in out.step_scores.items()},
+        step_scores=_step_rows(out, row, cols),
     )
+
+
+def _step_rows(out: AttributionTensors, row: int, cols: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Step scores, then the completeness error where the method has one (IG: sum of scores
+    minus f(input) - f(baseline); large values mean more `n_steps` are needed)."""
+    rows = {k: v[row][cols].double() for k, v in out.step_scores.items()}
+    if out.delta is not None:
+        rows["delta"] = out.delta[row][cols].double()
+    return rows
 
 
 def heatmaps(out: AttributionTensors) -> list[Heatmap]:

@@ -150,3 +150,17 @@ def test_encoder_decoder_result_without_target_side(tmp_path):
     assert hm.rows == ("s0", "s1", "s2") and not hm.values.isnan().any()
     render.save_png(out, tmp_path / "o.png", dpi=40)
     assert "s2" in render.html(out)
+
+
+def test_completeness_delta_is_shown_as_a_step_row(gpt2):
+    from fnattr import prepare
+    from fnattr.methods import integrated_gradients, saliency
+    from fnattr.render import heatmap
+
+    model, tok = gpt2
+    batch = prepare(model, tok, ["A dog"], [" ran in the park"])
+    ig = integrated_gradients(model, batch, n_steps=4)
+    hm = heatmap(ig)
+    assert list(hm.step_scores) == ["probability", "delta"]
+    assert torch.equal(hm.step_scores["delta"], ig.delta[0].double())
+    assert "delta" not in heatmap(saliency(model, batch)).step_scores
