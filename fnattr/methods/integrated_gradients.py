@@ -46,6 +46,13 @@ def baselines(ctx: Context, baseline: Baseline) -> tuple[Tensor, Tensor]:
     return src, tgt
 
 
+def path_quadrature(n_steps: int, method: str, internal_batch_size: int) -> tuple[Tensor, Tensor]:
+    """Points and weights of a path method's rule, after checking its chunk size."""
+    if internal_batch_size < 1:
+        raise ValueError(f"`internal_batch_size`={internal_batch_size}: it must be at least 1.")
+    return _paths.quadrature(method, n_steps)
+
+
 def _chunk_grads(ctx, target_fn, x, base, alpha, rows):
     """Per-step gradients at `base + alpha (x - base)` for `rows`; its autograd graph dies here."""
     path = [(b[rows] + alpha * (t[rows] - b[rows])).requires_grad_() for t, b in zip(x, base)]
@@ -95,9 +102,7 @@ def integrated_gradients(
     >>> out = integrated_gradients(model, batch, probability, n_steps=50)
     >>> out.delta.abs().max()   # completeness error
     """
-    if internal_batch_size < 1:
-        raise ValueError(f"`internal_batch_size`={internal_batch_size}: it must be at least 1.")
-    alphas, weights = _paths.quadrature(method, n_steps)
+    alphas, weights = path_quadrature(n_steps, method, internal_batch_size)
     args = {"n_steps": n_steps, "method": method, "internal_batch_size": internal_batch_size,
             "baseline": baseline, "multiply_by_inputs": multiply_by_inputs,
             "attribute_target": attribute_target, "attr_pos_start": attr_pos_start,

@@ -5,9 +5,8 @@ from transformers import PreTrainedModel
 
 from fnattr.batch import Batch
 from fnattr.engine import forward, run, score_steps, step_gradients
-from fnattr.methods import _paths
 from fnattr.methods._common import Context, StepScoreSpec, attribution_context, finish, logit_step_scores
-from fnattr.methods.integrated_gradients import Baseline, baselines
+from fnattr.methods.integrated_gradients import Baseline, baselines, path_quadrature
 from fnattr.result import AttributionTensors
 from fnattr.targets import probability
 from fnattr.types import TargetFn
@@ -62,7 +61,7 @@ def _sig_grads(ctx, target_fn, x, base, alphas, weights, chunk):
 
 def sequential_integrated_gradients(
     model: PreTrainedModel, batch: Batch, target_fn: TargetFn = probability, *,
-    n_steps: int = 32, method: _paths.Rule = "gausslegendre", internal_batch_size: int = 64,
+    n_steps: int = 32, method: str = "gausslegendre", internal_batch_size: int = 64,
     baseline: Baseline = "unk", multiply_by_inputs: bool = True,
     attribute_target: bool | None = None,
     attr_pos_start: int | None = None, attr_pos_end: int | None = None,
@@ -79,9 +78,7 @@ def sequential_integrated_gradients(
 
     Returns `source` [batch step src hidden] (and `target` [batch step tgt hidden]).
     """
-    if internal_batch_size < 1:
-        raise ValueError(f"`internal_batch_size`={internal_batch_size}: it must be at least 1.")
-    alphas, weights = _paths.quadrature(method, n_steps)
+    alphas, weights = path_quadrature(n_steps, method, internal_batch_size)
     args = {"n_steps": n_steps, "method": method, "internal_batch_size": internal_batch_size,
             "baseline": baseline, "multiply_by_inputs": multiply_by_inputs,
             "attribute_target": attribute_target, "attr_pos_start": attr_pos_start,
