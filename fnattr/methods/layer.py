@@ -8,10 +8,10 @@ from transformers import PreTrainedModel
 from fnattr.batch import Batch
 from fnattr.engine import score_steps, step_gradients
 from fnattr.hooks.layer import LayerSpec, layer_hooks
-from fnattr.methods import _layers, _paths
+from fnattr.methods import _layers
 from fnattr.methods._common import StepScoreSpec, attribution_context, logit_step_scores
 from fnattr.methods._layers import Acts
-from fnattr.methods.integrated_gradients import Baseline, baselines, completeness_delta
+from fnattr.methods.integrated_gradients import Baseline, baselines, completeness_delta, path_quadrature
 from fnattr.result import AttributionTensors
 from fnattr.targets import probability
 from fnattr.types import TargetFn
@@ -102,7 +102,7 @@ def _layer_path_grads(ctx, hooks, roles, target_fn, x: Acts, base: Acts, alphas,
 
 def layer_integrated_gradients(
     model: PreTrainedModel, batch: Batch, target_fn: TargetFn = probability, *,
-    layer: LayerSpec | None = None, n_steps: int = 32, method: _paths.Rule = "gausslegendre",
+    layer: LayerSpec | None = None, n_steps: int = 32, method: str = "gausslegendre",
     internal_batch_size: int = 64, baseline: Baseline = "unk", multiply_by_inputs: bool = True,
     attribute_target: bool | None = None,
     attr_pos_start: int | None = None, attr_pos_end: int | None = None,
@@ -120,9 +120,7 @@ def layer_integrated_gradients(
     Returns `source` [batch step src hidden], `target` [batch step tgt hidden] and `delta`
     [batch step] (sum of scores minus f(input) - f(baseline layer output)).
     """
-    if internal_batch_size < 1:
-        raise ValueError(f"`internal_batch_size`={internal_batch_size}: it must be at least 1.")
-    alphas, weights = _paths.quadrature(method, n_steps)
+    alphas, weights = path_quadrature(n_steps, method, internal_batch_size)
     args = {"layer": layer, "n_steps": n_steps, "method": method,
             "internal_batch_size": internal_batch_size, "baseline": baseline,
             "multiply_by_inputs": multiply_by_inputs, "attribute_target": attribute_target,
