@@ -183,7 +183,9 @@ def _seeds(
         eye = torch.eye(k, dtype=scores.dtype, device=scores.device)
         return scores, eye[:, None, :].expand(k, *scores.shape)
     hidden, positions = via
-    (g,) = torch.autograd.grad(scores.sum(), hidden, retain_graph=True)
+    (g,) = torch.autograd.grad(scores.sum(), hidden, retain_graph=True, allow_unused=True)
+    if g is None:  # e.g. a compiled model: the hooked tensor is not in the autograd graph
+        return _seeds(scores, None)
     seeds = torch.zeros(k, *hidden.shape, dtype=g.dtype, device=g.device)
     idx = torch.arange(k, device=g.device)
     seeds[idx, :, positions] = g[:, positions].transpose(0, 1)
