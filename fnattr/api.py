@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from fnattr import targets as _targets
 from fnattr.batch import Batch, prepare
@@ -17,7 +17,7 @@ from fnattr.methods import METHODS
 from fnattr.methods._common import StepScoreSpec, attribution_context, resolve_step_scores
 from fnattr.result import AttributionTensors
 from fnattr.targets import probability
-from fnattr.types import TargetFn
+from fnattr.types import Model, TargetFn
 
 
 def get_method(method: str | Callable) -> Callable:
@@ -38,7 +38,7 @@ def _options(factory: Callable, options: Mapping[str, Any], used: set[str]) -> d
 
 
 def resolve_target(
-    spec: str | TargetFn, *, model: PreTrainedModel, batch: Batch, contrast: Contrast | None,
+    spec: str | TargetFn, *, model: Model, batch: Batch, contrast: Contrast | None,
     options: Mapping[str, Any], used: set[str],
 ) -> TargetFn:
     """A target function from a name (built with `contrast` / `model` where it needs them).
@@ -70,7 +70,7 @@ def _uses_contrast(specs: Sequence[str | TargetFn]) -> bool:
 
 
 def attribute(
-    model: PreTrainedModel,
+    model: Model,
     tokenizer: PreTrainedTokenizerBase,
     sources: str | Sequence[str],
     targets: str | Sequence[str] | None = None,
@@ -127,7 +127,7 @@ def attribute(
 
 
 def compute_step_scores(
-    model: PreTrainedModel, batch: Batch, step_scores: StepScoreSpec, *,
+    model: Model, batch: Batch, step_scores: StepScoreSpec, *,
     attr_pos_start: int | None = None, attr_pos_end: int | None = None,
 ) -> dict[str, Tensor]:
     """Step scores alone `{name: [batch step]}`: one no-grad forward, as methods compute them.

@@ -7,9 +7,10 @@ from typing import Any
 import torch
 from jaxtyping import Bool, Int
 from torch import Tensor
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from fnattr._check import typechecked
+from fnattr.types import Model
 
 
 @typechecked
@@ -75,14 +76,14 @@ def _as_texts(texts: str | Sequence[str], name: str) -> tuple[str, ...]:
     return texts
 
 
-def _pad_id(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel) -> int:
+def _pad_id(tokenizer: PreTrainedTokenizerBase, model: Model) -> int:
     for candidate in (tokenizer.pad_token_id, model.config.pad_token_id, tokenizer.eos_token_id):
         if isinstance(candidate, int):
             return candidate
     return 0
 
 
-def _eos_ids(tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel) -> set[int]:
+def _eos_ids(tokenizer: PreTrainedTokenizerBase, model: Model) -> set[int]:
     eos = getattr(model.generation_config, "eos_token_id", None)
     ids = set(eos if isinstance(eos, list) else [eos])
     ids.add(tokenizer.eos_token_id)
@@ -134,7 +135,7 @@ def _special(tokenizer: PreTrainedTokenizerBase, ids: Tensor, mask: Tensor) -> T
 
 
 def _generate(
-    model: PreTrainedModel, src_ids: Tensor, src_mask: Tensor, pad_id: int, eos: set[int],
+    model: Model, src_ids: Tensor, src_mask: Tensor, pad_id: int, eos: set[int],
     max_new_tokens: int, generate_kwargs: dict[str, Any],
 ) -> list[list[int]]:
     kwargs = {"do_sample": False, "pad_token_id": pad_id, **generate_kwargs}
@@ -148,7 +149,7 @@ def _generate(
     return _cut_at_eos(new, eos)
 
 
-def _decoder_start_id(model: PreTrainedModel) -> int | None:
+def _decoder_start_id(model: Model) -> int | None:
     if not model.config.is_encoder_decoder:
         return None
     for cfg in (model.generation_config, model.config):
@@ -159,7 +160,7 @@ def _decoder_start_id(model: PreTrainedModel) -> int | None:
 
 
 def prepare(
-    model: PreTrainedModel,
+    model: Model,
     tokenizer: PreTrainedTokenizerBase,
     sources: str | Sequence[str],
     targets: str | Sequence[str] | None = None,

@@ -14,13 +14,14 @@ from typing import Literal
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from fnattr._check import typechecked
 from fnattr.batch import Batch, prepare
 from fnattr.engine import embed, forward
 from fnattr.hooks.embedding import embedding_hooks
 from fnattr.hooks.frozen import frozen
+from fnattr.types import Model
 
 Pairs = Sequence[tuple[int, int]]
 Alignments = Literal["auto"] | Pairs | Sequence[Pairs] | None
@@ -121,7 +122,7 @@ def _texts(texts: str | Sequence[str] | None, n: int, name: str) -> tuple[str, .
 
 
 def contrast_batch(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batch: Batch, *,
+    model: Model, tokenizer: PreTrainedTokenizerBase, batch: Batch, *,
     contrast_targets: str | Sequence[str] | None = None,
     contrast_sources: str | Sequence[str] | None = None,
 ) -> Batch:
@@ -143,7 +144,7 @@ def contrast_batch(
 
 
 def prepare_contrast(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batch: Batch, *,
+    model: Model, tokenizer: PreTrainedTokenizerBase, batch: Batch, *,
     contrast_targets: str | Sequence[str] | None = None,
     contrast_sources: str | Sequence[str] | None = None,
     contrast_targets_alignments: Alignments = None,

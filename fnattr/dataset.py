@@ -15,12 +15,12 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from fnattr.batch import prepare
 from fnattr.result import AttributionTensors, load
 from fnattr.targets import probability
-from fnattr.types import TargetFn
+from fnattr.types import Model, TargetFn
 
 SHARD = "shard-{:06d}.safetensors"
 RUN_FILE = "run.json"
@@ -140,7 +140,7 @@ def _progress(total: int | None, done: int, enabled: bool):
 
 
 def run(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, examples: Iterable[Example],
+    model: Model, tokenizer: PreTrainedTokenizerBase, examples: Iterable[Example],
     method: Callable, *, out_dir: str | os.PathLike, target_fn: TargetFn = probability,
     batch_size: int = 8, max_new_tokens: int = 8, step_scores: Sequence[str] = (),
     method_args: dict[str, Any] | None = None, config: dict[str, Any] | None = None,

@@ -13,12 +13,11 @@ from functools import lru_cache
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
-from transformers import PreTrainedModel
 
 from fnattr._check import typechecked
 from fnattr.batch import Batch
 from fnattr.hooks.embedding import EmbeddingHandle
-from fnattr.types import Logits, StepScores, TargetFn
+from fnattr.types import Logits, Model, StepScores, TargetFn
 
 
 @lru_cache(maxsize=64)
@@ -79,7 +78,7 @@ class Output:
 
 
 def run(
-    model: PreTrainedModel,
+    model: Model,
     batch: Batch,
     handle: EmbeddingHandle,
     source: Float[Tensor, "rows src d"],

@@ -17,7 +17,6 @@ from types import MappingProxyType
 
 import torch
 from torch import Tensor
-from transformers import PreTrainedModel
 
 from fnattr._check import typechecked
 from fnattr.batch import Batch
@@ -26,7 +25,7 @@ from fnattr.engine import embed, forward
 from fnattr.hooks.dropout import dropout_modules, enable_dropout
 from fnattr.hooks.embedding import embedding_hooks
 from fnattr.hooks.frozen import frozen
-from fnattr.types import Logits, StepScores, TargetFn, TargetIds
+from fnattr.types import Logits, Model, StepScores, TargetFn, TargetIds
 
 
 def _pick(values: Logits, target_ids: TargetIds) -> StepScores:
@@ -254,7 +253,7 @@ def _constant(logits: Logits, target_ids: TargetIds, values: StepScores) -> Step
 
 
 def mc_dropout_prob_avg(
-    model: PreTrainedModel, batch: Batch, *, n_mcd_steps: int = 10, seed: int = 0,
+    model: Model, batch: Batch, *, n_mcd_steps: int = 10, seed: int = 0,
     internal_batch_size: int = 64,
 ) -> TargetFn:
     """Monte-Carlo dropout average probability (Gal & Ghahramani 2016, arXiv:1506.02142):

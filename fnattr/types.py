@@ -3,7 +3,11 @@
 from typing import Protocol, runtime_checkable
 
 from jaxtyping import Bool, Float, Int
-from torch import Tensor
+from torch import Tensor, nn
+
+# A Hugging Face model (PreTrainedModel), or a wrapper that forwards to one, such as the module
+# `torch.compile` returns: methods read `config`, the embeddings and the output layer through it.
+Model = nn.Module
 
 TokenIds = Int[Tensor, "batch seq"]
 Mask = Bool[Tensor, "batch seq"]

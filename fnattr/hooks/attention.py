@@ -15,6 +15,7 @@ from typing import Literal
 
 from torch import Tensor, nn
 from transformers import PretrainedConfig, PreTrainedModel
+from fnattr.types import Model
 
 Kind = Literal["self", "cross", "encoder"]
 KINDS: tuple[str, ...] = Kind.__args__
@@ -36,7 +37,7 @@ def _configs(model: nn.Module) -> list[PretrainedConfig]:
 
 
 @contextmanager
-def eager_attention(model: PreTrainedModel) -> Iterator[PreTrainedModel]:
+def eager_attention(model: Model) -> Iterator[PreTrainedModel]:
     """Run `model` with eager attention inside the block; every config's setting is restored.
 
     Uses `PreTrainedModel.set_attn_implementation("eager")`; on exit each config's own
@@ -94,7 +95,7 @@ def _walk(module: nn.Module, path: str, specs: list, found: list) -> None:
         found.append((kind, module, index))
 
 
-def attention_modules(model: PreTrainedModel) -> dict[str, list[tuple[nn.Module, int]]]:
+def attention_modules(model: Model) -> dict[str, list[tuple[nn.Module, int]]]:
     """Attention modules by kind, in layer order, with the index of the weights in their output.
 
     "self": decoder self-attention (the only stack of a decoder-only model), "cross": decoder
@@ -135,7 +136,7 @@ class AttentionCapture:
 
 @contextmanager
 def capture_attention(
-    model: PreTrainedModel, kinds: Iterable[str] = KINDS
+    model: Model, kinds: Iterable[str] = KINDS
 ) -> Iterator[AttentionCapture]:
     """Record the attention weights of every forward inside the block (eager attention).
 

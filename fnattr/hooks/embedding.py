@@ -7,10 +7,10 @@ from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
-from transformers import PreTrainedModel
+from fnattr.types import Model
 
 
-def embedding_modules(model: PreTrainedModel) -> dict[str, nn.Module]:
+def embedding_modules(model: Model) -> dict[str, nn.Module]:
     """The modules that embed source and target ids ("source" and "target" keys).
 
     Decoder-only models embed both sides with one module. Encoder-decoder models may use one
@@ -77,7 +77,7 @@ class EmbeddingHandle:
 
 
 @contextmanager
-def embedding_hooks(model: PreTrainedModel) -> Iterator[EmbeddingHandle]:
+def embedding_hooks(model: Model) -> Iterator[EmbeddingHandle]:
     """Hook the input embeddings of `model`; the hooks are removed on exit, also on error.
 
     >>> with embedding_hooks(model) as emb:

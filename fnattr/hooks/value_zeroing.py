@@ -17,8 +17,8 @@ from typing import Any, Literal
 
 from jaxtyping import Bool
 from torch import Tensor, nn
-from transformers import PreTrainedModel
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from fnattr.types import Model
 
 Attention = Literal["decoder", "encoder", "cross"]
 Heads = int | range | Sequence[int]
@@ -36,7 +36,7 @@ def _layer_list(stack: nn.Module, what: str) -> nn.ModuleList:
     return min(lists, key=lambda t: t[:3])[3]
 
 
-def layer_stacks(model: PreTrainedModel) -> dict[str, nn.ModuleList]:
+def layer_stacks(model: Model) -> dict[str, nn.ModuleList]:
     """The layers of each stack: {"decoder": ...} or {"encoder": ..., "decoder": ...}."""
     if model.config.is_encoder_decoder:
         return {"encoder": _layer_list(model.get_encoder(), "encoder"),
@@ -110,7 +110,7 @@ def _owners(stacks: Mapping[str, nn.ModuleList]) -> dict[int, tuple[str, int]]:
 
 @contextmanager
 def value_zeroing(
-    model: PreTrainedModel, layers: int | Sequence[int] | None = None, heads: HeadSpec = None, *,
+    model: Model, layers: int | Sequence[int] | None = None, heads: HeadSpec = None, *,
     attention: Attention = "decoder",
 ) -> Iterator[ValueZeroingHandle]:
     """Zero the value vectors of chosen tokens in the attention of `layers` (None: all).

@@ -9,7 +9,6 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from transformers import PreTrainedModel
 
 from fnattr import targets as _targets
 from fnattr.batch import Batch
@@ -17,7 +16,7 @@ from fnattr.engine import Embedded, causal_target_mask, embed, score_steps, step
 from fnattr.hooks.embedding import EmbeddingHandle, embedding_hooks
 from fnattr.hooks.frozen import frozen
 from fnattr.result import AttributionTensors
-from fnattr.types import Logits, TargetFn
+from fnattr.types import Logits, Model, TargetFn
 
 StepScoreSpec = Sequence[str | TargetFn]
 
@@ -43,7 +42,7 @@ def resolve_step_scores(specs: StepScoreSpec) -> dict[str, TargetFn]:
 
 @dataclasses.dataclass(frozen=True)
 class Context:
-    model: PreTrainedModel
+    model: Model
     batch: Batch
     handle: EmbeddingHandle
     embedded: Embedded
@@ -53,7 +52,7 @@ class Context:
 
 @contextmanager
 def attribution_context(
-    model: PreTrainedModel, batch: Batch, *, attribute_target: bool | None,
+    model: Model, batch: Batch, *, attribute_target: bool | None,
     attr_pos_start: int | None, attr_pos_end: int | None,
 ) -> Iterator[Context]:
     """Validate, then freeze the model and hook its embeddings for the body; restore on exit."""

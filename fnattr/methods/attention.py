@@ -6,7 +6,6 @@ from typing import Literal
 import torch
 from jaxtyping import Float
 from torch import Tensor
-from transformers import PreTrainedModel
 
 from fnattr.batch import Batch
 from fnattr.engine import forward
@@ -14,7 +13,7 @@ from fnattr.hooks.attention import capture_attention
 from fnattr.methods._common import Context, StepScoreSpec, attribution_context, finish, logit_step_scores
 from fnattr.result import AttributionTensors
 from fnattr.targets import probability
-from fnattr.types import TargetFn
+from fnattr.types import Model, TargetFn
 
 SourceAttention = Literal["cross", "encoder"]
 
@@ -82,7 +81,7 @@ def _select(t: Tensor | None, dims: tuple, layers: Tensor | None, heads: Tensor 
 
 
 def attention(
-    model: PreTrainedModel, batch: Batch, target_fn: TargetFn = probability, *,
+    model: Model, batch: Batch, target_fn: TargetFn = probability, *,
     layers: Sequence[int] | None = None, heads: Sequence[int] | None = None,
     average: Sequence[str] = (), source_attention: SourceAttention = "cross",
     attribute_target: bool | None = None,

@@ -5,7 +5,6 @@ from functools import partial
 
 import torch
 from torch import Tensor
-from transformers import PreTrainedModel
 
 from fnattr.batch import Batch
 from fnattr.engine import forward, score_steps, step_gradients
@@ -17,7 +16,7 @@ from fnattr.methods._layers import Acts
 from fnattr.methods.integrated_gradients import Baseline, baselines, completeness_delta
 from fnattr.result import AttributionTensors
 from fnattr.targets import probability
-from fnattr.types import TargetFn
+from fnattr.types import Model, TargetFn
 
 RULES_DOC = """Multipliers (see `fnattr.methods._deeplift_rules`): the Rescale rule on elementwise
     activation modules as a whole (torch.nn activations, transformers' ACT2FN classes: GELU,
@@ -47,7 +46,7 @@ def _run(ctx, target_fn, source, target, rows):
 
 
 def deeplift(
-    model: PreTrainedModel, batch: Batch, target_fn: TargetFn = probability, *,
+    model: Model, batch: Batch, target_fn: TargetFn = probability, *,
     baseline: Baseline = "unk", multiply_by_inputs: bool = True,
     attribute_target: bool | None = None,
     attr_pos_start: int | None = None, attr_pos_end: int | None = None,
@@ -101,7 +100,7 @@ def _leaf(a: Tensor, *, role: str, n_src: int, attribute_target: bool) -> Tensor
 
 
 def layer_deeplift(
-    model: PreTrainedModel, batch: Batch, target_fn: TargetFn = probability, *,
+    model: Model, batch: Batch, target_fn: TargetFn = probability, *,
     layer: LayerSpec | None = None, baseline: Baseline = "unk", multiply_by_inputs: bool = True,
     attribute_target: bool | None = None,
     attr_pos_start: int | None = None, attr_pos_end: int | None = None,

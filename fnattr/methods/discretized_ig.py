@@ -5,7 +5,6 @@ from typing import Literal
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
-from transformers import PreTrainedModel
 
 from fnattr.batch import Batch
 from fnattr.engine import forward, run, score_steps, step_gradients
@@ -14,7 +13,7 @@ from fnattr.methods._common import Context, StepScoreSpec, attribution_context, 
 from fnattr.methods.integrated_gradients import Baseline, baselines, completeness_delta
 from fnattr.result import AttributionTensors
 from fnattr.targets import probability
-from fnattr.types import TargetFn
+from fnattr.types import Model, TargetFn
 
 Strategy = Literal["greedy", "maxcount"]
 
@@ -104,7 +103,7 @@ def _dig_grads(ctx, target_fn, paths, per_segment, chunk):
 
 
 def discretized_integrated_gradients(
-    model: PreTrainedModel, batch: Batch, target_fn: TargetFn = probability, *,
+    model: Model, batch: Batch, target_fn: TargetFn = probability, *,
     n_steps: int = 32, strategy: Strategy = "greedy", n_neighbors: int = 64,
     points_per_segment: int = 1, internal_batch_size: int = 64, baseline: Baseline = "unk",
     attribute_target: bool | None = None,

@@ -1,14 +1,13 @@
 """Saliency and input x gradient: one forward and one batched backward for all steps."""
 
 from torch import Tensor
-from transformers import PreTrainedModel
 
 from fnattr.batch import Batch
 from fnattr.engine import run, score_steps, step_gradients
 from fnattr.methods._common import Context, StepScoreSpec, attribution_context, finish, logit_step_scores
 from fnattr.result import AttributionTensors
 from fnattr.targets import probability
-from fnattr.types import TargetFn
+from fnattr.types import Model, TargetFn
 
 
 def _gradients(ctx: Context, target_fn: TargetFn, step_scores: StepScoreSpec):
@@ -30,7 +29,7 @@ def _times(grad: Tensor | None, x: Tensor) -> Tensor | None:
 
 
 def saliency(
-    model: PreTrainedModel, batch: Batch, target_fn: TargetFn = probability, *,
+    model: Model, batch: Batch, target_fn: TargetFn = probability, *,
     abs: bool = True, attribute_target: bool | None = None,
     attr_pos_start: int | None = None, attr_pos_end: int | None = None,
     step_scores: StepScoreSpec = (),
@@ -55,7 +54,7 @@ def saliency(
 
 
 def input_x_gradient(
-    model: PreTrainedModel, batch: Batch, target_fn: TargetFn = probability, *,
+    model: Model, batch: Batch, target_fn: TargetFn = probability, *,
     attribute_target: bool | None = None,
     attr_pos_start: int | None = None, attr_pos_end: int | None = None,
     step_scores: StepScoreSpec = (),

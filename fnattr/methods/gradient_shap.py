@@ -6,7 +6,6 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
-from transformers import PreTrainedModel
 
 from fnattr.batch import Batch
 from fnattr.engine import forward, run, score_steps, step_gradients
@@ -14,7 +13,7 @@ from fnattr.methods._common import Context, StepScoreSpec, attribution_context, 
 from fnattr.methods.integrated_gradients import Baseline, baselines
 from fnattr.result import AttributionTensors
 from fnattr.targets import probability
-from fnattr.types import TargetFn
+from fnattr.types import Model, TargetFn
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,7 +87,7 @@ def _grads(ctx, target_fn, x, bases, dr: Draws, n_samples, chunk):
 
 
 def gradient_shap(
-    model: PreTrainedModel, batch: Batch, target_fn: TargetFn = probability, *,
+    model: Model, batch: Batch, target_fn: TargetFn = probability, *,
     n_samples: int = 32, stdevs: float = 0.0,
     baseline: Baseline | Sequence[Baseline] = "unk",
     seed: int = 0, generator: torch.Generator | None = None,

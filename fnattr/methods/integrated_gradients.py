@@ -3,7 +3,6 @@
 import torch
 from jaxtyping import Float
 from torch import Tensor
-from transformers import PreTrainedModel
 
 from fnattr.batch import Batch
 from fnattr.engine import forward, run, score_steps, step_gradients
@@ -11,7 +10,7 @@ from fnattr.methods import _paths
 from fnattr.methods._common import Context, StepScoreSpec, attribution_context, finish, logit_step_scores
 from fnattr.result import AttributionTensors
 from fnattr.targets import probability
-from fnattr.types import TargetFn
+from fnattr.types import Model, TargetFn
 
 # "unk" | "pad" | "zeros" | a tensor; checked by `baselines` with an error that names the fix.
 Baseline = str | Float[Tensor, "batch src d"]
@@ -81,7 +80,7 @@ def _path_grads(ctx, target_fn, x, base, alphas, weights, chunk):
 
 
 def integrated_gradients(
-    model: PreTrainedModel, batch: Batch, target_fn: TargetFn = probability, *,
+    model: Model, batch: Batch, target_fn: TargetFn = probability, *,
     n_steps: int = 32, method: str = "gausslegendre",
     internal_batch_size: int = 64, baseline: Baseline = "unk",
     multiply_by_inputs: bool = True, attribute_target: bool | None = None,

@@ -3,7 +3,6 @@
 from contextlib import ExitStack
 
 import torch
-from transformers import PreTrainedModel
 
 from fnattr.batch import Batch
 from fnattr.engine import score_steps, step_gradients
@@ -14,7 +13,7 @@ from fnattr.methods._layers import Acts
 from fnattr.methods.integrated_gradients import Baseline, baselines, completeness_delta, path_quadrature
 from fnattr.result import AttributionTensors
 from fnattr.targets import probability
-from fnattr.types import TargetFn
+from fnattr.types import Model, TargetFn
 
 
 def _open(stack: ExitStack, model, batch, layer, attribute_target, attr_pos_start, attr_pos_end):
@@ -30,7 +29,7 @@ def _open(stack: ExitStack, model, batch, layer, attribute_target, attr_pos_star
 
 
 def layer_gradient_x_activation(
-    model: PreTrainedModel, batch: Batch, target_fn: TargetFn = probability, *,
+    model: Model, batch: Batch, target_fn: TargetFn = probability, *,
     layer: LayerSpec | None = None, multiply_by_inputs: bool = True,
     attribute_target: bool | None = None,
     attr_pos_start: int | None = None, attr_pos_end: int | None = None,
@@ -101,7 +100,7 @@ def _layer_path_grads(ctx, hooks, roles, target_fn, x: Acts, base: Acts, alphas,
 
 
 def layer_integrated_gradients(
-    model: PreTrainedModel, batch: Batch, target_fn: TargetFn = probability, *,
+    model: Model, batch: Batch, target_fn: TargetFn = probability, *,
     layer: LayerSpec | None = None, n_steps: int = 32, method: str = "gausslegendre",
     internal_batch_size: int = 64, baseline: Baseline = "unk", multiply_by_inputs: bool = True,
     attribute_target: bool | None = None,

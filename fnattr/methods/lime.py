@@ -7,7 +7,6 @@ A mask keeps or occludes every ordinary token; one forward of the masked input s
 import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
-from transformers import PreTrainedModel
 
 from fnattr.batch import Batch
 from fnattr.engine import forward
@@ -16,7 +15,7 @@ from fnattr.methods.integrated_gradients import baselines
 from fnattr.methods.occlusion import Fill, occludable, perturbed_scores
 from fnattr.result import AttributionTensors
 from fnattr.targets import probability
-from fnattr.types import TargetFn
+from fnattr.types import Model, TargetFn
 
 
 def sample_masks(n_samples: int, n_features: int, *, seed: int,
@@ -97,7 +96,7 @@ def _to_positions(ctx: Context, coef, side, pos, real) -> tuple[Tensor, Tensor]:
 
 
 def lime(
-    model: PreTrainedModel, batch: Batch, target_fn: TargetFn = probability, *,
+    model: Model, batch: Batch, target_fn: TargetFn = probability, *,
     n_samples: int = 200, kernel_width: float = 0.25, keep_prob: float = 0.5,
     alpha: float = 1.0, seed: int | None = None, baseline: Fill = "unk",
     internal_batch_size: int = 32, attribute_target: bool | None = None,

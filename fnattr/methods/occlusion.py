@@ -10,7 +10,6 @@ from typing import Literal
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
-from transformers import PreTrainedModel
 
 from fnattr.batch import Batch
 from fnattr.engine import forward, score_steps
@@ -18,7 +17,7 @@ from fnattr.methods._common import Context, StepScoreSpec, attribution_context, 
 from fnattr.methods.integrated_gradients import baselines
 from fnattr.result import AttributionTensors
 from fnattr.targets import probability
-from fnattr.types import TargetFn
+from fnattr.types import Model, TargetFn
 
 Fill = Literal["unk", "pad", "zeros"]
 
@@ -85,7 +84,7 @@ def _occlusions(ctx: Context, window: int, stride: int):
 
 
 def occlusion(
-    model: PreTrainedModel, batch: Batch, target_fn: TargetFn = probability, *,
+    model: Model, batch: Batch, target_fn: TargetFn = probability, *,
     window: int = 1, stride: int = 1, baseline: Fill = "unk", internal_batch_size: int = 32,
     attribute_target: bool | None = None,
     attr_pos_start: int | None = None, attr_pos_end: int | None = None,

@@ -13,14 +13,13 @@ import math
 import torch
 from jaxtyping import Bool, Float
 from torch import Tensor, nn
-from transformers import PreTrainedModel
 
 from fnattr.batch import Batch
 from fnattr.engine import for_rows, forward
 from fnattr.methods._common import Context, StepScoreSpec, attribution_context, finish, logit_step_scores
 from fnattr.result import AttributionTensors
 from fnattr.targets import probability
-from fnattr.types import TargetFn
+from fnattr.types import Model, TargetFn
 
 
 def _lm_probs(lm, ids: Tensor, mask: Tensor) -> Float[Tensor, "batch seq vocab"]:
@@ -178,7 +177,7 @@ def _probe(ctx: Context, target_fn: TargetFn, probs: Tensor, opts: dict, g: torc
 
 
 def reagent(
-    model: PreTrainedModel, batch: Batch, target_fn: TargetFn = probability, *,
+    model: Model, batch: Batch, target_fn: TargetFn = probability, *,
     keep_top_n: int | None = 3, keep_ratio: float | None = None, invert_keep: bool = False,
     stopping_condition_top_k: int = 3, replacing_ratio: float = 0.3, max_probe_steps: int = 3000,
     num_probes: int = 16, replacing_model: nn.Module | None = None,

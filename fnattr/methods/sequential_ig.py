@@ -1,7 +1,6 @@
 """Sequential integrated gradients: one token at a time on its path, the others kept as they are."""
 
 import torch
-from transformers import PreTrainedModel
 
 from fnattr.batch import Batch
 from fnattr.engine import forward, run, score_steps, step_gradients
@@ -9,7 +8,7 @@ from fnattr.methods._common import Context, StepScoreSpec, attribution_context, 
 from fnattr.methods.integrated_gradients import Baseline, baselines, path_quadrature
 from fnattr.result import AttributionTensors
 from fnattr.targets import probability
-from fnattr.types import TargetFn
+from fnattr.types import Model, TargetFn
 
 
 def _jobs(ctx: Context) -> list[tuple[int, int, int]]:
@@ -60,7 +59,7 @@ def _sig_grads(ctx, target_fn, x, base, alphas, weights, chunk):
 
 
 def sequential_integrated_gradients(
-    model: PreTrainedModel, batch: Batch, target_fn: TargetFn = probability, *,
+    model: Model, batch: Batch, target_fn: TargetFn = probability, *,
     n_steps: int = 32, method: str = "gausslegendre", internal_batch_size: int = 64,
     baseline: Baseline = "unk", multiply_by_inputs: bool = True,
     attribute_target: bool | None = None,

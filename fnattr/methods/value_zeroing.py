@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 from jaxtyping import Bool, Float
 from torch import Tensor, nn
-from transformers import PreTrainedModel
 
 from fnattr.batch import Batch
 from fnattr.engine import forward
@@ -23,7 +22,7 @@ from fnattr.hooks.value_zeroing import value_zeroing as zeroed_values
 from fnattr.methods._common import Context, StepScoreSpec, attribution_context, finish, logit_step_scores
 from fnattr.result import AttributionTensors
 from fnattr.targets import probability
-from fnattr.types import TargetFn
+from fnattr.types import Model, TargetFn
 
 Similarity = Literal["cosine", "euclidean"]
 
@@ -152,7 +151,7 @@ def _encoder_decoder(ctx: Context, heads_by_kind, output, similarity, chunk):
 
 
 def value_zeroing(
-    model: PreTrainedModel, batch: Batch, target_fn: TargetFn = probability, *,
+    model: Model, batch: Batch, target_fn: TargetFn = probability, *,
     similarity: Similarity = "cosine", output: Literal["decoder", "encoder"] = "decoder",
     decoder_heads: HeadSpec = None, encoder_heads: HeadSpec = None, cross_heads: HeadSpec = None,
     internal_batch_size: int = 256, attribute_target: bool | None = None,
