@@ -12,9 +12,11 @@ from transformers import PreTrainedTokenizerBase
 from fnattr import targets as _targets
 from fnattr.batch import Batch, prepare
 from fnattr.contrast import Alignments, Contrast, prepare_contrast
-from fnattr.engine import forward, score_steps
+from fnattr.engine import score_steps
 from fnattr.methods import METHODS
-from fnattr.methods._common import StepScoreSpec, attribution_context, resolve_step_scores
+from fnattr.methods._common import (
+    StepScoreSpec, attribution_context, clean_logits, resolve_step_scores,
+)
 from fnattr.result import AttributionTensors
 from fnattr.targets import probability
 from fnattr.types import Model, TargetFn
@@ -138,7 +140,6 @@ def compute_step_scores(
         raise ValueError("`step_scores` is empty: name at least one function, e.g. ['entropy'].")
     with attribution_context(model, batch, attribute_target=None, attr_pos_start=attr_pos_start,
                              attr_pos_end=attr_pos_end) as ctx, torch.no_grad():
-        emb = ctx.embedded
-        logits = forward(ctx.model, ctx.batch, ctx.handle, emb.source, emb.target, emb.start)
+        logits = clean_logits(ctx)
         return {name: score_steps(fn, logits, ctx.batch, ctx.steps).cpu()
                 for name, fn in resolve_step_scores(step_scores).items()}

@@ -17,7 +17,7 @@ from torch import Tensor
 from fnattr._check import typechecked
 from fnattr.batch import Batch
 from fnattr.hooks.embedding import EmbeddingHandle
-from fnattr.types import Logits, Model, StepScores, TargetFn
+from fnattr.types import Logits, Model, TargetFn
 
 
 @lru_cache(maxsize=64)

@@ -6,7 +6,6 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-import torch
 from jaxtyping import Bool, Float, Int
 from safetensors import safe_open
 from safetensors.torch import save_file

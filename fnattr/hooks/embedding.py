@@ -5,7 +5,6 @@ import dataclasses
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-import torch
 from torch import Tensor, nn
 from fnattr.types import Model
 

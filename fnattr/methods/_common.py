@@ -12,7 +12,7 @@ from torch import Tensor
 
 from fnattr import targets as _targets
 from fnattr.batch import Batch
-from fnattr.engine import Embedded, causal_target_mask, embed, score_steps, step_range
+from fnattr.engine import Embedded, causal_target_mask, embed, forward, score_steps, step_range
 from fnattr.hooks.embedding import EmbeddingHandle, embedding_hooks
 from fnattr.hooks.frozen import frozen
 from fnattr.result import AttributionTensors
@@ -68,6 +68,13 @@ def attribution_context(
         handle = stack.enter_context(embedding_hooks(model))
         yield Context(model, batch, handle, embed(handle, batch), steps.to(model.device),
                       attribute_target)
+
+
+def clean_logits(ctx: Context) -> Logits:
+    """Logits of every step at the unperturbed input, without an autograd graph."""
+    emb = ctx.embedded
+    with torch.no_grad():
+        return forward(ctx.model, ctx.batch, ctx.handle, emb.source, emb.target, emb.start)
 
 
 def logit_step_scores(

@@ -8,9 +8,10 @@ from jaxtyping import Float
 from torch import Tensor
 
 from fnattr.batch import Batch
-from fnattr.engine import forward
 from fnattr.hooks.attention import capture_attention
-from fnattr.methods._common import Context, StepScoreSpec, attribution_context, finish, logit_step_scores
+from fnattr.methods._common import (
+    Context, StepScoreSpec, attribution_context, clean_logits, finish, logit_step_scores,
+)
 from fnattr.result import AttributionTensors
 from fnattr.targets import probability
 from fnattr.types import Model, TargetFn
@@ -121,9 +122,8 @@ def attention(
                              attr_pos_start=attr_pos_start, attr_pos_end=attr_pos_end) as ctx:
         kinds = ["self"] if not batch.is_encoder_decoder else (
             [source_attention] + (["self"] if ctx.attribute_target else []))
-        emb = ctx.embedded
         with torch.no_grad(), capture_attention(model, kinds) as cap:
-            logits = forward(ctx.model, ctx.batch, ctx.handle, emb.source, emb.target, emb.start)
+            logits = clean_logits(ctx)
         src, tgt, dims = _weights(ctx, cap, source_attention)
         for name in average:
             if name not in dims:

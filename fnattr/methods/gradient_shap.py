@@ -8,8 +8,10 @@ import torch
 from torch import Tensor
 
 from fnattr.batch import Batch
-from fnattr.engine import forward, run, score_steps, step_gradients
-from fnattr.methods._common import Context, StepScoreSpec, attribution_context, finish, logit_step_scores
+from fnattr.engine import run, score_steps, step_gradients
+from fnattr.methods._common import (
+    Context, StepScoreSpec, attribution_context, clean_logits, finish, logit_step_scores,
+)
 from fnattr.methods.integrated_gradients import Baseline, baselines
 from fnattr.result import AttributionTensors
 from fnattr.targets import probability
@@ -125,8 +127,7 @@ def gradient_shap(
         bases = [baselines(ctx, spec) for spec in specs]
         dr = draws(ctx, n_samples, len(bases), stdevs, seed, generator)
         attr = _grads(ctx, target_fn, x, bases, dr, n_samples, internal_batch_size)
-        with torch.no_grad():
-            logits = forward(ctx.model, ctx.batch, ctx.handle, *x, ctx.embedded.start)
+        logits = clean_logits(ctx)
         return finish(ctx, method="gradient_shap", args=args, target_fn=target_fn, source=attr[0],
                       target=attr[1] if ctx.attribute_target else None,
                       step_scores=logit_step_scores(ctx, logits, target_fn, step_scores))

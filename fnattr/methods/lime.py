@@ -9,8 +9,9 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from fnattr.batch import Batch
-from fnattr.engine import forward
-from fnattr.methods._common import Context, StepScoreSpec, attribution_context, finish, logit_step_scores
+from fnattr.methods._common import (
+    Context, StepScoreSpec, attribution_context, clean_logits, finish, logit_step_scores,
+)
 from fnattr.methods.integrated_gradients import baselines
 from fnattr.methods.occlusion import Fill, occludable, perturbed_scores
 from fnattr.result import AttributionTensors
@@ -133,8 +134,7 @@ def lime(
     with attribution_context(model, batch, attribute_target=attribute_target,
                              attr_pos_start=attr_pos_start, attr_pos_end=attr_pos_end) as ctx:
         emb = ctx.embedded
-        with torch.no_grad():
-            logits = forward(ctx.model, ctx.batch, ctx.handle, emb.source, emb.target, emb.start)
+        logits = clean_logits(ctx)
         side, pos, real, counts = _features(ctx)
         keep = torch.zeros(len(counts), n_samples, side.shape[1], dtype=torch.bool)
         for b, n in enumerate(counts):

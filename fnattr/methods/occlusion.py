@@ -13,7 +13,9 @@ from torch import Tensor
 
 from fnattr.batch import Batch
 from fnattr.engine import forward, score_steps
-from fnattr.methods._common import Context, StepScoreSpec, attribution_context, finish, logit_step_scores
+from fnattr.methods._common import (
+    Context, StepScoreSpec, attribution_context, clean_logits, finish, logit_step_scores,
+)
 from fnattr.methods.integrated_gradients import baselines
 from fnattr.result import AttributionTensors
 from fnattr.targets import probability
@@ -114,9 +116,7 @@ def occlusion(
             "attr_pos_start": attr_pos_start, "attr_pos_end": attr_pos_end}
     with attribution_context(model, batch, attribute_target=attribute_target,
                              attr_pos_start=attr_pos_start, attr_pos_end=attr_pos_end) as ctx:
-        emb = ctx.embedded
-        with torch.no_grad():
-            logits = forward(ctx.model, ctx.batch, ctx.handle, emb.source, emb.target, emb.start)
+        logits = clean_logits(ctx)
         f_x = score_steps(target_fn, logits, ctx.batch, ctx.steps)
         rows, masks = _occlusions(ctx, window, stride)
         drop = f_x[rows] - perturbed_scores(ctx, target_fn, rows, masks, baselines(ctx, baseline),

@@ -16,7 +16,9 @@ from torch import Tensor, nn
 
 from fnattr.batch import Batch
 from fnattr.engine import for_rows, forward
-from fnattr.methods._common import Context, StepScoreSpec, attribution_context, finish, logit_step_scores
+from fnattr.methods._common import (
+    Context, StepScoreSpec, attribution_context, clean_logits, finish, logit_step_scores,
+)
 from fnattr.result import AttributionTensors
 from fnattr.targets import probability
 from fnattr.types import Model, TargetFn
@@ -218,9 +220,8 @@ def reagent(
     g = torch.Generator().manual_seed(generator) if isinstance(generator, int) else generator
     with attribution_context(model, batch, attribute_target=attribute_target,
                              attr_pos_start=attr_pos_start, attr_pos_end=attr_pos_end) as ctx:
-        emb = ctx.embedded
+        logits = clean_logits(ctx)
         with torch.no_grad():
-            logits = forward(ctx.model, ctx.batch, ctx.handle, emb.source, emb.target, emb.start)
             probs = proposals(ctx, logits, replacing_model).cpu()
         importance, converged, used = _probe(ctx, target_fn, probs, opts, g)
         scores = logit_step_scores(ctx, logits, target_fn, step_scores)

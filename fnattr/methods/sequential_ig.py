@@ -3,8 +3,10 @@
 import torch
 
 from fnattr.batch import Batch
-from fnattr.engine import forward, run, score_steps, step_gradients
-from fnattr.methods._common import Context, StepScoreSpec, attribution_context, finish, logit_step_scores
+from fnattr.engine import run, score_steps, step_gradients
+from fnattr.methods._common import (
+    Context, StepScoreSpec, attribution_context, clean_logits, finish, logit_step_scores,
+)
 from fnattr.methods.integrated_gradients import Baseline, baselines, path_quadrature
 from fnattr.result import AttributionTensors
 from fnattr.targets import probability
@@ -89,8 +91,7 @@ def sequential_integrated_gradients(
         grads = _sig_grads(ctx, target_fn, x, base, alphas, weights, internal_batch_size)
         if multiply_by_inputs:
             grads = [g * (t - b)[:, None] for g, t, b in zip(grads, x, base)]
-        with torch.no_grad():
-            logits = forward(ctx.model, ctx.batch, ctx.handle, *x, ctx.embedded.start)
+        logits = clean_logits(ctx)
         return finish(ctx, method="sequential_integrated_gradients", args=args, target_fn=target_fn,
                       source=grads[0], target=grads[1] if ctx.attribute_target else None,
                       step_scores=logit_step_scores(ctx, logits, target_fn, step_scores))

@@ -19,7 +19,9 @@ from fnattr.hooks.value_zeroing import (
     HeadSpec, LayerCall, ValueZeroingHandle, capture_layers, layer_stacks, resolve_heads,
 )
 from fnattr.hooks.value_zeroing import value_zeroing as zeroed_values
-from fnattr.methods._common import Context, StepScoreSpec, attribution_context, finish, logit_step_scores
+from fnattr.methods._common import (
+    Context, StepScoreSpec, attribution_context, clean_logits, finish, logit_step_scores,
+)
 from fnattr.result import AttributionTensors
 from fnattr.targets import probability
 from fnattr.types import Model, TargetFn
@@ -83,9 +85,8 @@ def zeroing_scores(
 def _self_scores(ctx, kind, heads, zero, queries, similarity, chunk):
     """Clean forward capturing the stack's layers, then replay each layer with tokens zeroed."""
     layers = layer_stacks(ctx.model)["decoder"]
-    emb = ctx.embedded
     with capture_layers(layers) as calls:
-        logits = forward(ctx.model, ctx.batch, ctx.handle, emb.source, emb.target, emb.start)
+        logits = clean_logits(ctx)
     with zeroed_values(ctx.model, None, heads, attention=kind) as vz:
         return logits, zeroing_scores(layers, calls, vz, zero, queries, similarity, chunk)
 
