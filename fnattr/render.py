@@ -1,99 +1,29 @@
 """Token-by-step heatmaps of an AttributionTensors: terminal (rich), standalone HTML, PNG.
 
 Rows are the attributed tokens (source tokens, then earlier target tokens), columns the
-generated tokens (attributed steps); step scores follow as extra rows. Scores with `*extra`
-dimensions are summed over them first (reduce them yourself with `fnattr.aggregate.reduce`
-for another reduction).
+generated tokens (attributed steps); step scores follow as extra rows. `*extra` dims are reduced
+the way that fits the method (`fnattr.views.DEFAULT_REDUCTION`; `reduction=` for another) and,
+with `normalize=True`, each column is divided by the sum of its absolute scores. The caption says
+what a cell holds, the baseline, and whether a path integral converged; a step whose completeness
+error is too large is flagged next to its column.
 """
 
-import dataclasses
 import html as _html
 import math
 import os
 import sys
 
 import torch
-from torch import Tensor
 
-from fnattr.aggregate import reduce
+from fnattr import views
+from fnattr.aggregate import Reducer
 from fnattr.result import AttributionTensors
-
-
-@dataclasses.dataclass(frozen=True)
-class Heatmap:
-    """One batch row as a matrix: `values[i, k]` scores row token i for column (step) k.
-
-    `values` is NaN where the row token is not visible to the step (a later target token).
-    `step_scores[name][k]` holds the step score of column k.
-    """
-
-    rows: tuple[str, ...]
-    cols: tuple[str, ...]
-    values: Tensor
-    step_scores: dict[str, Tensor]
-    n_source: int
-    title: str
-
-    @property
-    def signed(self) -> bool:
-        finite = self.values[~self.values.isnan()]
-        return bool((finite < 0).any())
-
-    @property
-    def vmax(self) -> float:
-        finite = self.values[~self.values.isnan()].abs()
-        return float(finite.max()) if finite.numel() and float(finite.max()) > 0 else 1.0
-
-
-def label(token: str) -> str:
-    """A printable label for a decoded token: whitespace made visible, never empty."""
-    text = token.replace("\n", "\\n").replace("\t", "\\t").replace("\r", "\\r")
-    if not text.strip():
-        return repr(token)[1:-1].replace(" ", "\u2423") or "''"
-    return text
-
-
-def heatmap(out: AttributionTensors, *, row: int = 0) -> Heatmap:
-    """The matrix of batch row `row` of `out`, padding removed, `*extra` dims summed."""
-    if not 0 <= row < out.source.shape[0]:
-        n = out.source.shape[0]
-        raise ValueError(f"`row`={row} is outside the batch of {n}: use 0..{n - 1}.")
-    if out.extra_dims:
-        out = reduce(out, "sum")
-    cols = out.step_mask[row].nonzero().squeeze(1)
-    steps = out.steps[cols]
-    src = out.source_mask[row].nonzero().squeeze(1)
-    parts = [out.source[row][cols][:, src].T.double()]
-    labels = [out.source_tokens[row][i] for i in src.tolist()]
-    if out.target is not None and len(steps):
-        last = int(steps.max())
-        tgt = (out.target_mask[row] & (torch.arange(out.target_mask.shape[1]) < last)).nonzero().squeeze(1)
-        block = out.target[row][cols][:, tgt].T.double()
-        block[tgt[:, None] >= steps[None, :]] = math.nan
-        parts.append(block)
-        labels += [out.target_tokens[row][j] for j in tgt.tolist()]
-    title = out.meta.get("method", "attribution")
-    if out.source.shape[0] > 1:
-        title += f" (row {row})"
-    return Heatmap(
-        rows=tuple(label(t) for t in labels),
-        cols=tuple(label(out.target_tokens[row][int(s)]) for s in steps.tolist()),
-        values=torch.cat(parts), n_source=len(src), title=title,
-        step_scores=_step_rows(out, row, cols),
-    )
-
-
-def _step_rows(out: AttributionTensors, row: int, cols: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Step scores, then the completeness error where the method has one (IG: sum of scores
-    minus f(input) - f(baseline); large values mean more `n_steps` are needed)."""
-    rows = {k: v[row][cols].double() for k, v in out.step_scores.items()}
-    if out.delta is not None:
-        rows["delta"] = out.delta[row][cols].double()
-    return rows
-
-
-def heatmaps(out: AttributionTensors) -> list[Heatmap]:
-    return [heatmap(out, row=r) for r in range(out.source.shape[0])]
+from fnattr.views import FLAG
+from fnattr.views import Heatmap as Heatmap  # the matrices drawn here: importable from render too
+from fnattr.views import heatmap as heatmap
+from fnattr.views import heatmaps as heatmaps
+from fnattr.views import label as label
+from fnattr.views import visible as visible
 
 
 # ---- colours -------------------------------------------------------------------------------
@@ -116,7 +46,7 @@ def _ink(colour: tuple[int, int, int]) -> str:
 def _scale(vmax: float) -> int:
     """Power of ten that brings `vmax` into a readable range (0 when it already is)."""
     e = math.floor(math.log10(vmax)) if vmax > 0 else 0
-    return 0 if -2 <= e <= 2 else e
+    return 0 if -1 <= e <= 2 else e
 
 
 def _fmt(value: float, exponent: int) -> str:
@@ -125,17 +55,25 @@ def _fmt(value: float, exponent: int) -> str:
 
 # ---- terminal ------------------------------------------------------------------------------
 
+def _caption(hm: Heatmap, exp: int) -> list[str]:
+    return [*hm.notes, *([f"cell values x 1e{exp}"] if exp else [])]
+
+
 def table(hm: Heatmap):
-    """A rich Table of `hm`: coloured score cells, then one row per step score."""
+    """`hm` for rich: a Table of coloured score cells and one row per step score, then the caption
+    lines (what a cell holds, baseline, completeness), wrapped to the console rather than to the
+    table. Every text is a rich `Text`, never markup."""
+    from rich.console import Group
     from rich.table import Table
     from rich.text import Text
 
     exp, vmax, signed = _scale(hm.vmax), hm.vmax, hm.signed
-    caption = f"scores x 1e{exp}" if exp else None
-    grid = Table(title=hm.title, caption=caption, show_lines=False, pad_edge=False)
+    grid = Table(title=Text(hm.title, style="bold"), show_lines=False, pad_edge=False)
     grid.add_column("", style="bold", no_wrap=True)
-    for col in hm.cols:
-        grid.add_column(col, justify="right", no_wrap=True)
+    for k in range(len(hm.cols)):
+        flagged = k in hm.flagged
+        grid.add_column(Text(hm.header(k), style="bold red" if flagged else ""),
+                        justify="right", no_wrap=True)
     for i, name in enumerate(hm.rows):
         cells = []
         for v in hm.values[i].tolist():
@@ -145,19 +83,27 @@ def table(hm: Heatmap):
         grid.add_row(Text(name, style="dim" if i >= hm.n_source else ""), *cells,
                      end_section=i == len(hm.rows) - 1)
     for name, scores in hm.step_scores.items():
-        grid.add_row(Text(name, style="italic"), *(f"{v:.3g}" for v in scores.tolist()))
-    return grid
+        marked = name == "delta"
+        grid.add_row(Text(name, style="italic"), *(
+            Text(f"{v:.3g}", style="bold red" if marked and k in hm.flagged else "")
+            for k, v in enumerate(scores.tolist())))
+    return Group(grid, *(Text(line, style="red" if line.count(FLAG) else "dim")
+                         for line in _caption(hm, exp)))
 
 
-def console(out: AttributionTensors, *, file=None, width: int | None = None) -> None:
-    """Print every batch row of `out` as a coloured table (to `file`, default stdout)."""
+def console(
+    out: AttributionTensors, *, file=None, width: int | None = None,
+    reduction: str | Reducer | None = None, normalize: bool = False,
+) -> None:
+    """Print every batch row of `out` as a coloured table (to `file`, default stdout);
+    `reduction` / `normalize` as in `heatmap`."""
     from rich.console import Console
 
     file = file or sys.stdout
     if width is None and not (hasattr(file, "isatty") and file.isatty()):
         width = 1000  # a pipe or file: never truncate cells to a guessed 80 columns
     con = Console(file=file, width=width)
-    for hm in heatmaps(out):
+    for hm in heatmaps(out, reduction=reduction, normalize=normalize):
         con.print(table(hm))
 
 
@@ -168,6 +114,7 @@ table.fa{border-collapse:collapse;margin:1em 0;font-size:13px}
 table.fa th,table.fa td{border:1px solid #ddd;padding:2px 6px;white-space:pre;text-align:right}
 table.fa th.row{text-align:left}table.fa tr.tgt th.row{color:#666}
 table.fa tr.score td{background:#f5f5f5;font-style:italic}
+table.fa .flag{color:#c00;font-weight:bold}p.note{margin:2px 0;font-size:12px;color:#444}
 .legend{display:flex;align-items:center;gap:6px;font-size:12px}
 .legend .bar{width:200px;height:12px;border:1px solid #999}"""
 
@@ -183,9 +130,10 @@ def _legend(hm: Heatmap) -> str:
 def _html_table(hm: Heatmap) -> str:
     e = _html.escape
     exp = _scale(hm.vmax)
-    head = "".join(f"<th>{e(c)}</th>" for c in hm.cols)
-    lines = [f"<h2>{e(hm.title)}</h2>", _legend(hm), '<table class="fa">',
-             f"<thead><tr><th></th>{head}</tr></thead>", "<tbody>"]
+    flag = lambda k: ' class="flag"' if k in hm.flagged else ""  # noqa: E731
+    head = "".join(f"<th{flag(k)}>{e(hm.header(k))}</th>" for k in range(len(hm.cols)))
+    lines = [f"<h2>{e(hm.title)}</h2>", *(f'<p class="note">{e(n)}</p>' for n in hm.notes),
+             _legend(hm), '<table class="fa">', f"<thead><tr><th></th>{head}</tr></thead>", "<tbody>"]
     for i, name in enumerate(hm.rows):
         cells = []
         for k, v in enumerate(hm.values[i].tolist()):
@@ -196,7 +144,8 @@ def _html_table(hm: Heatmap) -> str:
         kind = "src" if i < hm.n_source else "tgt"
         lines.append(f'<tr class="{kind}"><th class="row">{e(name)}</th>{"".join(cells)}</tr>')
     for name, scores in hm.step_scores.items():
-        cells = "".join(f'<td title="{e(name)}: {v:.6g}">{v:.3g}</td>' for v in scores.tolist())
+        cells = "".join(f'<td{flag(k) if name == "delta" else ""} title="{e(name)}: {v:.6g}">{v:.3g}</td>'
+                        for k, v in enumerate(scores.tolist()))
         lines.append(f'<tr class="score"><th class="row">{e(name)}</th>{cells}</tr>')
     lines.append("</tbody></table>")
     if exp:
@@ -204,68 +153,100 @@ def _html_table(hm: Heatmap) -> str:
     return "\n".join(lines)
 
 
-def html(out: AttributionTensors, *, standalone: bool = True) -> str:
+def html(
+    out: AttributionTensors, *, standalone: bool = True, reduction: str | Reducer | None = None,
+    normalize: bool = False,
+) -> str:
     """Every batch row as an HTML heatmap; `standalone` wraps it in a page with no network assets."""
-    body = "\n".join(_html_table(hm) for hm in heatmaps(out))
+    body = "\n".join(_html_table(hm) for hm in heatmaps(out, reduction=reduction, normalize=normalize))
     if not standalone:
         return f"<div><style>{_CSS}</style>\n{body}\n</div>"
-    title = _html.escape(out.meta.get("method", "attribution"))
+    title = _html.escape(visible(views.title(out)))
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"/><title>{title}</title>'
             f"<style>{_CSS}</style></head>\n<body>\n{body}\n</body></html>\n")
 
 
-def save_html(out: AttributionTensors, path: str | os.PathLike) -> None:
+def save_html(out: AttributionTensors, path: str | os.PathLike, **options) -> None:
+    """Write `html(out, **options)` to `path`; `options`: `reduction`, `normalize`."""
     with open(path, "w", encoding="utf-8") as f:
-        f.write(html(out))
+        f.write(html(out, **options))
 
 
 # ---- PNG -----------------------------------------------------------------------------------
 
 CELL_INCHES = 0.3
 MARGIN_INCHES = (2.0, 1.6)  # (left + right, top + bottom) room for labels, colour bar, title
+NOTE_INCHES = 0.16  # one caption line under the heatmap
 
 
-def png_size(n_rows: int, n_cols: int, *, n_scores: int = 0, dpi: int = 100) -> tuple[int, int]:
-    """Pixel (width, height) of the PNG for a heatmap of `n_rows` x `n_cols` (+ step score rows)."""
+def png_size(n_rows: int, n_cols: int, *, n_scores: int = 0, n_notes: int = 0,
+             dpi: int = 100) -> tuple[int, int]:
+    """Pixel (width, height) of the PNG for a heatmap of `n_rows` x `n_cols` (+ step score rows,
+    + caption lines)."""
     w = max(4.0, n_cols * CELL_INCHES + MARGIN_INCHES[0] + 1.0)
-    h = max(3.0, (n_rows + n_scores) * CELL_INCHES + MARGIN_INCHES[1] + 0.6)
+    h = max(3.0, (n_rows + n_scores) * CELL_INCHES + MARGIN_INCHES[1] + 0.6) + n_notes * NOTE_INCHES
     return round(w * dpi), round(h * dpi)
 
 
-def save_png(out: AttributionTensors, path: str | os.PathLike, *, row: int = 0, dpi: int = 100) -> None:
-    """A matplotlib heatmap of batch row `row`: tokens on both axes, colour bar, step scores."""
+def _wrap(notes: tuple[str, ...], inches: float) -> list[str]:
+    import textwrap
+
+    chars = max(30, int(inches / 0.075))  # about 0.075 inch per character at 8 pt
+    return [piece for n in notes for piece in textwrap.wrap(n, chars, break_on_hyphens=False) or [""]]
+
+
+def figure(out: AttributionTensors, *, row: int = 0, dpi: int = 100,
+           reduction: str | Reducer | None = None, normalize: bool = False):
+    """A matplotlib Figure of batch row `row`: tokens on both axes, colour bar, step scores,
+    caption lines under it. Every text is drawn literally (mathtext off)."""
     import matplotlib
     from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global figure state
 
-    hm = heatmap(out, row=row)
+    hm = heatmap(out, row=row, reduction=reduction, normalize=normalize)
     n_r, n_c, n_s = len(hm.rows), len(hm.cols), len(hm.step_scores)
-    w, h = png_size(n_r, n_c, n_scores=n_s, dpi=dpi)
+    w_in = png_size(n_r, n_c, dpi=dpi)[0] / dpi
+    notes = _wrap(hm.notes, w_in - 0.4)
+    w, h = png_size(n_r, n_c, n_scores=n_s, n_notes=len(notes), dpi=dpi)
     fig = Figure(figsize=(w / dpi, h / dpi), dpi=dpi)
-    font = 7 if max(n_r, n_c) > 20 else 9
+    font, lit = 7 if max(n_r, n_c) > 20 else 9, {"parse_math": False}
     heights = [n_r] + ([n_s] if n_s else [])
+    bottom = 0.3 + len(notes) * NOTE_INCHES
     grid = fig.add_gridspec(len(heights), 2, height_ratios=heights, width_ratios=[40, 1],
                             left=1.6 / (w / dpi), right=1 - 0.9 / (w / dpi),
-                            top=1 - 1.2 / (h / dpi), bottom=0.3 / (h / dpi), hspace=0.05)
+                            top=1 - 1.2 / (h / dpi), bottom=bottom / (h / dpi), hspace=0.05)
     ax = fig.add_subplot(grid[0, 0])
     cmap = matplotlib.colormaps["RdBu_r" if hm.signed else "Reds"].with_extremes(bad="#eeeeee")
     lo = -hm.vmax if hm.signed else 0.0
     image = ax.imshow(hm.values.numpy(), cmap=cmap, vmin=lo, vmax=hm.vmax, aspect="auto")
-    ax.set_yticks(range(n_r), hm.rows, fontsize=font)
-    ax.set_xticks(range(n_c), hm.cols, fontsize=font, rotation=90)
+    ax.set_yticks(range(n_r), hm.rows, fontsize=font, **lit)
+    ax.set_xticks(range(n_c), [hm.header(k) for k in range(n_c)], fontsize=font, rotation=90, **lit)
     ax.xaxis.tick_top()
+    for k in hm.flagged:
+        ax.get_xticklabels()[k].set_color("#cc0000")
     if n_r > hm.n_source:
         ax.axhline(hm.n_source - 0.5, color="black", linewidth=0.8)
-    ax.set_title(hm.title, fontsize=font + 2, pad=4)
+    ax.set_title(hm.title, fontsize=font + 2, pad=4, **lit)
     fig.colorbar(image, cax=fig.add_subplot(grid[0, 1]))
     if n_s:
         sax = fig.add_subplot(grid[1, 0], sharex=ax)
         scores = torch.stack(list(hm.step_scores.values())).numpy()
         sax.imshow(scores, cmap="Greys", aspect="auto", alpha=0.35)
         for (i, k), v in zip(((i, k) for i in range(n_s) for k in range(n_c)), scores.flat):
-            sax.text(k, i, f"{v:.2f}", ha="center", va="center", fontsize=font - 2)
-        sax.set_yticks(range(n_s), list(hm.step_scores), fontsize=font)
+            bad = list(hm.step_scores)[i] == "delta" and k in hm.flagged
+            sax.text(k, i, f"{v:.2g}", ha="center", va="center", fontsize=font - 3,
+                     color="#cc0000" if bad else "black")
+        sax.set_yticks(range(n_s), list(hm.step_scores), fontsize=font, **lit)
         sax.tick_params(axis="x", bottom=False, labelbottom=False, top=False, labeltop=False)
-    fig.savefig(os.fspath(path), dpi=dpi, format="png")
+    for i, line in enumerate(notes):
+        fig.text(0.2 / (w / dpi), (0.1 + (len(notes) - i - 0.5) * NOTE_INCHES) / (h / dpi), line,
+                 fontsize=8, va="center", ha="left", **lit)
+    return fig
+
+
+def save_png(out: AttributionTensors, path: str | os.PathLike, *, row: int = 0, dpi: int = 100,
+             **options) -> None:
+    """Write `figure(out, row=row, **options)` as a PNG; `options`: `reduction`, `normalize`."""
+    figure(out, row=row, dpi=dpi, **options).savefig(os.fspath(path), dpi=dpi, format="png")
 
 
 # ---- notebook or terminal --------------------------------------------------------------------
@@ -276,10 +257,11 @@ def _in_notebook() -> bool:
     return ip is not None and type(ip).__name__ == "ZMQInteractiveShell"
 
 
-def show(out: AttributionTensors) -> None:
-    """HTML in a Jupyter notebook, a coloured table in a terminal."""
+def show(out: AttributionTensors, *, reduction: str | Reducer | None = None,
+         normalize: bool = False) -> None:
+    """HTML in a Jupyter notebook, a coloured table in a terminal; options as in `heatmap`."""
     if _in_notebook():
         from IPython.display import HTML, display
-        display(HTML(html(out, standalone=False)))
+        display(HTML(html(out, standalone=False, reduction=reduction, normalize=normalize)))
     else:
-        console(out)
+        console(out, reduction=reduction, normalize=normalize)

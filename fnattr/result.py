@@ -3,7 +3,7 @@
 import dataclasses
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from jaxtyping import Bool, Float, Int
@@ -66,11 +66,23 @@ class AttributionTensors:
         """Write tensors and metadata to a `.safetensors` file (no pickle)."""
         save(self, path)
 
-    def show(self) -> None:
-        """Display the heatmap: HTML in a Jupyter notebook, a coloured table in a terminal."""
+    def show(self, *, reduction: str | Callable | None = None, normalize: bool = False) -> None:
+        """Display the heatmap: HTML in a Jupyter notebook, a coloured table in a terminal.
+
+        `reduction` of the extra dims (default: by method, `fnattr.views.DEFAULT_REDUCTION`);
+        `normalize`: divide each step by the sum of its absolute scores."""
         from fnattr.render import show  # render imports this module
 
-        show(self)
+        show(self, reduction=reduction, normalize=normalize)
+
+    def __repr__(self) -> str:
+        """What the result holds, not its numbers (`out.source` has them; `out.show()` draws them)."""
+        shape = lambda t: "None" if t is None else "x".join(map(str, t.shape))  # noqa: E731
+        dims = " ".join(("batch", "step", "src", *self.extra_dims))
+        return (f"AttributionTensors(method={self.meta.get('method')!r}, "
+                f"target_fn={self.meta.get('target_fn')!r}, source[{dims}]={shape(self.source)}, "
+                f"target={shape(self.target)}, step_scores={list(self.step_scores)}, "
+                f"delta={shape(self.delta)})")
 
 
 _TENSORS = ("source", "target", "steps", "source_ids", "target_ids", "source_mask",

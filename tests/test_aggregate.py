@@ -1,5 +1,6 @@
 """Aggregations against hand-computed small tensors; subword merging on two tokenizer families."""
 
+import json
 import math
 
 import pytest
@@ -210,3 +211,95 @@ def test_word_groups_markers():
     assert A.word_groups(["the", "con", "##stan", "##tinople"], "wordpiece") == [[0], [1, 2, 3]]
     # the same byte-level tokens read as SentencePiece would be one word: the scheme matters
     assert A.word_groups(["The", "\u0120Constan", "tin"], "sentencepiece") == [[0, 1, 2]]
+
+
+# ---- views: the default reduction per method, normalisation, completeness records --------------
+
+def test_every_method_has_a_default_reduction():
+    from fnattr.methods import METHODS
+    from fnattr.views import DEFAULT_REDUCTION
+
+    assert set(DEFAULT_REDUCTION) == set(METHODS)  # a new method must decide how it is shown
+    assert set(DEFAULT_REDUCTION.values()) <= set(A.REDUCERS)
+
+
+@pytest.mark.parametrize("method, args, how", [
+    ("saliency", {"abs": True}, "l2"),
+    ("integrated_gradients", {"multiply_by_inputs": True}, "sum"),
+    ("integrated_gradients", {"multiply_by_inputs": False}, "l2"),  # bare integrated gradients
+    ("layer_gradient_x_activation", {"multiply_by_inputs": False}, "l2"),
+    ("input_x_gradient", {}, "sum"),
+    ("deeplift", {}, "sum"),
+    ("gradient_shap", {}, "sum"),
+    ("attention", {}, "mean"),
+    ("value_zeroing", {}, "mean"),
+    ("my_own_method", {}, "sum"),
+])
+def test_default_reduction_by_method(hand, method, args, how):
+    from fnattr import views
+
+    out = hand.replace(meta={"method": method, "args": json.dumps(args)})
+    assert views.default_reduction(out) == how
+    shown = views.view(out)
+    torch.testing.assert_close(shown.source, A.reduce(hand, how).source)
+    assert views.cells(shown) == f"cells: {views._WORDS.get(how, how)} over hidden; not normalised"
+
+
+def test_view_normalizes_after_reducing(hand):
+    from fnattr import views
+
+    out = hand.replace(meta={"method": "saliency"})
+    shown = views.view(out, normalize=True)
+    l2 = A.reduce(out, "l2")
+    total = l2.source.abs().sum(-1) + l2.target.abs().sum(-1)  # [batch step]
+    torch.testing.assert_close(shown.source, l2.source / total[..., None])
+    torch.testing.assert_close(shown.source.abs().sum(-1) + shown.target.abs().sum(-1),
+                               torch.ones(1, 2, dtype=torch.float64))
+    assert views.cells(shown) == ("cells: L2 norm over hidden; normalised per step "
+                                  "(|scores| of a column sum to 1)")
+    assert views.view(out, reduction="max").source[0, 0].tolist() == [2, 0.5, 4]
+
+
+def with_completeness(out, record, delta=None):
+    meta = {**out.meta, "target_fn": "probability"}
+    if record is not None:
+        meta["completeness"] = record if isinstance(record, str) else json.dumps(record)
+    return out.replace(meta=meta, delta=delta)
+
+
+def test_completeness_record_is_read_and_tolerated(hand):
+    from fnattr.convergence import convergence, unconverged
+
+    full = {"tolerance": 0.1, "relative_error": [[0.01, 0.5]], "unconverged": [[0, 1]], "points": 8}
+    conv = convergence(with_completeness(hand, full))
+    assert conv.recorded and conv.bound == "10% of |f(x) - f(baseline)|"
+    assert unconverged(conv, hand, 0) == [1] and conv.error[(0, 1)] == 0.5 and conv.points == ("8",)
+    # no "unconverged": derived from relative_error and tolerance (0.05 when missing)
+    conv = convergence(with_completeness(hand, {"relative_error": [[0.06, None]]}))
+    assert unconverged(conv, hand, 0) == [0] and conv.bound.startswith("5% ")
+    # junk entries and out-of-range indices are ignored; points per step give a range
+    junk = {"unconverged": [[0, 7], [3, 0], "x", [0, True], [0, 0]], "points": [[4, 16]],
+            "relative_error": "?", "tolerance": "high"}
+    conv = convergence(with_completeness(hand, junk))
+    assert unconverged(conv, hand, 0) == [0] and conv.points == ("4-16",) and conv.error == {}
+    # a padded step is never flagged
+    masked = hand.replace(target_mask=torch.tensor([[True, False]]))
+    assert unconverged(convergence(with_completeness(masked, full)), masked, 0) == []
+    # no record and no delta: nothing to check
+    assert convergence(with_completeness(hand, None)) is None
+
+
+def test_completeness_falls_back_to_delta_against_the_step_score(hand):
+    from fnattr.convergence import convergence, unconverged
+
+    # probability is [[0, 1]]: step 0 has score 0, so any delta there is too large
+    delta = torch.tensor([[0.001, 0.04]], dtype=torch.float64)
+    for record in (None, "{not json", json.dumps([1, 2])):
+        conv = convergence(with_completeness(hand, record, delta))
+        assert not conv.recorded and conv.bound == "5% of |probability|"
+        assert unconverged(conv, hand, 0) == [0]
+    conv = convergence(with_completeness(hand, None, torch.tensor([[0.0, 0.06]], dtype=torch.float64)))
+    assert unconverged(conv, hand, 0) == [1] and conv.error[(0, 1)] == pytest.approx(0.06)
+    # after merging steps the record's indices no longer apply: delta decides
+    merged = A.merge(with_completeness(hand, {"unconverged": [[0, 1]]}, delta))
+    assert not convergence(merged).recorded

@@ -1,11 +1,13 @@
 """Heatmap matrix, terminal table, standalone HTML and PNG rendering."""
 
 import html
+import json
 import io
 import math
 import struct
 from html.parser import HTMLParser
 
+import matplotlib.text
 import pytest
 import torch
 from rich.console import Console
@@ -16,7 +18,8 @@ from fnattr.result import AttributionTensors
 VOID = {"meta", "br", "img", "hr", "link", "input"}
 
 
-def result(n_src=3, n_tgt=3, *, batch=1, hidden=2, seed=0, src_tokens=None, tgt_tokens=None):
+def result(n_src=3, n_tgt=3, *, batch=1, hidden=2, seed=0, src_tokens=None, tgt_tokens=None,
+           meta=None, delta=None):
     torch.manual_seed(seed)
     source = torch.randn(batch, n_tgt, n_src, hidden, dtype=torch.float64)
     target = torch.randn(batch, n_tgt, n_tgt, hidden, dtype=torch.float64)
@@ -31,7 +34,7 @@ def result(n_src=3, n_tgt=3, *, batch=1, hidden=2, seed=0, src_tokens=None, tgt_
         source_mask=torch.ones(batch, n_src, dtype=torch.bool),
         target_mask=torch.ones(batch, n_tgt, dtype=torch.bool),
         source_tokens=(src_tokens,) * batch, target_tokens=(tgt_tokens,) * batch,
-        extra_dims=("hidden",), meta={"method": "test_method"})
+        extra_dims=("hidden",), meta=meta or {"method": "test_method"}, delta=delta)
 
 
 def test_heatmap_matrix_matches_the_scores():
@@ -124,7 +127,8 @@ def test_png_has_the_expected_pixel_size(tmp_path, n):
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     width, height = struct.unpack(">II", data[16:24])
-    assert (width, height) == render.png_size(n + n - 1, n, n_scores=1, dpi=50)
+    n_notes = len(render.heatmap(out).notes)
+    assert (width, height) == render.png_size(n + n - 1, n, n_scores=1, n_notes=n_notes, dpi=50)
     if n == 50:  # 50 x 50 tokens keep at least 0.3 inch per cell
         assert width >= 50 * 0.3 * 50 and height >= 99 * 0.3 * 50
 
@@ -132,6 +136,11 @@ def test_png_has_the_expected_pixel_size(tmp_path, n):
 def test_show_prints_a_table_outside_notebooks(capsys):
     result(2, 2).show()
     assert "test_method" in capsys.readouterr().out
+    result(2, 2).show(reduction="l2", normalize=True)
+    assert "cells: L2 norm over hidden; normalised per step" in capsys.readouterr().out
+    assert repr(result(2, 3)) == ("AttributionTensors(method='test_method', target_fn=None, "
+                                  "source[batch step src hidden]=1x3x2x2, target=1x3x3x2, "
+                                  "step_scores=['probability'], delta=None)")
 
 
 def test_heatmap_rejects_bad_row():
@@ -164,3 +173,140 @@ def test_completeness_delta_is_shown_as_a_step_row(gpt2):
     assert list(hm.step_scores) == ["probability", "delta"]
     assert torch.equal(hm.step_scores["delta"], ig.delta[0].double())
     assert "delta" not in heatmap(saliency(model, batch)).step_scores
+
+
+# ---- what the numbers are: reduction, normalisation, baseline, completeness -------------------
+
+def plain(out, **view):
+    buf = io.StringIO()
+    render.console(out, file=buf, **view)
+    return buf.getvalue()
+
+
+def columns(hm):
+    """Per column (step): the scores of its visible rows."""
+    return [hm.values[:, k][~hm.values[:, k].isnan()] for k in range(len(hm.cols))]
+
+
+_RUNS: dict = {}  # computed once: the tests below only read them
+
+
+@pytest.fixture
+def runs(gpt2):
+    from fnattr import prepare
+    from fnattr.methods import attention, integrated_gradients, saliency
+
+    if not _RUNS:
+        model, tok = gpt2
+        batch = prepare(model, tok, ["A dog"], [" ran in the park"])
+        _RUNS.update(saliency=saliency(model, batch), attention=attention(model, batch),
+                     integrated_gradients=integrated_gradients(model, batch, n_steps=4))
+    return _RUNS
+
+
+def test_default_reductions_follow_the_method(runs):
+    sal, att, ig = runs["saliency"], runs["attention"], runs["integrated_gradients"]
+    hm = render.heatmap(sal)  # gradients: the L2 norm over hidden
+    n = hm.n_source
+    torch.testing.assert_close(hm.values[:n], torch.linalg.vector_norm(sal.source[0], dim=-1).T.double())
+    assert "cells: L2 norm over hidden; not normalised" in hm.notes
+    hm = render.heatmap(ig)  # additive: the sum, so a column adds up to the step's total
+    total = ig.source[0].sum((1, 2)) + ig.target[0].sum((1, 2))
+    torch.testing.assert_close(torch.stack([c.sum() for c in columns(hm)]), total.double())
+    assert "cells: sum over hidden; not normalised" in hm.notes
+    hm = render.heatmap(att)  # attention: the mean over layers and heads, still a distribution
+    torch.testing.assert_close(hm.values[:n], att.source[0].mean((-1, -2)).T.double())
+    torch.testing.assert_close(torch.stack([c.sum() for c in columns(hm)]),
+                               torch.ones(len(hm.cols), dtype=torch.float64))
+    assert "cells: mean over layer, head; not normalised" in hm.notes
+    assert render.heatmap(att, reduction="max").values[0, 0] == att.source[0, 0, 0].max()
+
+
+def test_normalized_columns_have_abs_sum_one(runs):
+    ig = runs["integrated_gradients"]
+    hm = render.heatmap(ig, normalize=True)
+    torch.testing.assert_close(torch.stack([c.abs().sum() for c in columns(hm)]),
+                               torch.ones(len(hm.cols), dtype=torch.float64))
+    raw = render.heatmap(ig)
+    assert torch.equal(hm.step_scores["delta"], raw.step_scores["delta"])  # delta in f's units
+    assert any("normalised per step" in n for n in hm.notes)
+    text = plain(ig, normalize=True)
+    assert "sum over hidden; normalised per step (|scores| of a column sum to 1)" in text
+
+
+def test_caption_names_method_target_reduction_baseline_and_points(runs):
+    ig = runs["integrated_gradients"]
+    base = "zero vector (UNK '<|endoftext|>' is a special token)"
+    text = plain(ig.replace(meta={**ig.meta, "baseline": base}))
+    for part in ("integrated_gradients, target probability", f"baseline: {base}",
+                 "cells: sum over hidden; not normalised", "completeness, 4 points: every step has"):
+        assert part in text
+    assert "baseline: unk" in plain(ig)  # without meta["baseline"]: the method's argument
+    assert "baseline" not in plain(runs["saliency"]) and "completeness" not in plain(runs["saliency"])
+
+
+RECORD = {"tolerance": 0.05, "relative_error": [[0.01, 0.3, 0.2]], "unconverged": [[0, 1], [0, 2]],
+          "points": [[16, 16, 16]]}
+
+
+def flagged_result(record=RECORD, **kw):
+    delta = torch.tensor([[0.0, 0.5, 0.3]], dtype=torch.float64)
+    meta = {"method": "integrated_gradients", "target_fn": "probability"}
+    if record is not None:
+        meta["completeness"] = json.dumps(record)
+    return result(3, 3, meta=meta, delta=delta, **kw)
+
+
+def test_unconverged_steps_are_flagged_in_console_html_and_png(tmp_path):
+    out = flagged_result()
+    hm = render.heatmap(out)
+    assert hm.flagged == (1, 2) and hm.header(0) == "t0" and hm.header(1) == "\u26a0 t1"
+    line = ("completeness, 16 points: \u26a0 steps 1 't1' (30%), 2 't2' (20%) have "
+            "|delta| > 5% of |f(x) - f(baseline)|")
+    assert hm.notes[-1] == line
+    text = plain(out)
+    assert "\u26a0 t1" in text and "\u26a0 t2" in text and "\u26a0 t0" not in text and line in text
+    page = render.html(out)
+    assert '<th class="flag">\u26a0 t1</th>' in page and "<th>t0</th>" in page
+    assert html.escape(line) in page
+    fig = render.figure(out)
+    ticks = [t for t in fig.axes[0].get_xticklabels()]
+    assert [t.get_text() for t in ticks] == ["t0", "\u26a0 t1", "\u26a0 t2"]
+    assert ticks[1].get_color() == "#cc0000" and ticks[0].get_color() != "#cc0000"
+    assert any(line.startswith(t.get_text()) and "\u26a0" in t.get_text() for t in fig.texts)
+    render.save_png(out, tmp_path / "flag.png", dpi=40)
+    # converged: no marker anywhere
+    ok = flagged_result({**RECORD, "unconverged": []})
+    assert render.heatmap(ok).flagged == () and "\u26a0" not in plain(ok) + render.html(ok)
+    assert "every step has |delta| <= 5% of |f(x) - f(baseline)|" in plain(ok)
+
+
+def test_without_a_record_delta_is_compared_with_the_step_score():
+    out = flagged_result(None)  # probability is rand(): |delta| 0.5 at step 1 exceeds 5% of it
+    prob = out.step_scores["probability"][0]
+    expected = tuple(k for k in range(3) if abs(out.delta[0, k]) > 0.05 * abs(prob[k]))
+    hm = render.heatmap(out)
+    assert hm.flagged == expected and 1 in expected and 0 not in expected
+    rule = "|delta| > 5% of |probability| (no completeness record: delta against the step score)"
+    assert rule in hm.notes[-1]
+
+
+def test_hostile_strings_render_literally(tmp_path):
+    base = "[/INST] $$ \\alpha$ <b>x</b> [bold]y[/bold] \x1b[2J"
+    meta = {"method": "integrated_gradients", "target_fn": "probability", "baseline": base}
+    out = result(2, 2, meta=meta, src_tokens=("$x^2$", "[/INST]"), tgt_tokens=("[b]", "<i>"))
+    shown = base.replace("\x1b", "\\x1b")
+    text = plain(out)
+    assert f"baseline: {shown}" in text and "[/INST]" in text and "[b]" in text
+    assert "\x1b" not in text
+    colour = io.StringIO()
+    Console(file=colour, force_terminal=True, width=300).print(render.table(render.heatmap(out)))
+    assert "\x1b[2J" not in colour.getvalue()  # a control sequence is never sent to the terminal
+    page = render.html(out)
+    assert html.escape(f"baseline: {shown}") in page and "<b>x" not in page and "<i>" not in page
+    fig = render.figure(out)
+    texts = [t for t in fig.findobj(matplotlib.text.Text) if "$" in t.get_text()]
+    assert "$x^2$" in {t.get_text() for t in texts}
+    assert f"baseline: {shown}" in " ".join(t.get_text() for t in fig.texts)  # caption, wrapped
+    assert all(not t.get_parse_math() for t in texts)  # mathtext off: drawn as written
+    render.save_png(out, tmp_path / "hostile.png", dpi=40)
