@@ -38,6 +38,8 @@ class Batch:
     pad_id: int
     unk_id: int | None = None
     decoder_start_id: int | None = None
+    # (role, id, text) of every special token of the tokenizer and model configs (`prepare()`)
+    special_tokens: tuple[tuple[str, int, str], ...] = ()
 
     def __len__(self) -> int:
         return self.source_ids.shape[0]
@@ -134,6 +136,38 @@ def _special(tokenizer: PreTrainedTokenizerBase, ids: Tensor, mask: Tensor) -> T
     return torch.isin(ids, specials) | ~mask
 
 
+def _special_tokens(tokenizer: PreTrainedTokenizerBase, model: Model) -> tuple[tuple[str, int, str], ...]:
+    """(role, id, text) of the special tokens, for `fnattr.baselines` to tell separators apart.
+
+    Roles: the tokenizer's bos, eos, unk, sep, pad, cls and mask; "extra" (its extra or additional
+    special tokens); "chat" (an added token written literally by the chat template); "added"
+    (another added special token); the model configs' bos, eos, pad and decoder_start ids."""
+    found: dict[tuple[str, int], None] = {}
+    for role in ("bos", "eos", "unk", "sep", "pad", "cls", "mask"):
+        found[(role, getattr(tokenizer, f"{role}_token_id", None))] = None
+    extra = (getattr(tokenizer, "extra_special_tokens", None)
+             or getattr(tokenizer, "additional_special_tokens", None) or ())
+    for text in map(str, extra.values() if isinstance(extra, dict) else extra):
+        i = tokenizer.convert_tokens_to_ids(text)
+        if isinstance(i, int) and tokenizer.convert_ids_to_tokens(i) == text:  # not the unk id
+            found[("extra", i)] = None
+    template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else ""
+    named = {i for _, i in found}
+    for i, added in tokenizer.added_tokens_decoder.items():
+        if added.content in template:
+            found[("chat", i)] = None
+        elif added.special and i not in named:
+            found[("added", i)] = None
+    for cfg in (model.config, getattr(model, "generation_config", None)):
+        for role in ("bos", "eos", "pad", "decoder_start"):
+            ids = getattr(cfg, f"{role}_token_id", None)
+            for i in ids if isinstance(ids, list) else [ids]:
+                found[(role, i)] = None
+    ids = sorted((i, role) for role, i in found if isinstance(i, int) and i >= 0)
+    texts = [tokenizer.convert_ids_to_tokens(i) if i < len(tokenizer) else None for i, _ in ids]
+    return tuple((role, i, text if isinstance(text, str) else "") for (i, role), text in zip(ids, texts))
+
+
 def _generate(
     model: Model, src_ids: Tensor, src_mask: Tensor, pad_id: int, eos: set[int],
     max_new_tokens: int, generate_kwargs: dict[str, Any],
@@ -209,5 +243,5 @@ def prepare(
         sources=sources,
         targets=tuple(tokenizer.decode(row, skip_special_tokens=True) for row in tgt_rows),
         is_encoder_decoder=enc_dec, pad_id=pad_id, unk_id=unk if isinstance(unk, int) else None,
-        decoder_start_id=_decoder_start_id(model),
+        decoder_start_id=_decoder_start_id(model), special_tokens=_special_tokens(tokenizer, model),
     )
