@@ -18,8 +18,8 @@ from transformers import PreTrainedTokenizerBase
 
 from fnattr._check import typechecked
 from fnattr.batch import Batch, prepare
-from fnattr.engine import embed, forward
-from fnattr.hooks.embedding import embedding_hooks
+from fnattr.engine import Embedded, embed, forward
+from fnattr.hooks.embedding import EmbeddingHandle, embedding_hooks
 from fnattr.hooks.frozen import frozen
 from fnattr.types import Model
 
@@ -36,12 +36,23 @@ class Contrast:
     - `ids[b, t]`: the contrast token at that step (what the contrast input predicts there).
     - `target_ids`: the attributed batch's target ids (to check which rows a function gets).
     - `alignments[b]`: the (target position, contrast position) pairs used for row b.
+    - `batch`, `embedded`, `index`, `shared`: the contrast batch, its embeddings, the contrast
+      position aligned with each
+      target position, and the side it shares with the attributed batch ("source" when only
+      `contrast_targets` were given, "target" when only `contrast_sources` were; None when both
+      differ). A method reruns the contrast at its perturbed input on the shared side
+      (`rerun`), so the contrastive term carries its gradient; without a shared side the
+      contrast is a constant of the attributed input.
     """
 
     logits: Float[Tensor, "batch tgt vocab"]
     ids: Int[Tensor, "batch tgt"]
     target_ids: Int[Tensor, "batch tgt"]
     alignments: tuple[tuple[tuple[int, int], ...], ...]
+    batch: Batch | None = None
+    embedded: Embedded | None = None
+    index: Int[Tensor, "batch tgt"] | None = None
+    shared: Literal["source", "target"] | None = None
 
 
 def align_tokens(target: Sequence[int], contrast: Sequence[int]) -> list[tuple[int, int]]:
@@ -172,9 +183,36 @@ def prepare_contrast(
     with torch.no_grad(), frozen(model), embedding_hooks(model) as handle:
         emb = embed(handle, cb)
         logits = forward(model, cb, handle, emb.source, emb.target, emb.start)
-    vocab = logits.shape[-1]
     pairs = tuple(tuple((t, int(index[r, t])) for t in range(n)) for r, n in enumerate(lengths[0]))
-    return Contrast(logits=logits.gather(1, index[..., None].expand(-1, -1, vocab)),
-                    ids=cb.target_ids.gather(1, index),
-                    target_ids=batch.target_ids.to(model.device), alignments=pairs)
+    shared = "target" if contrast_targets is None else "source" if contrast_sources is None else None
+    return Contrast(logits=_aligned(logits, index), ids=cb.target_ids.gather(1, index),
+                    target_ids=batch.target_ids.to(model.device), alignments=pairs,
+                    batch=cb, embedded=emb, index=index, shared=shared)
+
+
+def _aligned(logits: Tensor, index: Tensor) -> Tensor:
+    """Contrast logits at the contrast position aligned with each target position."""
+    return logits.gather(1, index[..., None].expand(-1, -1, logits.shape[-1]))
+
+
+def rerun(
+    contrast: Contrast, model: Model, handle: EmbeddingHandle,
+    source: Float[Tensor, "rows src d"], target: Float[Tensor, "rows tgt d"],
+    start: Float[Tensor, "1 1 d"] | None, rows: Int[Tensor, " rows"] | None,
+) -> Float[Tensor, "rows tgt vocab"] | None:
+    """The aligned contrast logits when the attributed input is `source`/`target` (rows `rows`
+    of the batch), with their autograd graph; None when the contrast shares no side with it.
+
+    The shared side of the contrast reads the given (perturbed) embeddings, the other side its
+    own tokens, so d(contrast term)/d(input) is that of the full contrastive expression.
+    """
+    if contrast.shared is None or contrast.batch is None or contrast.embedded is None:
+        return None
+    cb = contrast.batch
+    if rows is None:
+        rows = torch.arange(len(cb), device=cb.target_ids.device)
+    own = contrast.embedded
+    src = source if contrast.shared == "source" else own.source[rows]
+    tgt = target if contrast.shared == "target" else own.target[rows]
+    return _aligned(forward(model, cb, handle, src, tgt, start, rows), contrast.index[rows])
 

@@ -175,32 +175,52 @@ def _log2_ratio(logits: Logits, target_ids: TargetIds, c_logits: Logits,
 
 
 def _contrast(name: str, score: Callable[..., Tensor], contrast: Contrast) -> TargetFn:
-    return bind(name, score, contrast.target_ids, contrast.logits, contrast.ids)
+    """`score(logits, target_ids, z', y')` over the contrast's one forward at the clean input.
+
+    The function also carries `contrast` and `with_contrast(logits', rows)`: a method that
+    reruns the contrast at a perturbed input (`fnattr.contrast.rerun`) scores with those
+    logits instead, so the contrastive term depends on the attributed input as it should.
+    """
+    fn = bind(name, score, contrast.target_ids, contrast.logits, contrast.ids)
+
+    def with_contrast(c_logits: Tensor, rows: Tensor | None) -> TargetFn:
+        c_ids = contrast.ids if rows is None else contrast.ids[rows.to(contrast.ids.device)]
+
+        def target(logits: Logits, target_ids: TargetIds) -> StepScores:
+            return score(logits, target_ids, c_logits, c_ids)
+
+        target.__name__ = target.__qualname__ = name
+        return target
+
+    fn.contrast, fn.with_contrast = contrast, with_contrast
+    return fn
 
 
 def contrast_logits(contrast: Contrast) -> TargetFn:
     """Logit of the contrast token under the contrastive input: `z'_t[y'_t]`.
 
-    Computed once, without gradient: a constant of the attributed input (zero attributions)."""
+    {gradient}"""
     return _contrast("contrast_logits", _contrast_logit, contrast)
 
 
 def contrast_prob(contrast: Contrast) -> TargetFn:
     """Probability of the contrast token under the contrastive input: `p'_t(y'_t)`.
 
-    Computed once, without gradient: a constant of the attributed input (zero attributions)."""
+    {gradient}"""
     return _contrast("contrast_prob", _contrast_prob, contrast)
 
 
 def contrast_logits_diff(contrast: Contrast) -> TargetFn:
-    """Contrastive logit difference (Yin & Neubig 2022, arXiv:2202.10419): `z_t[y_t] - z'_t[y'_t]`."""
+    """Contrastive logit difference (Yin & Neubig 2022, arXiv:2202.10419): `z_t[y_t] - z'_t[y'_t]`.
+
+    {gradient}"""
     return _contrast("contrast_logits_diff", _logit_diff, contrast)
 
 
 def contrast_prob_diff(contrast: Contrast) -> TargetFn:
     """Contrastive probability difference (Yin & Neubig 2022): `p_t(y_t) - p'_t(y'_t)`.
 
-    Only the first term depends on the attributed input: its gradient is that of `p_t(y_t)`."""
+    {gradient}"""
     return _contrast("contrast_prob_diff", _prob_diff, contrast)
 
 
@@ -209,7 +229,9 @@ def pcxmi(contrast: Contrast) -> TargetFn:
     in bits: `P-CXMI_t = log2 p_t(y_t | x, C, y_<t) - log2 p'_t(y_t | x, y_<t)`.
 
     The attributed input holds the context C; the contrast (`contrast_sources`) leaves it out.
-    Positive where the context makes y_t more likely."""
+    Positive where the context makes y_t more likely.
+
+    {gradient}"""
     return _contrast("pcxmi", _log2_ratio, contrast)
 
 
@@ -218,7 +240,9 @@ def in_context_pvi(contrast: Contrast) -> TargetFn:
     `PVI_t = log2 p_t(y_t | x, y_<t) - log2 p'_t(y_t | x_null, y_<t)`.
 
     The attributed input holds the instance x; the contrast (`contrast_sources`) holds the same
-    prompt with x left out (the null input). Positive where x makes y_t more likely."""
+    prompt with x left out (the null input). Positive where x makes y_t more likely.
+
+    {gradient}"""
     return _contrast("in_context_pvi", _log2_ratio, contrast)
 
 
@@ -227,7 +251,8 @@ def kl_divergence(contrast: Contrast, *, top_k: int = 0, top_p: float = 1.0) -> 
     al. 2023, PECoRe, arXiv:2310.01188): `KL_t = sum_{v in V_t} q_t(v) log(q_t(v) / q'_t(v))`,
     in nats, where V_t holds the `top_k` (0: all) most likely tokens of p_t of cumulative mass
     `top_p`, and q_t, q'_t are p_t, p'_t restricted to V_t and renormalised.
-    """
+
+    {gradient}"""
     _nucleus(torch.ones(1, 1, 1), top_k, top_p)  # validate now, not at the first step
 
     @typechecked
@@ -285,6 +310,18 @@ def mc_dropout_prob_avg(
             total.index_add_(0, rows, probability(logits, batch.target_ids[rows]).to(total.dtype))
     return bind("mc_dropout_prob_avg", _constant, batch.target_ids, total / n_mcd_steps)
 
+
+_GRADIENT = """Gradient: where the contrast shares a side with the attributed input (only
+    `contrast_targets` given: the source; only `contrast_sources`: the target), methods rerun the
+    contrast at each perturbed input on that side, so the attributions are those of the whole
+    expression as a function of the attributed input (both terms). With both sides replaced the
+    contrast is a constant: its terms have zero gradient and only the attributed input's terms
+    are attributed. Wrapping the function in another callable loses the rerun (constant contrast)."""
+
+for _fn in (contrast_logits, contrast_prob, contrast_logits_diff, contrast_prob_diff, pcxmi,
+            in_context_pvi, kl_divergence):
+    if _fn.__doc__:  # None under python -OO
+        _fn.__doc__ = _fn.__doc__.replace("{gradient}", _GRADIENT)
 
 # Built-in target functions by name (for `step_scores=["entropy", ...]`, the CLI). A read-only
 # table of this module's functions; user functions are passed directly, never registered.

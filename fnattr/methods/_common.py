@@ -12,7 +12,8 @@ from torch import Tensor
 
 from fnattr import targets as _targets
 from fnattr.batch import Batch
-from fnattr.engine import Embedded, causal_target_mask, embed, forward, score_steps, step_range
+from fnattr.contrast import rerun
+from fnattr.engine import Embedded, Output, causal_target_mask, embed, forward, run, score_steps, step_range
 from fnattr.hooks.embedding import EmbeddingHandle, embedding_hooks
 from fnattr.hooks.frozen import frozen
 from fnattr.result import AttributionTensors
@@ -70,6 +71,37 @@ def attribution_context(
                       attribute_target)
 
 
+def at_input(ctx: Context, target_fn: TargetFn, source: Tensor, target: Tensor,
+             rows: Tensor | None = None) -> TargetFn:
+    """`target_fn` as a function of the input `source`/`target` (rows `rows` of the batch).
+
+    A plain target function reads only the logits and is returned as it is. A contrastive one
+    whose contrast shares a side with the attributed input (`fnattr.contrast.Contrast.shared`)
+    gets its contrast rerun at this input, with gradients, so that its attributions are those
+    of the whole contrastive expression."""
+    contrast = getattr(target_fn, "contrast", None)
+    if contrast is None:
+        return target_fn
+    c_logits = rerun(contrast, ctx.model, ctx.handle, source, target, ctx.embedded.start, rows)
+    return target_fn if c_logits is None else target_fn.with_contrast(c_logits, rows)
+
+
+def run_scored(ctx: Context, target_fn: TargetFn, source: Tensor, target: Tensor,
+               rows: Tensor | None = None) -> tuple[Output, Tensor]:
+    """One forward at `source`/`target` (rows `rows`) and the target's score of every attributed
+    step `[rows, step]`, contrastive terms included (see `at_input`)."""
+    out = run(ctx.model, ctx.batch, ctx.handle, source, target, ctx.embedded.start, rows)
+    fn = at_input(ctx, target_fn, source, target, rows)
+    return without_shortcut(out, fn is not target_fn), score_steps(fn, out.logits, ctx.batch,
+                                                                   ctx.steps, rows)
+
+
+def without_shortcut(out: Output, contrast_rerun: bool) -> Output:
+    """`out`, without the output-layer shortcut of the batched backward when the scores also
+    depend on a contrast forward (whose graph does not pass through `out.hidden`)."""
+    return dataclasses.replace(out, hidden=None) if contrast_rerun else out
+
+
 def clean_logits(ctx: Context) -> Logits:
     """Logits of every step at the unperturbed input, without an autograd graph."""
     emb = ctx.embedded
@@ -107,6 +139,16 @@ def _jsonable(value: Any) -> Any:
     return getattr(value, "__name__", repr(value))
 
 
+def baseline_meta(batch: Batch, args: Mapping[str, Any], *, attribute_target: bool) -> dict[str, str]:
+    """`meta["baseline"]` (the baseline used, in words) and `meta["baseline_kind"]` for a method
+    with a `baseline` argument; nothing for the others."""
+    if "baseline" not in args:
+        return {}
+    from fnattr import baselines  # here, not at the top: fnattr.baselines imports this module
+
+    return baselines.baseline_meta(batch, args["baseline"], attribute_target=attribute_target)
+
+
 def finish(
     ctx: Context, *, method: str, args: Mapping[str, Any], target_fn: TargetFn,
     source: Tensor, target: Tensor | None, step_scores: dict[str, Tensor],
@@ -126,6 +168,7 @@ def finish(
         "model_class": type(ctx.model).__name__,
         "is_encoder_decoder": str(batch.is_encoder_decoder).lower(),
         "versions": json.dumps(_versions()),
+        **baseline_meta(batch, args, attribute_target=ctx.attribute_target),
     }
     cpu = lambda t: None if t is None else t.detach().cpu()  # noqa: E731
     return AttributionTensors(

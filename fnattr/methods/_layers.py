@@ -14,12 +14,13 @@ import dataclasses
 import torch
 from torch import Tensor, nn
 
-from fnattr.engine import Output
+from fnattr.engine import Output, score_steps
 from fnattr.engine import run as run_model
 from fnattr.hooks.embedding import embedding_modules
 from fnattr.hooks.layer import LayerHandle
-from fnattr.methods._common import Context, finish
+from fnattr.methods._common import Context, at_input, finish, without_shortcut
 from fnattr.result import AttributionTensors
+from fnattr.types import TargetFn
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,6 +124,48 @@ def run(ctx: Context, hooks: LayerHandle, roles: tuple[str, ...], source: Tensor
         raise RuntimeError(f"`layer` ran {len(calls)} times in one forward; expected {len(roles)} "
                            f"({', '.join(roles)}): name a module that runs once per side.")
     return out, calls
+
+
+def _shared_calls(ctx: Context, hooks: LayerHandle, roles: tuple[str, ...], contrast,
+                  calls: list[Tensor]) -> list:
+    """Replacements for the contrast forward's calls of the layer: at the positions whose layer
+    output is the same function of the shared side in both forwards, the attributed forward's
+    output (so gradients flow); elsewhere the contrast's own output.
+
+    Source positions are shared at any layer (causal masking; the encoder reads only the
+    source). Target positions are shared only at the embedding layer, since deeper target
+    activations also read the contrast's own source."""
+    n_src = ctx.batch.source_ids.shape[1]
+    embedding = all(any(m is e for e in default_layer(ctx.model)) for m in hooks.modules)
+    out = []
+    for call, role in zip(calls, roles):
+        if role == "joint" and contrast.shared == "source":
+            out.append(lambda own, c=call: torch.cat([c[:, :n_src], own[:, n_src:]], 1))
+        elif role == "joint" and contrast.shared == "target" and embedding:
+            n_c = contrast.batch.source_ids.shape[1]
+            out.append(lambda own, c=call, n_c=n_c: torch.cat([own[:, :n_c], c[:, n_src:]], 1))
+        elif role == contrast.shared and (role == "source" or embedding):
+            out.append(lambda own, c=call: c)
+        else:
+            out.append(lambda own: own)
+    return out
+
+
+def run_scored(ctx: Context, hooks: LayerHandle, roles: tuple[str, ...], target_fn: TargetFn,
+               source: Tensor, target: Tensor, rows: Tensor | None = None,
+               replace: list | None = None) -> tuple[Output, list[Tensor], Tensor]:
+    """`run`, and the target's score of every attributed step `[rows, step]`. A contrastive
+    target sharing a side with the input reruns its contrast with the layer's shared positions
+    taken from this forward (see `_shared_calls`), so its term carries its gradient."""
+    out, calls = run(ctx, hooks, roles, source, target, rows, replace)
+    fn, contrast = target_fn, getattr(target_fn, "contrast", None)
+    if contrast is not None and contrast.shared is not None:
+        hooks.replace(*_shared_calls(ctx, hooks, roles, contrast, calls))
+        fn = at_input(ctx, target_fn, source, target, rows)
+        hooks.check_used()
+        hooks.take()
+    return (without_shortcut(out, fn is not target_fn), calls,
+            score_steps(fn, out.logits, ctx.batch, ctx.steps, rows))
 
 
 def extra_dims(acts: Acts) -> tuple[str, ...]:

@@ -7,13 +7,15 @@ import torch
 from torch import Tensor
 
 from fnattr.batch import Batch
-from fnattr.engine import forward, score_steps, step_gradients
+from fnattr.engine import step_gradients
 from fnattr.hooks.layer import LayerSpec, layer_hooks
-from fnattr.methods import _layers
-from fnattr.methods._common import Context, StepScoreSpec, attribution_context, finish, logit_step_scores
+from fnattr.methods import _converge, _layers
+from fnattr.methods._common import (
+    Context, StepScoreSpec, attribution_context, finish, logit_step_scores, run_scored,
+)
 from fnattr.methods._deeplift_rules import deeplift_rules
 from fnattr.methods._layers import Acts
-from fnattr.methods.integrated_gradients import Baseline, baselines, completeness_delta
+from fnattr.methods.integrated_gradients import Baseline, baselines
 from fnattr.result import AttributionTensors
 from fnattr.targets import probability
 from fnattr.types import Model, TargetFn
@@ -41,13 +43,13 @@ def _stacked(ctx: Context, baseline: Baseline) -> tuple[Tensor, Tensor, Tensor]:
 def _run(ctx, target_fn, source, target, rows):
     """The DeepLIFT forward (rules active): logits [2n tgt vocab], scores [2n step]."""
     with deeplift_rules(ctx.model):
-        logits = forward(ctx.model, ctx.batch, ctx.handle, source, target, ctx.embedded.start, rows)
-        return logits, score_steps(target_fn, logits, ctx.batch, ctx.steps, rows)
+        out, scores = run_scored(ctx, target_fn, source, target, rows)
+        return out.logits, scores
 
 
 def deeplift(
     model: Model, batch: Batch, target_fn: TargetFn = probability, *,
-    baseline: Baseline = "unk", multiply_by_inputs: bool = True,
+    baseline: Baseline = "auto", multiply_by_inputs: bool = True,
     attribute_target: bool | None = None,
     attr_pos_start: int | None = None, attr_pos_end: int | None = None,
     step_scores: StepScoreSpec = (),
@@ -85,7 +87,7 @@ def deeplift(
                      step_scores=logit_step_scores(ctx, logits[:n], target_fn, step_scores))
         if not multiply_by_inputs:
             return out
-        return out.replace(delta=completeness_delta(out, (raw[:n] - raw[n:]).detach().cpu()))
+        return _converge.attach(ctx, out, raw[:n].detach(), raw[n:].detach())
 
 
 def _leaf(a: Tensor, *, role: str, n_src: int, attribute_target: bool) -> Tensor:
@@ -101,7 +103,7 @@ def _leaf(a: Tensor, *, role: str, n_src: int, attribute_target: bool) -> Tensor
 
 def layer_deeplift(
     model: Model, batch: Batch, target_fn: TargetFn = probability, *,
-    layer: LayerSpec | None = None, baseline: Baseline = "unk", multiply_by_inputs: bool = True,
+    layer: LayerSpec | None = None, baseline: Baseline = "auto", multiply_by_inputs: bool = True,
     attribute_target: bool | None = None,
     attr_pos_start: int | None = None, attr_pos_end: int | None = None,
     step_scores: StepScoreSpec = (),
@@ -134,13 +136,12 @@ def layer_deeplift(
         _layers.check_sides(roles, ctx.attribute_target)
         source, target, rows = _stacked(ctx, baseline)
         n_src, n = ctx.batch.source_ids.shape[1], len(ctx.batch)
-        hooks.take()
-        hooks.replace(*[partial(_leaf, role=r, n_src=n_src, attribute_target=ctx.attribute_target)
-                        for r in roles])
-        logits, raw = _run(ctx, target_fn, source, target, rows)
-        scores = raw[:n]
-        hooks.check_used()
-        leaves = hooks.take()
+        with deeplift_rules(ctx.model):
+            out, leaves, raw = _layers.run_scored(
+                ctx, hooks, roles, target_fn, source, target, rows,
+                [partial(_leaf, role=r, n_src=n_src, attribute_target=ctx.attribute_target)
+                 for r in roles])
+        logits, scores = out.logits, raw[:n]
         grads = _layers.split(step_gradients(scores, leaves), roles, n_src, dim=2)
         acts = _layers.split(leaves, roles, n_src)
         parts = []
@@ -152,7 +153,7 @@ def layer_deeplift(
                                    logit_step_scores(ctx, logits[:n], target_fn, step_scores), acts)
         if not multiply_by_inputs:
             return out
-        return out.replace(delta=completeness_delta(out, (raw[:n] - raw[n:]).detach().cpu()))
+        return _converge.attach(ctx, out, raw[:n].detach(), raw[n:].detach())
 
 
 for _fn in (deeplift, layer_deeplift):

@@ -3,14 +3,16 @@
 from typing import Literal
 
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from fnattr.batch import Batch
-from fnattr.engine import forward, run, score_steps, step_gradients
-from fnattr.methods import _paths
-from fnattr.methods._common import Context, StepScoreSpec, attribution_context, finish, logit_step_scores
-from fnattr.methods.integrated_gradients import Baseline, baselines, completeness_delta
+from fnattr.engine import step_gradients
+from fnattr.methods import _converge, _paths
+from fnattr.methods._common import (
+    Context, StepScoreSpec, attribution_context, finish, logit_step_scores, run_scored,
+)
+from fnattr.methods.integrated_gradients import Baseline, baselines
 from fnattr.result import AttributionTensors
 from fnattr.targets import probability
 from fnattr.types import Model, TargetFn
@@ -26,44 +28,69 @@ def vocabulary(ctx: Context, side: str) -> Float[Tensor, "vocab d"]:
         return ctx.handle.embed(torch.arange(n, device=ctx.embedded.source.device)[None], side)[0]
 
 
+def monotonize(
+    a: Float[Tensor, "*#pos d"], base: Float[Tensor, "*#pos d"], w: Float[Tensor, "*#pos d"], m: int,
+) -> tuple[Float[Tensor, "*#pos d"], Bool[Tensor, "*#pos d"]]:
+    """The paper's Monotonize step for an anchor `a` between the baseline w' = `base` and `w`.
+
+    M_a = {j | w'_j <= a_j <= w_j} u {j | w'_j >= a_j >= w_j} (the monotonic dimensions),
+    c[M_a] = a[M_a] and c[not M_a] = w[not M_a] - (1/m) (w[not M_a] - w'[not M_a]).
+    Returns (c, M_a as a mask)."""
+    mono = (a >= torch.minimum(base, w)) & (a <= torch.maximum(base, w))
+    return torch.where(mono, a, w - (1.0 / m) * (w - base)), mono
+
+
+def _rows_equal(vocab: Tensor, base: Tensor) -> Tensor:
+    """[pos vocab]: which vocabulary rows equal each position's baseline exactly."""
+    uniq, inverse = torch.unique(base, dim=0, return_inverse=True)
+    return torch.stack([(vocab == u).all(-1) for u in uniq])[inverse]
+
+
 def monotonic_paths(
     x: Float[Tensor, "pos d"], base: Float[Tensor, "pos d"], ids: Int[Tensor, " pos"],
     vocab: Float[Tensor, "vocab d"], *, n_steps: int, n_neighbors: int, strategy: Strategy,
 ) -> tuple[Float[Tensor, "pos point d"], Int[Tensor, "pos anchor"]]:
-    """Paths base = p_0, ..., p_n_steps = x, monotonic in every dimension, and their anchors.
+    """DIG paths w' = x^0, x^1, ..., x^(m+1) = w (m = `n_steps`) and their anchors [pos m].
 
-    Built from x backwards: the candidates are the `n_neighbors` nearest vocabulary embeddings
-    of x (one kNN for all positions, in torch). At each step, among the unused candidates, pick
-    the one whose "monotonized" copy changes least (greedy) or that is monotonic in most
-    dimensions (maxcount); monotonized: the dimensions outside the box between the baseline and
-    the current point move to 1/r of the way to the baseline (r: segments left). The next point
-    is that copy, so it stays in the box and the path is monotonic.
+    Sanyal & Ren 2021, Sec. 2 (interpolation algorithm), as their code `monotonic_paths.py` runs
+    it, built from the input word w backwards, for m steps:
+    1. AnchorSearch: the candidates are KNN_V(a), the `n_neighbors` vocabulary words nearest
+       (Euclidean) to the previous anchor word a (at first a = w), less the baseline word and
+       every word already on the path (w and earlier anchors). GREEDY picks the candidate closest
+       to its own monotonized copy, ||a' - Monotonize(a')||; MAXCOUNT the one with most monotonic
+       dimensions |M_a'|; both with the box between w' and the previous anchor a, ties to the
+       nearer neighbour. No candidate left: the anchor is the baseline word from then on (the
+       authors' fallback), so the path jumps to w' and stays there.
+    2. Monotonize the chosen anchor against the previous path point c (at first c = w): the
+       next point is c' = Monotonize(anchor) within the box between w' and c (see
+       `monotonize`, step 1/m), so every dimension moves from w towards w', never back.
+    The kNN is one `torch.cdist` per step, of the current anchors against the vocabulary. An
+    anchor -1 means the baseline.
     """
-    n_pos, n_anchor = x.shape[0], n_steps - 1
-    dist = torch.cdist(x, vocab)
-    dist[torch.arange(n_pos), ids] = float("inf")  # the word itself is no anchor
-    k = min(max(n_neighbors, n_anchor), vocab.shape[0] - 1)
-    cands = dist.topk(k, largest=False).indices  # [pos k]
-    emb = vocab[cands]  # [pos k d]
-    used = torch.zeros(n_pos, k, dtype=torch.bool, device=x.device)
-    points, anchors, cur = [x], [], x
-    for step in range(n_anchor):
-        left = n_steps - step
-        lo, hi = torch.minimum(base, cur)[:, None], torch.maximum(base, cur)[:, None]
-        mono = (emb >= lo) & (emb <= hi)
-        fallback = (cur - (cur - base) / left)[:, None].expand_as(emb)
-        moved = torch.where(mono, emb, fallback)
-        if strategy == "greedy":
-            cost = (moved - emb).norm(dim=-1)
-        elif strategy == "maxcount":
-            cost = -mono.sum(-1).to(emb.dtype)
-        else:
-            raise ValueError(f"`strategy`={strategy!r}: use 'greedy' or 'maxcount'.")
-        pick = cost.masked_fill(used, float("inf")).argmin(-1)
-        used[torch.arange(n_pos), pick] = True
-        anchors.append(cands[torch.arange(n_pos), pick])
-        cur = moved[torch.arange(n_pos), pick]
-        points.append(cur)
+    if strategy not in ("greedy", "maxcount"):
+        raise ValueError(f"`strategy`={strategy!r}: use 'greedy' or 'maxcount'.")
+    rows, inf = torch.arange(x.shape[0], device=x.device), float("inf")
+    k = max(1, min(n_neighbors, vocab.shape[0] - 1))
+    banned = _rows_equal(vocab, base)  # the baseline word is no anchor (unless forced)
+    banned[rows, ids] = True  # nor any word already on the path
+    word, word_id, point = x, ids, x
+    points, anchors = [x], []
+    for _ in range(n_steps):
+        dist = torch.cdist(word, vocab)
+        dist[rows, word_id.clamp(min=0)] = inf  # a word is not its own neighbour
+        near = dist.topk(k, largest=False).indices  # [pos k], nearest first
+        cand = vocab[near]
+        moved, mono = monotonize(cand, base[:, None], word[:, None], n_steps)
+        cost = (moved - cand).norm(dim=-1) if strategy == "greedy" else -mono.sum(-1).to(x.dtype)
+        ok = ~banned.gather(1, near) & (word_id >= 0)[:, None]
+        pick = near[rows, cost.masked_fill(~ok, inf).argmin(-1)]  # argmin: first = nearest tie
+        found = ok.any(-1)
+        banned[rows[found], pick[found]] = True
+        word_id = torch.where(found, pick, -1)
+        word = torch.where(found[:, None], vocab[pick], base)
+        point = torch.where(found[:, None], monotonize(vocab[pick], base, point, n_steps)[0], base)
+        points.append(point)
+        anchors.append(word_id)
     points.append(base)
     return torch.stack(points[::-1], 1), torch.stack(anchors[::-1], 1)
 
@@ -71,7 +98,7 @@ def monotonic_paths(
 def _side_paths(ctx, side, x, base, keep, n_steps, n_neighbors, strategy):
     """Paths [batch pos point d] for one side; positions not in `keep` stay at x."""
     ids = getattr(ctx.batch, f"{side}_ids")
-    paths = x[:, :, None].expand(-1, -1, n_steps + 1, -1).clone()
+    paths = x[:, :, None].expand(-1, -1, n_steps + 2, -1).clone()
     if keep.any():
         got, _ = monotonic_paths(x[keep], base[keep], ids[keep], vocabulary(ctx, side), n_steps=n_steps,
                                  n_neighbors=n_neighbors, strategy=strategy)
@@ -79,12 +106,12 @@ def _side_paths(ctx, side, x, base, keep, n_steps, n_neighbors, strategy):
     return paths
 
 
-def _dig_grads(ctx, target_fn, paths, per_segment, chunk):
-    """sum_k sum_j w_j grad f_step(p_k + a_j (p_k+1 - p_k)) * (p_k+1 - p_k): Gauss-Legendre with
-    `per_segment` points on each linear segment, chunked over (segment, point, row)."""
+def _dig_grads(ctx, target_fn, paths, method, per_segment, chunk):
+    """sum_k sum_j w_j grad f_step(p_k + a_j (p_k+1 - p_k)) * (p_k+1 - p_k): rule `method` with
+    `per_segment` points (a_j, w_j) on each linear segment, chunked over (segment, point, row)."""
     sides = [0, 1] if ctx.attribute_target else [0]
     n_rows, n_seg = len(ctx.batch), paths[0].shape[2] - 1
-    alphas, weights = (t.to(paths[0]) for t in _paths.quadrature("gausslegendre", per_segment))
+    alphas, weights = (t.to(paths[0]) for t in _paths.quadrature(method, per_segment))
     acc = [torch.zeros(n_rows, len(ctx.steps), *paths[i].shape[1:2], paths[i].shape[-1],
                        dtype=paths[i].dtype, device=paths[i].device) for i in sides]
     work = [(k, j, r) for k in range(n_seg) for j in range(per_segment) for r in range(n_rows)]
@@ -93,10 +120,9 @@ def _dig_grads(ctx, target_fn, paths, per_segment, chunk):
         segs = [p[rows, :, k + 1] - p[rows, :, k] for p in paths]  # [m pos d]
         at = [(p[rows, :, k] + alphas[j][:, None, None] * sg).requires_grad_(i in sides)
               for i, (p, sg) in enumerate(zip(paths, segs))]
-        out = run(ctx.model, ctx.batch, ctx.handle, at[0], at[1], ctx.embedded.start, rows)
-        grads = step_gradients(score_steps(target_fn, out.logits, ctx.batch, ctx.steps, rows),
-                               [at[i] for i in sides], out.at(ctx.steps))
-        del out  # this chunk's graph goes before the next forward
+        out, scores = run_scored(ctx, target_fn, at[0], at[1], rows)
+        grads = step_gradients(scores, [at[i] for i in sides], out.at(ctx.steps))
+        del out, scores  # this chunk's graph goes before the next forward
         for total, g, i in zip(acc, grads, sides):
             total.index_add_(0, rows, g * (segs[i] * weights[j][:, None, None])[:, None])
     return acc
@@ -105,30 +131,43 @@ def _dig_grads(ctx, target_fn, paths, per_segment, chunk):
 def discretized_integrated_gradients(
     model: Model, batch: Batch, target_fn: TargetFn = probability, *,
     n_steps: int = 32, strategy: Strategy = "greedy", n_neighbors: int = 64,
-    points_per_segment: int = 1, internal_batch_size: int = 64, baseline: Baseline = "unk",
+    points_per_segment: int = 1, internal_batch_size: int = 64, baseline: Baseline = "auto",
+    method: str = "riemann_left",
     attribute_target: bool | None = None,
     attr_pos_start: int | None = None, attr_pos_end: int | None = None,
     step_scores: StepScoreSpec = (),
 ) -> AttributionTensors:
-    """Discretized integrated gradients (Sanyal & Ren 2021, arXiv:2108.13654): each token moves
-    from its baseline to its embedding along a monotonic path whose `n_steps - 1` inner points
-    are anchored on nearby vocabulary embeddings (`strategy` "greedy" or "maxcount", among the
-    `n_neighbors` nearest; see `monotonic_paths`). The integral along each linear segment uses
-    `points_per_segment` Gauss-Legendre points (1: the midpoint), so the cost is
-    `n_steps * points_per_segment` forwards, `n_steps` like `integrated_gradients` by default;
-    more points per segment make `delta` go to 0. The kNN is one `torch.cdist` per side and
-    batch. Special tokens keep their embedding.
+    """Discretized integrated gradients (Sanyal & Ren 2021, arXiv:2108.13654, Sec. 2).
+
+    Each ordinary token moves from its baseline w' to its embedding w along a path
+    w' = x^0, ..., x^(m+1) = w whose m = `n_steps` inner points x^k are anchored on vocabulary
+    words (`monotonic_paths`: AnchorSearch among the `n_neighbors` nearest words, `strategy`
+    "greedy" or "maxcount", then Monotonize). The path is monotonic in every dimension i
+    (x'_i <= x^j_i <= x^k_i <= x_i for j <= k, or >= throughout), so the path integral
+    DIG_i(x) = int_{x^k_i = x'_i}^{x_i} dF(x^k)/dx_i dx^k_i is approximated by the paper's
+    Riemann sum DIG_i(x) ~ sum_k dF(x^k)/dx_i (x^(k+1)_i - x^k_i), the gradients taken at the
+    path points. `n_steps` is the paper's m (the authors' `steps`), so there are m + 1 segments.
+    The default `method="riemann_left"` with `points_per_segment=1` is that sum;
+    `points_per_segment=2**f` is the authors' up-sampling `factor=f` (f midpoint insertions), and
+    `delta` shrinks as 1/`points_per_segment`. `method="gausslegendre"` puts Gauss-Legendre points
+    on each segment instead, off the words but with `delta` near 0 in a few points. Cost:
+    (`n_steps` + 1) * `points_per_segment` forwards. Special tokens keep their embedding; the
+    baseline goes through `baselines` as in `integrated_gradients`.
 
     Returns `source` [batch step src hidden] (and `target` [batch step tgt hidden]); `delta`
     [batch step]: sum of scores minus (f(input) - f(baseline)).
+
+    >>> out = discretized_integrated_gradients(model, batch, n_steps=30, strategy="maxcount")
     """
-    if n_steps < 2 or internal_batch_size < 1 or points_per_segment < 1:
+    if n_steps < 1 or internal_batch_size < 1 or points_per_segment < 1:
         raise ValueError(f"`n_steps`={n_steps}, `points_per_segment`={points_per_segment}, "
-                         f"`internal_batch_size`={internal_batch_size}: use n_steps >= 2 and the "
-                         "others >= 1.")
+                         f"`internal_batch_size`={internal_batch_size}: use values >= 1.")
+    if strategy not in ("greedy", "maxcount"):
+        raise ValueError(f"`strategy`={strategy!r}: use 'greedy' or 'maxcount'.")
+    _paths.quadrature(method, points_per_segment)  # an unknown `method`: raises, naming the rules
     args = {"n_steps": n_steps, "strategy": strategy, "n_neighbors": n_neighbors,
-            "points_per_segment": points_per_segment, "internal_batch_size": internal_batch_size,
-            "baseline": baseline,
+            "points_per_segment": points_per_segment, "method": method,
+            "internal_batch_size": internal_batch_size, "baseline": baseline,
             "attribute_target": attribute_target, "attr_pos_start": attr_pos_start,
             "attr_pos_end": attr_pos_end}
     with attribution_context(model, batch, attribute_target=attribute_target,
@@ -141,12 +180,12 @@ def discretized_integrated_gradients(
                     & ctx.attribute_target)
         paths = [_side_paths(ctx, "source", x[0], base[0], keep_src, n_steps, n_neighbors, strategy),
                  _side_paths(ctx, "target", x[1], base[1], keep_tgt, n_steps, n_neighbors, strategy)]
-        attr = _dig_grads(ctx, target_fn, paths, points_per_segment, internal_batch_size)
+        attr = _dig_grads(ctx, target_fn, paths, method, points_per_segment, internal_batch_size)
         with torch.no_grad():
-            ends = [forward(ctx.model, ctx.batch, ctx.handle, s, t, ctx.embedded.start)
+            ends = [run_scored(ctx, target_fn, s, t)
                     for s, t in (x, (paths[0][:, :, 0], paths[1][:, :, 0]))]
         out = finish(ctx, method="discretized_integrated_gradients", args=args, target_fn=target_fn,
                      source=attr[0], target=attr[1] if ctx.attribute_target else None,
-                     step_scores=logit_step_scores(ctx, ends[0], target_fn, step_scores))
-        f_x, f_base = (score_steps(target_fn, lg, ctx.batch, ctx.steps) for lg in ends)
-        return out.replace(delta=completeness_delta(out, (f_x - f_base).cpu()))
+                     step_scores=logit_step_scores(ctx, ends[0][0].logits, target_fn, step_scores))
+        f_x, f_base = (f for _, f in ends)
+        return _converge.attach(ctx, out, f_x, f_base, points=(n_steps + 1) * points_per_segment)

@@ -3,8 +3,10 @@
 from torch import Tensor
 
 from fnattr.batch import Batch
-from fnattr.engine import run, score_steps, step_gradients
-from fnattr.methods._common import Context, StepScoreSpec, attribution_context, finish, logit_step_scores
+from fnattr.engine import step_gradients
+from fnattr.methods._common import (
+    Context, StepScoreSpec, attribution_context, finish, logit_step_scores, run_scored,
+)
 from fnattr.result import AttributionTensors
 from fnattr.targets import probability
 from fnattr.types import Model, TargetFn
@@ -15,9 +17,8 @@ def _gradients(ctx: Context, target_fn: TargetFn, step_scores: StepScoreSpec):
     emb = ctx.embedded
     src = emb.source.clone().requires_grad_()
     tgt = emb.target.clone().requires_grad_(ctx.attribute_target)
-    out = run(ctx.model, ctx.batch, ctx.handle, src, tgt, emb.start)
+    out, scores = run_scored(ctx, target_fn, src, tgt)
     logits = out.logits
-    scores = score_steps(target_fn, logits, ctx.batch, ctx.steps)
     inputs = [src, tgt] if ctx.attribute_target else [src]
     grads = step_gradients(scores, inputs, out.at(ctx.steps))
     grad_tgt = grads[1] if ctx.attribute_target else None

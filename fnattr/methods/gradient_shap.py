@@ -8,9 +8,9 @@ import torch
 from torch import Tensor
 
 from fnattr.batch import Batch
-from fnattr.engine import run, score_steps, step_gradients
+from fnattr.engine import step_gradients
 from fnattr.methods._common import (
-    Context, StepScoreSpec, attribution_context, clean_logits, finish, logit_step_scores,
+    Context, StepScoreSpec, attribution_context, clean_logits, finish, logit_step_scores, run_scored,
 )
 from fnattr.methods.integrated_gradients import Baseline, baselines
 from fnattr.result import AttributionTensors
@@ -79,8 +79,7 @@ def _grads(ctx, target_fn, x, bases, dr: Draws, n_samples, chunk):
         diff = [x[i][rows] + noise[i][s_idx, rows] - base[i] for i in (0, 1)]
         point = [(base[i] + alpha * diff[i]).requires_grad_(i in sides) for i in (0, 1)]
         tgt = point[1] if ctx.attribute_target else x[1][rows]
-        out = run(ctx.model, ctx.batch, ctx.handle, point[0], tgt, ctx.embedded.start, rows)
-        scores = score_steps(target_fn, out.logits, ctx.batch, ctx.steps, rows)
+        out, scores = run_scored(ctx, target_fn, point[0], tgt, rows)
         grads = step_gradients(scores, [point[i] for i in sides], out.at(ctx.steps))
         del out, scores  # this chunk's graph goes before the next forward
         for total, g, i in zip(acc, grads, sides):
@@ -91,7 +90,7 @@ def _grads(ctx, target_fn, x, bases, dr: Draws, n_samples, chunk):
 def gradient_shap(
     model: Model, batch: Batch, target_fn: TargetFn = probability, *,
     n_samples: int = 32, stdevs: float = 0.0,
-    baseline: Baseline | Sequence[Baseline] = "unk",
+    baseline: Baseline | Sequence[Baseline] = "auto",
     seed: int = 0, generator: torch.Generator | None = None,
     internal_batch_size: int = 64, attribute_target: bool | None = None,
     attr_pos_start: int | None = None, attr_pos_end: int | None = None,

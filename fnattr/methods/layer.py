@@ -7,10 +7,10 @@ import torch
 from fnattr.batch import Batch
 from fnattr.engine import score_steps, step_gradients
 from fnattr.hooks.layer import LayerSpec, layer_hooks
-from fnattr.methods import _layers
+from fnattr.methods import _converge, _layers, _paths
 from fnattr.methods._common import StepScoreSpec, attribution_context, logit_step_scores
 from fnattr.methods._layers import Acts
-from fnattr.methods.integrated_gradients import Baseline, baselines, completeness_delta, path_quadrature
+from fnattr.methods.integrated_gradients import Baseline, baselines, integrate, path_quadrature
 from fnattr.result import AttributionTensors
 from fnattr.targets import probability
 from fnattr.types import Model, TargetFn
@@ -52,10 +52,9 @@ def layer_gradient_x_activation(
                                   attr_pos_start, attr_pos_end)
         emb = ctx.embedded
         leaf = lambda a: a.detach().requires_grad_()  # noqa: E731
-        out, leaves = _layers.run(ctx, hooks, roles, emb.source, emb.target,
-                                  replace=[leaf] * len(roles))
+        out, leaves, scores = _layers.run_scored(ctx, hooks, roles, target_fn, emb.source, emb.target,
+                                                 replace=[leaf] * len(roles))
         acts = _layers.split(leaves, roles, ctx.batch.source_ids.shape[1])
-        scores = score_steps(target_fn, out.logits, ctx.batch, ctx.steps)
         grads = _layers.split(step_gradients(scores, leaves, out.at(ctx.steps)), roles,
                               ctx.batch.source_ids.shape[1], dim=2)
         attr = grads
@@ -72,14 +71,16 @@ def _mix(x: Acts, base: Acts, attribute_target: bool) -> Acts:
     return Acts(base.source, base.target if attribute_target else x.target, x.start)
 
 
-def _layer_path_grads(ctx, hooks, roles, target_fn, x: Acts, base: Acts, alphas, weights, chunk):
-    """sum_a w_a * grad f_step(base + a (x - base)) over the layer's attributed positions."""
+def _layer_path_grads(ctx, hooks, roles, target_fn, x: Acts, base: Acts, alphas, weights, chunk,
+                      rows=None):
+    """sum_a w_a * grad f_step(base + a (x - base)) over the layer's attributed positions, at
+    the batch rows `rows` (default all; the others stay zero)."""
     names = [n for n in ("source", "target") if getattr(x, n) is not None
              and (n == "source" or ctx.attribute_target)]
     n_rows = len(ctx.batch)
     acc = {n: torch.zeros(n_rows, len(ctx.steps), *getattr(x, n).shape[1:], dtype=getattr(x, n).dtype,
                           device=getattr(x, n).device) for n in names}
-    pairs = [(a, r) for a in range(len(alphas)) for r in range(n_rows)]
+    pairs = [(a, r) for a in range(len(alphas)) for r in (range(n_rows) if rows is None else rows)]
     emb = ctx.embedded
     for lo in range(0, len(pairs), chunk):
         a_idx, rows = (torch.tensor(v, device=emb.source.device) for v in zip(*pairs[lo:lo + chunk]))
@@ -88,9 +89,8 @@ def _layer_path_grads(ctx, hooks, roles, target_fn, x: Acts, base: Acts, alphas,
         path = {n: (getattr(br, n) + alpha.view(-1, *[1] * (getattr(xr, n).ndim - 1))
                     * (getattr(xr, n) - getattr(br, n))).requires_grad_() for n in names}
         acts = Acts(path.get("source", xr.source), path.get("target", xr.target), xr.start)
-        out, _ = _layers.run(ctx, hooks, roles, emb.source[rows], emb.target[rows], rows,
-                             _layers.join(acts, roles))
-        scores = score_steps(target_fn, out.logits, ctx.batch, ctx.steps, rows)
+        out, _, scores = _layers.run_scored(ctx, hooks, roles, target_fn, emb.source[rows],
+                                            emb.target[rows], rows, _layers.join(acts, roles))
         grads = step_gradients(scores, [path[n] for n in names], out.at(ctx.steps))
         del out, scores  # this chunk's graph goes before the next forward
         w = weights.to(emb.source)[a_idx]
@@ -101,8 +101,9 @@ def _layer_path_grads(ctx, hooks, roles, target_fn, x: Acts, base: Acts, alphas,
 
 def layer_integrated_gradients(
     model: Model, batch: Batch, target_fn: TargetFn = probability, *,
-    layer: LayerSpec | None = None, n_steps: int = 32, method: str = "gausslegendre",
-    internal_batch_size: int = 64, baseline: Baseline = "unk", multiply_by_inputs: bool = True,
+    layer: LayerSpec | None = None, n_steps: int | str = "auto", tolerance: float = _converge.TOLERANCE,
+    max_steps: int = 128, method: str = "gausslegendre",
+    internal_batch_size: int = 64, baseline: Baseline = "auto", multiply_by_inputs: bool = True,
     attribute_target: bool | None = None,
     attr_pos_start: int | None = None, attr_pos_end: int | None = None,
     step_scores: StepScoreSpec = (),
@@ -114,13 +115,16 @@ def layer_integrated_gradients(
     `layer` as in `layer_gradient_x_activation` (default: the input embeddings, where this equals
     `integrated_gradients`). Positions that are not attributed (target positions without
     `attribute_target`, the decoder start) keep their actual activations on the whole path.
-    `baseline`, `n_steps`, `method`, `internal_batch_size` as in `integrated_gradients`.
+    `baseline`, `n_steps` (default "auto": refined per step to `tolerance`, up to `max_steps`),
+    `method`, `internal_batch_size` as in `integrated_gradients`; `meta["completeness"]` too.
 
     Returns `source` [batch step src hidden], `target` [batch step tgt hidden] and `delta`
     [batch step] (sum of scores minus f(input) - f(baseline layer output)).
     """
-    alphas, weights = path_quadrature(n_steps, method, internal_batch_size)
-    args = {"layer": layer, "n_steps": n_steps, "method": method,
+    _converge.check_options(n_steps, tolerance, max_steps)
+    path_quadrature(_converge.AUTO_START if n_steps == "auto" else n_steps, method, internal_batch_size)
+    args = {"layer": layer, "n_steps": n_steps, "tolerance": tolerance, "max_steps": max_steps,
+            "method": method,
             "internal_batch_size": internal_batch_size, "baseline": baseline,
             "multiply_by_inputs": multiply_by_inputs, "attribute_target": attribute_target,
             "attr_pos_start": attr_pos_start, "attr_pos_end": attr_pos_end}
@@ -136,18 +140,24 @@ def layer_integrated_gradients(
             x = _layers.split(calls, roles, n_src)
             base = _layers.split(_layers.run(ctx, hooks, roles, base_src, base_tgt)[1], roles, n_src)
             base = _mix(x, base, ctx.attribute_target)
-            logits_base = _layers.run(ctx, hooks, roles, emb.source, emb.target,
-                                      replace=_layers.join(base, roles))[0].logits
-        grads = _layer_path_grads(ctx, hooks, roles, target_fn, x, base, alphas, weights,
-                                  internal_batch_size)
-        attr = grads
-        if multiply_by_inputs:
-            attr = Acts(*(None if g is None else g * (a - b)[:, None] for g, a, b in
-                          ((grads.source, x.source, base.source), (grads.target, x.target, base.target))),
-                        None)
-        out = _layers.finish_layer(ctx, "layer_integrated_gradients", args, target_fn, attr,
-                      logit_step_scores(ctx, logits, target_fn, step_scores), x)
-        if not multiply_by_inputs:
-            return out
-        f_x, f_base = (score_steps(target_fn, lg, ctx.batch, ctx.steps) for lg in (logits, logits_base))
-        return out.replace(delta=completeness_delta(out, (f_x - f_base).cpu()))
+            f_base = _layers.run_scored(ctx, hooks, roles, target_fn, emb.source, emb.target,
+                                        replace=_layers.join(base, roles))[2]
+        f_x = score_steps(target_fn, logits, ctx.batch, ctx.steps)
+
+        def compute(sub, n, rows):
+            alphas, weights = _paths.quadrature(method, n)
+            grads = _layer_path_grads(sub, hooks, roles, target_fn, x, base, alphas, weights,
+                                      internal_batch_size, rows)
+            pairs = ((grads.source, x.source, base.source), (grads.target, x.target, base.target))
+            attrs = [None if g is None else g * (a - b)[:, None] for g, a, b in pairs]
+            return (attrs if multiply_by_inputs else [grads.source, grads.target]), attrs
+
+        results, delta, record = integrate(ctx, compute, (f_x, f_base), n_steps=n_steps,
+                                           tolerance=tolerance, max_steps=max_steps)
+        out = _layers.finish_layer(ctx, "layer_integrated_gradients", args, target_fn,
+                                   Acts(*results, None),
+                                   logit_step_scores(ctx, logits, target_fn, step_scores), x)
+        if n_steps == "auto":
+            _converge.warn_unconverged(ctx, "layer_integrated_gradients", record, max_steps)
+        return out.replace(delta=delta.cpu() if multiply_by_inputs else None,
+                           meta={**out.meta, **record})

@@ -99,7 +99,7 @@ def _to_positions(ctx: Context, coef, side, pos, real) -> tuple[Tensor, Tensor]:
 def lime(
     model: Model, batch: Batch, target_fn: TargetFn = probability, *,
     n_samples: int = 200, kernel_width: float = 0.25, keep_prob: float = 0.5,
-    alpha: float = 1.0, seed: int | None = None, baseline: Fill = "unk",
+    alpha: float = 1.0, seed: int | None = None, baseline: Fill = "auto",
     internal_batch_size: int = 32, attribute_target: bool | None = None,
     attr_pos_start: int | None = None, attr_pos_end: int | None = None,
     step_scores: StepScoreSpec = (),
@@ -107,7 +107,7 @@ def lime(
     """LIME (Ribeiro et al. 2016, arXiv:1602.04938) with token features, for every step.
 
     `n_samples` random masks (the first keeps every token) occlude ordinary tokens with the
-    `baseline` embedding; one forward per mask scores every step. Step t fits a ridge (`alpha`)
+    `baseline` embedding (as in `occlusion`); one forward per mask scores every step. Step t fits a ridge (`alpha`)
     weighted least squares surrogate over the tokens it can see, with LIME's text kernel
     exp(-d^2 / kernel_width^2) on the cosine distance d to the input. Masks depend only on
     `seed` and a row's token count (so batched equals unbatched); `seed=None` draws one from

@@ -12,16 +12,16 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from fnattr.batch import Batch
-from fnattr.engine import forward, score_steps
+from fnattr.engine import score_steps
 from fnattr.methods._common import (
-    Context, StepScoreSpec, attribution_context, clean_logits, finish, logit_step_scores,
+    Context, StepScoreSpec, attribution_context, clean_logits, finish, logit_step_scores, run_scored,
 )
 from fnattr.methods.integrated_gradients import baselines
 from fnattr.result import AttributionTensors
 from fnattr.targets import probability
 from fnattr.types import Model, TargetFn
 
-Fill = Literal["unk", "pad", "zeros"]
+Fill = Literal["auto", "unk", "pad", "zeros"]
 
 
 def occludable(ctx: Context) -> tuple[Bool[Tensor, "batch src"], Bool[Tensor, "batch tgt"]]:
@@ -60,8 +60,7 @@ def perturbed_scores(
             r = rows[lo:lo + chunk]
             inputs = [torch.where(m[lo:lo + chunk, :, None], f[r], x[r])
                       for m, f, x in zip(masks, fills, (emb.source, emb.target))]
-            logits = forward(ctx.model, ctx.batch, ctx.handle, *inputs, emb.start, r)
-            out.append(score_steps(target_fn, logits, ctx.batch, ctx.steps, r))
+            out.append(run_scored(ctx, target_fn, *inputs, r)[1])
     return torch.cat(out)
 
 
@@ -87,7 +86,7 @@ def _occlusions(ctx: Context, window: int, stride: int):
 
 def occlusion(
     model: Model, batch: Batch, target_fn: TargetFn = probability, *,
-    window: int = 1, stride: int = 1, baseline: Fill = "unk", internal_batch_size: int = 32,
+    window: int = 1, stride: int = 1, baseline: Fill = "auto", internal_batch_size: int = 32,
     attribute_target: bool | None = None,
     attr_pos_start: int | None = None, attr_pos_end: int | None = None,
     step_scores: StepScoreSpec = (),
@@ -95,8 +94,9 @@ def occlusion(
     """Occlusion (Zeiler & Fergus 2014, arXiv:1311.2901) of tokens, scored at every step.
 
     Each window of `window` consecutive ordinary tokens (every `stride`, per side and row) is
-    replaced by the `baseline` embedding ("unk", "pad" or "zeros"); a token's score for step t is
-    f_t(input) - f_t(occluded), averaged over the windows that cover it. Special tokens
+    replaced by the `baseline` embedding ("auto", the default, as in `integrated_gradients`;
+    "unk", "pad" or "zeros"; `meta["baseline"]` names the one used); a token's score for step t
+    is f_t(input) - f_t(occluded), averaged over the windows that cover it. Special tokens
     (BOS/EOS) are never occluded and score 0. One forward per window serves all steps;
     `internal_batch_size` windows run per forward.
 
@@ -109,8 +109,8 @@ def occlusion(
                         ("internal_batch_size", internal_batch_size)):
         if value < 1:
             raise ValueError(f"`{name}`={value}: it must be at least 1.")
-    if baseline not in ("unk", "pad", "zeros"):
-        raise ValueError(f"`baseline`={baseline!r}: use 'unk', 'pad' or 'zeros'.")
+    if baseline not in ("auto", "unk", "pad", "zeros"):
+        raise ValueError(f"`baseline`={baseline!r}: use 'auto', 'unk', 'pad' or 'zeros'.")
     args = {"window": window, "stride": stride, "baseline": baseline,
             "internal_batch_size": internal_batch_size, "attribute_target": attribute_target,
             "attr_pos_start": attr_pos_start, "attr_pos_end": attr_pos_end}

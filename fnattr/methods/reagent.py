@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from fnattr.batch import Batch
 from fnattr.engine import for_rows, forward
 from fnattr.methods._common import (
-    Context, StepScoreSpec, attribution_context, clean_logits, finish, logit_step_scores,
+    Context, StepScoreSpec, at_input, attribution_context, clean_logits, finish, logit_step_scores,
 )
 from fnattr.result import AttributionTensors
 from fnattr.targets import probability
@@ -76,7 +76,8 @@ def _scores(ctx: Context, ids: Tensor, rows: Tensor, target_fn: TargetFn) -> tup
     src = ctx.handle.embed(ids[:, :n_src], "source")
     tgt = ctx.handle.embed(ids[:, n_src:], "target")
     logits = forward(ctx.model, ctx.batch, ctx.handle, src, tgt, ctx.embedded.start, rows)
-    return logits, for_rows(target_fn, rows)(logits, ctx.batch.target_ids[rows])
+    fn = for_rows(at_input(ctx, target_fn, src, tgt, rows), rows)
+    return logits, fn(logits, ctx.batch.target_ids[rows])
 
 
 def credit(

@@ -3,9 +3,9 @@
 import torch
 
 from fnattr.batch import Batch
-from fnattr.engine import run, score_steps, step_gradients
+from fnattr.engine import step_gradients
 from fnattr.methods._common import (
-    Context, StepScoreSpec, attribution_context, clean_logits, finish, logit_step_scores,
+    Context, StepScoreSpec, attribution_context, clean_logits, finish, logit_step_scores, run_scored,
 )
 from fnattr.methods.integrated_gradients import Baseline, baselines, path_quadrature
 from fnattr.result import AttributionTensors
@@ -48,9 +48,8 @@ def _sig_grads(ctx, target_fn, x, base, alphas, weights, chunk):
             sel = side == s
             if sel.any():
                 emb[s][i[sel], pos[sel]] = leaf[sel]
-        out = run(ctx.model, ctx.batch, ctx.handle, emb[0], emb[1], ctx.embedded.start, rows)
-        (grad,) = step_gradients(score_steps(target_fn, out.logits, ctx.batch, ctx.steps, rows), [leaf],
-                                 out.at(ctx.steps))
+        out, scores = run_scored(ctx, target_fn, emb[0], emb[1], rows)
+        (grad,) = step_gradients(scores, [leaf], out.at(ctx.steps))
         del out  # this chunk's graph goes before the next forward
         contrib = grad * weights[a_idx][:, None, None]  # [job step d]
         for s in (0, 1):
@@ -63,7 +62,7 @@ def _sig_grads(ctx, target_fn, x, base, alphas, weights, chunk):
 def sequential_integrated_gradients(
     model: Model, batch: Batch, target_fn: TargetFn = probability, *,
     n_steps: int = 32, method: str = "gausslegendre", internal_batch_size: int = 64,
-    baseline: Baseline = "unk", multiply_by_inputs: bool = True,
+    baseline: Baseline = "auto", multiply_by_inputs: bool = True,
     attribute_target: bool | None = None,
     attr_pos_start: int | None = None, attr_pos_end: int | None = None,
     step_scores: StepScoreSpec = (),

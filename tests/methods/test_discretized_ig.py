@@ -5,6 +5,7 @@ from fnattr import prepare
 from fnattr.methods import _paths
 from fnattr.methods.discretized_ig import discretized_integrated_gradients as dig
 from fnattr.methods.discretized_ig import monotonic_paths
+from tests.methods.dig_reference import dig_path
 from tests.reference import _embeddings, prefix_inputs, step_score
 from tests.state import assert_unchanged, snapshot
 from fnattr.targets import logprob
@@ -18,13 +19,61 @@ def _vocab(model, side):
         return module(torch.arange(module.weight.shape[0]))
 
 
+# A hand-made 2-d vocabulary: 0 is the baseline w', 1 the input w; w's two nearest words are 2
+# and 3, each outside the box [w', w] in one dimension. With m = 2 steps Monotonize moves that
+# dimension to 4 - 4/2 = 2: GREEDY takes word 3, whose monotonized copy (2, 3) is 2.2 away,
+# against 2.3 for word 2's (3.8, 2); MAXCOUNT (one monotonic dimension each) the nearer word 2.
+HAND = torch.tensor([[0.0, 0.0], [4.0, 4.0], [3.8, 4.3], [4.2, 3.0], [1.0, 1.0], [-3.0, 6.0],
+                     [8.0, -1.0], [2.5, 2.0]], dtype=torch.float64)
+
+
+@pytest.mark.parametrize(("strategy", "anchors", "points"), [
+    # greedy: c1 = Monotonize(word 3) = (4 - 4/2, 3); then word 2 in the box of c1: (1, 1.5)
+    ("greedy", [2, 3], [[0.0, 0.0], [1.0, 1.5], [2.0, 3.0], [4.0, 4.0]]),
+    # maxcount: c1 = (3.8, 4 - 4/2); then word 3 in the box of c1: (3.8/2, 2/2)
+    ("maxcount", [3, 2], [[0.0, 0.0], [1.9, 1.0], [3.8, 2.0], [4.0, 4.0]]),
+])
+def test_paths_by_hand(strategy, anchors, points):
+    ids = torch.tensor([1])
+    paths, got = monotonic_paths(HAND[ids], HAND[[0]], ids, HAND, n_steps=2, n_neighbors=2,
+                                 strategy=strategy)
+    assert got.tolist() == [anchors]
+    torch.testing.assert_close(paths[0], torch.tensor(points, dtype=torch.float64))
+    # a third step finds only words already on the path (1, 2, 3) among the last anchor's two
+    # neighbours: the path goes to the baseline and stays there (the authors' fallback)
+    paths, got = monotonic_paths(HAND[ids], HAND[[0]], ids, HAND, n_steps=3, n_neighbors=2,
+                                 strategy=strategy)
+    assert got[0, 0] == -1 and torch.equal(paths[0, 1], HAND[0])
+
+
+@pytest.mark.parametrize("strategy", ["greedy", "maxcount"])
+@pytest.mark.parametrize(("n_steps", "n_neighbors"), [(3, 3), (6, 5), (9, 2)])
+@pytest.mark.parametrize("base_kind", ["word", "zeros"])
+def test_paths_equal_direct_implementation(strategy, n_steps, n_neighbors, base_kind):
+    """All positions at once equal the one-word-at-a-time loop of `dig_reference`: same anchors,
+    same points, bit for bit."""
+    vocab = torch.randn(12, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    ids = torch.arange(1, 12)
+    base = vocab[0] if base_kind == "word" else torch.zeros(3, dtype=torch.float64)
+    paths, anchors = monotonic_paths(vocab[ids], base.expand(11, 3), ids, vocab, n_steps=n_steps,
+                                     n_neighbors=n_neighbors, strategy=strategy)
+    assert paths.shape == (11, n_steps + 2, 3) and anchors.shape == (11, n_steps)
+    for p, word in enumerate(ids.tolist()):
+        want_points, want_anchors = dig_path(vocab, base, word, n_steps, n_neighbors, strategy)
+        assert anchors[p].tolist() == want_anchors
+        assert torch.equal(paths[p], torch.stack(want_points))
+    assert not torch.any(anchors == ids[:, None])  # the input word is no anchor,
+    assert base_kind == "zeros" or not torch.any(anchors == 0)  # nor is the baseline word
+    assert n_neighbors > 2 or torch.any(anchors == -1)  # 2 neighbours: the fallback is reached
+
+
 @pytest.mark.parametrize("strategy", ["greedy", "maxcount"])
 def test_paths_are_monotonic_and_anchored_on_vocabulary(gpt2, strategy):
     model, tok = gpt2
     vocab = _vocab(model, "source")
     ids = torch.tensor([10, 57, 123, 200])
     x, base = vocab[ids], vocab[torch.full_like(ids, tok.unk_token_id)]
-    paths, anchors = monotonic_paths(x, base, ids, vocab, n_steps=9, n_neighbors=32, strategy=strategy)
+    paths, anchors = monotonic_paths(x, base, ids, vocab, n_steps=8, n_neighbors=32, strategy=strategy)
     assert paths.shape == (4, 10, vocab.shape[1]) and anchors.shape == (4, 8)
     torch.testing.assert_close(paths[:, 0], base, rtol=0, atol=0)
     torch.testing.assert_close(paths[:, -1], x, rtol=0, atol=0)
@@ -32,7 +81,8 @@ def test_paths_are_monotonic_and_anchored_on_vocabulary(gpt2, strategy):
     direction = torch.sign(x - base)[:, None]
     assert torch.all(steps * direction >= 0)
     assert torch.all((steps * (direction == 0)).abs() == 0)
-    assert torch.all((anchors >= 0) & (anchors < vocab.shape[0])) and not torch.any(anchors == ids[:, None])
+    assert torch.all((anchors >= 0) & (anchors < vocab.shape[0]))  # 32 neighbours: no fallback
+    assert not torch.any(anchors == ids[:, None]) and not torch.any(anchors == tok.unk_token_id)
     for p in range(4):
         assert len(set(anchors[p].tolist())) == 8  # each anchor used once
         for k in range(1, 9):  # inner point k: the anchor's own values wherever those are monotonic
@@ -44,7 +94,7 @@ def test_paths_are_monotonic_and_anchored_on_vocabulary(gpt2, strategy):
         # the anchor next to x (a neighbour of x) shares values with it (random tiny embeddings:
         # anchors near the baseline may share none, the box around the path being small there)
         assert inside.any()
-    other, _ = monotonic_paths(x, base, ids, vocab, n_steps=9, n_neighbors=32,
+    other, _ = monotonic_paths(x, base, ids, vocab, n_steps=8, n_neighbors=32,
                                strategy="maxcount" if strategy == "greedy" else "greedy")
     assert not torch.equal(other, paths)
 
@@ -52,10 +102,12 @@ def test_paths_are_monotonic_and_anchored_on_vocabulary(gpt2, strategy):
 def test_equals_per_step_on_the_same_paths(any_model):
     model, tok = any_model
     batch = prepare(model, tok, SOURCES, TARGETS)
-    n_steps, q = 3, 2
+    # the paper's Riemann sum, gradients at the path points, here up-sampled once (the authors'
+    # factor=1: 2 points per segment); one anchor, so 2 segments; baseline "unk" as built below
+    n_steps, q = 1, 2
     out = dig(model, batch, logprob, n_steps=n_steps, points_per_segment=q, n_neighbors=8,
-              attribute_target=True, internal_batch_size=5)
-    alphas, weights = _paths.quadrature("gausslegendre", q)
+              attribute_target=True, internal_batch_size=5, baseline="unk")
+    alphas, weights = _paths.quadrature("riemann_left", q)
     lo = 1 if model.config.is_encoder_decoder else 0
     for row in range(len(batch)):
         ms, mt = batch.source_mask[row], batch.target_mask[row]
@@ -69,14 +121,14 @@ def test_equals_per_step_on_the_same_paths(any_model):
             vocab = _vocab(model, side)
             base = torch.where(sp[:, None], x, vocab[tok.unk_token_id])
             keep = ~sp & (x != base).any(-1)
-            pth = x[:, None].expand(-1, n_steps + 1, -1).clone()
+            pth = x[:, None].expand(-1, n_steps + 2, -1).clone()
             pth[keep] = monotonic_paths(x[keep], base[keep], ids[keep], vocab, n_steps=n_steps,
                                         n_neighbors=8, strategy="greedy")[0]
             side_paths.append(pth)
         ps, pt = side_paths
         for t in range(T):
             want_s, want_t = torch.zeros_like(xs), torch.zeros(t, xs.shape[1], dtype=xs.dtype)
-            for k in range(n_steps):
+            for k in range(n_steps + 1):
                 for a, w in zip(alphas, weights):
                     s_pt = (ps[:, k] + a * (ps[:, k + 1] - ps[:, k])).requires_grad_()
                     t_pt = (pt[:t, k] + a * (pt[:t, k + 1] - pt[:t, k])).requires_grad_()
@@ -90,10 +142,15 @@ def test_equals_per_step_on_the_same_paths(any_model):
 
 
 def test_delta_vanishes_with_points_per_segment(gpt2):
+    """Completeness: the paper's Riemann sum converges as 1/points_per_segment (the authors'
+    up-sampling), Gauss-Legendre on each linear segment to round-off."""
     model, tok = gpt2
     batch = prepare(model, tok, SOURCES, TARGETS)
-    coarse = dig(model, batch, n_steps=6, points_per_segment=1).delta.abs().max()
-    fine = dig(model, batch, n_steps=6, points_per_segment=8).delta.abs().max()
+    left = [float(dig(model, batch, n_steps=2, points_per_segment=q).delta.abs().sum())
+            for q in (1, 3, 9)]
+    assert left[2] < left[1] / 2 < left[0] / 4
+    coarse = dig(model, batch, n_steps=2, method="gausslegendre").delta.abs().max()
+    fine = dig(model, batch, n_steps=2, method="gausslegendre", points_per_segment=8).delta.abs().max()
     assert fine < 1e-9 < coarse
 
 
@@ -112,6 +169,8 @@ def test_batched_unchanged_and_range(any_model):
     torch.testing.assert_close(part.source, out.source[:, 1:3], rtol=1e-9, atol=1e-12)
     with pytest.raises((ValueError, TypeError), match="strategy"):  # TypeError: CI's jaxtyping hook
         dig(model, batch, strategy="best")
-    with pytest.raises(ValueError, match="n_steps"):
-        dig(model, batch, n_steps=1)
+    with pytest.raises(ValueError, match="n_steps"):  # n_steps = m anchors: 1 is the least
+        dig(model, batch, n_steps=0)
+    with pytest.raises(ValueError, match="method"):
+        dig(model, batch, method="simpson")
     assert_unchanged(model, before)

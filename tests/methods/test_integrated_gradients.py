@@ -154,3 +154,80 @@ def test_model_unchanged(any_model):
     before = snapshot(model)
     integrated_gradients(model, prepare(model, tok, [SOURCE], [TARGET]), n_steps=4)
     assert_unchanged(model, before)
+
+
+def _completeness(out):
+    import json
+    return json.loads(out.meta["completeness"])
+
+
+def _expected(out):
+    total = out.source.flatten(2).sum(-1)
+    if out.target is not None:
+        total = total + out.target.flatten(2).sum(-1)
+    return total - out.delta
+
+
+def test_auto_meets_tolerance_per_step(gpt2):
+    """n_steps="auto": every step ends within the tolerance, with the points it needed."""
+    model, tok = gpt2
+    batch = prepare(model, tok, [SOURCE, "A dog"], [TARGET, " ran in the park"])
+    out = integrated_gradients(model, batch, tolerance=0.01)
+    info = _completeness(out)
+    assert info["tolerance"] == 0.01 and info["unconverged"] == []
+    expected = _expected(out)
+    real = out.step_mask
+    assert (out.delta.abs()[real] <= 0.01 * expected.abs()[real] + 1e-12).all()
+    points = torch.tensor(info["points"])
+    assert (points[real] >= 8).all() and set(points[real].tolist()) <= {8, 16, 32, 64, 128}
+    assert out.meta["args"].count('"auto"') >= 1
+
+
+def test_auto_equals_fixed_rule_at_the_points_each_step_used(gpt2):
+    """Each step's refined scores are exactly those of a fixed rule with that step's points."""
+    model, tok = gpt2
+    batch = prepare(model, tok, [SOURCE, "A dog"], [TARGET, " ran in the park"])
+    out = integrated_gradients(model, batch, tolerance=5e-7, max_steps=32)
+    points = torch.tensor(_completeness(out)["points"])
+    assert len(set(points[out.step_mask].tolist())) > 1  # the steps really differ
+    for n in set(points[out.step_mask].tolist()):
+        fixed = integrated_gradients(model, batch, n_steps=n)
+        sel = (points == n) & out.step_mask
+        torch.testing.assert_close(out.source[sel], fixed.source[sel], rtol=1e-10, atol=1e-14)
+        torch.testing.assert_close(out.delta[sel], fixed.delta[sel], rtol=1e-8, atol=1e-14)
+
+
+def test_auto_names_steps_that_miss_the_cap(gpt2):
+    from fnattr.methods._converge import ConvergenceWarning
+    model, tok = gpt2
+    batch = prepare(model, tok, [SOURCE], [TARGET])
+    with pytest.warns(ConvergenceWarning, match=r"missed \|delta\| <= 1e-06%.*row 0 step 0 ' Paris'"):
+        out = integrated_gradients(model, batch, tolerance=1e-8, max_steps=15)
+    info = _completeness(out)
+    n_real = int(out.step_mask.sum())
+    assert len(info["unconverged"]) == n_real and info["points"] == [[8] * n_real]
+
+
+def test_fixed_n_steps_records_completeness(gpt2):
+    model, tok = gpt2
+    batch = prepare(model, tok, [SOURCE], [TARGET])
+    out = integrated_gradients(model, batch, n_steps=1, method="riemann_right")
+    info = _completeness(out)
+    rel = (out.delta.abs() / _expected(out).abs())[0].tolist()
+    assert info["points"] == 1
+    assert info["relative_error"][0] == pytest.approx(rel)
+    assert info["unconverged"] == [[0, k] for k, r in enumerate(rel) if r > 0.05]
+
+
+@pytest.mark.parametrize("options, match", [
+    ({"n_steps": "many"}, "n_steps"), ({"n_steps": 0}, "n_steps"),
+    ({"tolerance": 0.0}, "tolerance"), ({"tolerance": 1.5}, "tolerance"),
+    ({"max_steps": 4}, "max_steps"),
+])
+def test_convergence_options_errors(gpt2, options, match):
+    model, tok = gpt2
+    batch = prepare(model, tok, [SOURCE], [TARGET])
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=match):
+        integrated_gradients(model, batch, **options)
+    assert_unchanged(model, before)

@@ -1,0 +1,153 @@
+"""Completeness of path methods: the record every result carries, and refinement to a tolerance.
+
+A path method's scores of step t sum to f_t(x) - f_t(baseline) when its integral is exact; the
+completeness error `delta` measures how far the quadrature is from that. Every path method
+records, in `meta["completeness"]` (JSON), the tolerance, each step's relative error
+|delta| / |f(x) - f(baseline)|, the steps above the tolerance and the points each step used.
+With `n_steps="auto"` the method doubles its points, per step, until the step meets the
+tolerance or the cap (`refine`).
+"""
+
+import dataclasses
+import json
+import warnings
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from fnattr.engine import causal_target_mask
+from fnattr.methods._common import Context
+from fnattr.result import AttributionTensors
+
+AUTO_START = 8  # points of the first level of n_steps="auto"
+TOLERANCE = 0.05  # the default: |delta| <= 5% of |f(x) - f(baseline)|
+
+
+class ConvergenceWarning(UserWarning):
+    """Some steps of a path method missed the completeness tolerance."""
+
+
+def check_options(n_steps: int | str, tolerance: float, max_steps: int) -> None:
+    """Friendly errors for the convergence options, before any work."""
+    if isinstance(n_steps, str) and n_steps != "auto":
+        raise ValueError(f"`n_steps`={n_steps!r}: pass a number of points or 'auto'.")
+    if not isinstance(n_steps, str) and n_steps < 1:
+        raise ValueError(f"`n_steps`={n_steps}: it must be at least 1 (or 'auto').")
+    if not 0 < tolerance < 1:
+        raise ValueError(f"`tolerance`={tolerance}: use a fraction in (0, 1), e.g. 0.05 for 5%.")
+    if max_steps < AUTO_START:
+        raise ValueError(f"`max_steps`={max_steps}: it must be at least {AUTO_START}.")
+
+
+def step_sums(ctx: Context, attrs: Sequence[Tensor | None]) -> Tensor:
+    """Sum of each step's scores `[rows, step]` over visible source and target positions."""
+    batch, total = ctx.batch, 0
+    for side, attr in zip(("source", "target"), attrs):
+        if attr is None:
+            continue
+        flat = attr.flatten(3).sum(-1) if attr.ndim > 3 else attr
+        if side == "source":
+            mask = batch.source_mask[:, None, :].expand_as(flat)
+        else:
+            mask = causal_target_mask(batch, ctx.steps)
+        total = total + (flat * mask).sum(-1)
+    return total * batch.target_mask[:, ctx.steps]
+
+
+def _bar(expected: Tensor, f_x: Tensor, f_base: Tensor, tolerance: float) -> Tensor:
+    """The largest |delta| each step may have: tolerance * |f(x) - f(baseline)|, and a float
+    rounding floor so that a step whose ends agree is not chased forever."""
+    floor = 100 * torch.finfo(expected.dtype).eps * (f_x.abs() + f_base.abs() + 1)
+    return tolerance * expected.abs() + floor
+
+
+def record(ctx: Context, delta: Tensor, expected: Tensor, f_x: Tensor, f_base: Tensor,
+           tolerance: float, points: Tensor | int | None) -> dict[str, str]:
+    """`meta["completeness"]`: tolerance, relative error per step, unconverged steps, points
+    (left out for methods without quadrature points, such as DeepLIFT)."""
+    real = ctx.batch.target_mask[:, ctx.steps].cpu()
+    delta, expected = delta.detach().cpu(), expected.detach().cpu()
+    bad = (delta.abs() > _bar(expected, f_x.cpu(), f_base.cpu(), tolerance)) & real
+    rel = delta.abs() / expected.abs().clamp_min(torch.finfo(expected.dtype).tiny)
+    rows = [[float(v) if ok else None for v, ok in zip(r, m)] for r, m in zip(rel.tolist(), real.tolist())]
+    info = {"tolerance": tolerance, "relative_error": rows,
+            "unconverged": [[int(b), int(k)] for b, k in bad.nonzero().tolist()]}
+    if points is not None:
+        info["points"] = points if isinstance(points, int) else points.cpu().tolist()
+    return {"completeness": json.dumps(info)}
+
+
+def attach(ctx: Context, out: AttributionTensors, f_x: Tensor, f_base: Tensor, *,
+           points: int | None = None, tolerance: float = TOLERANCE) -> AttributionTensors:
+    """`out` with its `delta` (sum of scores minus f(x) - f(baseline)) and its record."""
+    delta = completeness_delta(out, (f_x - f_base).detach().cpu())
+    meta = record(ctx, delta, f_x - f_base, f_x, f_base, tolerance, points)
+    return out.replace(delta=delta, meta={**out.meta, **meta})
+
+
+def completeness_delta(out: AttributionTensors, expected: Tensor) -> Tensor:
+    """Sum of every score of each step minus `expected` (f(input) - f(baseline)); 0 at padding."""
+    total = out.source.flatten(2).sum(-1)
+    if out.target is not None:
+        total = total + out.target.flatten(2).sum(-1)
+    return (total - expected) * out.step_mask
+
+
+def warn_unconverged(ctx: Context, method: str, meta: dict[str, str], cap: int) -> None:
+    """One warning that lists every step above the tolerance (row, step position, token)."""
+    info = json.loads(meta["completeness"])
+    if not info["unconverged"]:
+        return
+    steps = ctx.steps.tolist()
+    parts = [f"row {b} step {steps[k]} {ctx.batch.target_tokens[b][steps[k]]!r} "
+             f"({100 * info['relative_error'][b][k]:.2g}%)" for b, k in info["unconverged"][:20]]
+    more = len(info["unconverged"]) - len(parts)
+    warnings.warn(
+        f"{method}: {len(info['unconverged'])} step(s) missed |delta| <= {100 * info['tolerance']:g}% of "
+        f"|f(x) - f(baseline)| with up to {cap} points: {', '.join(parts)}"
+        f"{f' and {more} more' if more > 0 else ''}. Raise `max_steps`, or read them with care "
+        "(listed in meta['completeness']).", ConvergenceWarning, stacklevel=3)
+
+
+# compute(sub_ctx, n_points, rows) -> (results, attrs): per side, tensors [batch, sub_steps, ...]
+# at the rows `rows` (others zero): `results` are returned, `attrs` sum to f(x) - f(baseline).
+LevelFn = Callable[[Context, int, list[int]], tuple[list[Tensor | None], list[Tensor | None]]]
+
+
+def refine(ctx: Context, compute: LevelFn, expected: Tensor, f_x: Tensor, f_base: Tensor, *,
+           tolerance: float, max_steps: int) -> tuple[list[Tensor | None], Tensor, Tensor]:
+    """Double the points (8, 16, ... up to `max_steps`) for the steps still above the tolerance.
+
+    Each level recomputes only the rows and steps that have not converged (Gauss-Legendre
+    points are not nested, so nothing is reused; the total cost is below twice that of the
+    final level). Returns the results per side, `delta` [batch step] and the points each step
+    used [batch step]."""
+    n_rows, n_steps = expected.shape
+    real = ctx.batch.target_mask[:, ctx.steps]
+    bar = _bar(expected, f_x, f_base, tolerance)
+    todo = real.clone()
+    results: list[Tensor | None] | None = None
+    delta = torch.zeros_like(expected)
+    points = torch.zeros(n_rows, n_steps, dtype=torch.long, device=expected.device)
+    n = AUTO_START
+    while todo.any():
+        cols = todo.any(0).nonzero().squeeze(1)
+        rows = todo.any(1).nonzero().squeeze(1).tolist()
+        sub = dataclasses.replace(ctx, steps=ctx.steps[cols])
+        got, attrs = compute(sub, n, rows)
+        d = step_sums(sub, attrs) - expected[:, cols]
+        take = todo[:, cols]
+        if results is None:
+            results = [None if g is None else g.new_zeros(n_rows, n_steps, *g.shape[2:]) for g in got]
+        for total, g in zip(results, got):
+            if g is not None:
+                sel = take[(..., *(None,) * (g.ndim - 2))]
+                total[:, cols] = torch.where(sel, g, total[:, cols])
+        delta[:, cols] = torch.where(take, d, delta[:, cols])
+        points[:, cols] = torch.where(take, n, points[:, cols])
+        todo[:, cols] = take & (d.abs() > bar[:, cols])
+        if 2 * n > max_steps:
+            break
+        n *= 2
+    return results, delta * real, points

@@ -1,0 +1,195 @@
+"""Contrastive targets as attributed targets: the gradient of the whole contrastive expression.
+
+Each test compares fnattr with a plain per-step autograd reference in which the contrast forward
+reads the same source (or target prefix) embeddings as the attributed forward.
+"""
+
+import math
+
+import pytest
+import torch
+
+from fnattr import prepare, targets
+from fnattr.contrast import prepare_contrast
+from fnattr.methods import (
+    deeplift, input_x_gradient, integrated_gradients, layer_deeplift, layer_gradient_x_activation,
+    layer_integrated_gradients, occlusion, saliency,
+)
+from tests.conftest import _get
+from tests.reference import prefix_inputs
+
+SOURCES = ["The capital of France is", "A dog"]
+TARGETS = [" Paris is a city", " ran in the park"]
+CONTRAST_TARGETS = [" Rome is a city in Italy", " sat on the mat"]
+CONTRAST_SOURCES = ["The capital of Italy is", "The cat"]
+
+
+@pytest.fixture(params=["gpt2", "bart"])
+def two_models(request):
+    """One decoder-only and one encoder-decoder model (the exhaustive grids run on these)."""
+    return _get(request, request.param)
+
+
+def _contrast_kwargs(shared: str) -> dict:
+    """Contrast arguments that share `shared` ("source" or "target") with the attributed batch."""
+    if shared == "source":
+        return {"contrast_targets": CONTRAST_TARGETS, "contrast_targets_alignments": "auto"}
+    return {"contrast_sources": CONTRAST_SOURCES}
+
+
+def _formula(name: str, z: torch.Tensor, y: int, zc: torch.Tensor, yc: int) -> torch.Tensor:
+    """The contrastive expression of one step, written out from its definition."""
+    logp, logq = z.log_softmax(-1), zc.log_softmax(-1)
+    return {
+        "contrast_logits": zc[yc],
+        "contrast_prob": logq.exp()[yc],
+        "contrast_logits_diff": z[y] - zc[yc],
+        "contrast_prob_diff": logp.exp()[y] - logq.exp()[yc],
+        "pcxmi": (logp[y] - logq[yc]) / math.log(2),
+        "in_context_pvi": (logp[y] - logq[yc]) / math.log(2),
+        "kl_divergence": (logp.exp() * (logp - logq)).sum(),
+    }[name]
+
+
+def _last_logits(model, src_emb, tgt_emb):
+    if model.config.is_encoder_decoder:
+        return model(inputs_embeds=src_emb[None], decoder_inputs_embeds=tgt_emb[None]).logits[0, -1]
+    return model(inputs_embeds=torch.cat([src_emb, tgt_emb])[None]).logits[0, -1]
+
+
+def _unpadded(batch, row):
+    return (batch.source_ids[row][batch.source_mask[row]],
+            batch.target_ids[row][batch.target_mask[row]])
+
+
+def _reference(model, batch, cbatch, contrast, name, row, t):
+    """d expression_t / d (source embeddings, target-prefix embeddings), one example."""
+    src, tgt = _unpadded(batch, row)
+    c_src, c_tgt = _unpadded(cbatch, row)
+    c = dict(contrast.alignments[row])[t]
+    s, p = (e.clone().requires_grad_() for e in prefix_inputs(model, src, tgt, t, batch.decoder_start_id))
+    cs, cp = prefix_inputs(model, c_src, c_tgt, c, batch.decoder_start_id)
+    if contrast.shared == "source":
+        cs = s
+    else:
+        cp = p
+    value = _formula(name, _last_logits(model, s, p), int(tgt[t]), _last_logits(model, cs, cp),
+                     int(c_tgt[c]))
+    gs, gp = torch.autograd.grad(value, (s, p), allow_unused=True, materialize_grads=True)
+    if model.config.is_encoder_decoder:
+        gp = gp[1:]  # the decoder start position is not attributed
+    return gs, gp
+
+
+@pytest.mark.parametrize("shared", ["source", "target"])
+@pytest.mark.parametrize("name", sorted(targets.CONTRAST_TARGETS))
+def test_contrastive_gradient_equals_autograd_of_whole_expression(two_models, name, shared):
+    model, tok = two_models
+    batch = prepare(model, tok, SOURCES, TARGETS)
+    kwargs = _contrast_kwargs(shared)
+    contrast = prepare_contrast(model, tok, batch, **kwargs)
+    assert contrast.shared == shared
+    cbatch = prepare(model, tok, kwargs.get("contrast_sources", SOURCES),
+                     kwargs.get("contrast_targets", TARGETS))
+    fn = targets.CONTRAST_TARGETS[name](contrast)
+    out = saliency(model, batch, fn, abs=False, attribute_target=True)
+    for row in range(len(SOURCES)):
+        src_cols = batch.source_mask[row].nonzero().squeeze(1)
+        for k in range(int(batch.target_mask[row].sum())):
+            gs, gp = _reference(model, batch, cbatch, contrast, name, row, k)
+            torch.testing.assert_close(out.source[row, k][src_cols], gs, rtol=1e-7, atol=1e-10)
+            torch.testing.assert_close(out.target[row, k, :k], gp, rtol=1e-7, atol=1e-10)
+
+
+def test_contrast_term_is_not_dropped(gpt2):
+    """Regression: p - p' differs from the gradient of p alone when the contrast shares the source."""
+    model, tok = gpt2
+    batch = prepare(model, tok, SOURCES, TARGETS)
+    contrast = prepare_contrast(model, tok, batch, contrast_targets=CONTRAST_TARGETS,
+                                contrast_targets_alignments="auto")
+    diff = saliency(model, batch, targets.contrast_prob_diff(contrast), abs=False)
+    plain = saliency(model, batch, targets.probability, abs=False)
+    assert (diff.source - plain.source).abs().max() > 1e-3 * plain.source.abs().max()
+
+
+def test_no_shared_side_is_a_constant_contrast(gpt2):
+    """Both sides replaced: the contrast does not depend on the attributed input."""
+    model, tok = gpt2
+    batch = prepare(model, tok, SOURCES, TARGETS)
+    contrast = prepare_contrast(model, tok, batch, contrast_targets=CONTRAST_TARGETS,
+                                contrast_sources=CONTRAST_SOURCES, contrast_targets_alignments="auto")
+    assert contrast.shared is None
+    diff = saliency(model, batch, targets.contrast_prob_diff(contrast), abs=False)
+    plain = saliency(model, batch, targets.probability, abs=False)
+    torch.testing.assert_close(diff.source, plain.source, rtol=1e-12, atol=1e-15)
+
+
+METHODS = {
+    "saliency": lambda m, b, f, **kw: saliency(m, b, f, abs=False, **kw),
+    "input_x_gradient": input_x_gradient,
+    "integrated_gradients": lambda m, b, f, **kw: integrated_gradients(m, b, f, n_steps=4, **kw),
+    "deeplift": deeplift,
+    "occlusion": occlusion,
+    "layer_integrated_gradients":
+        lambda m, b, f, **kw: layer_integrated_gradients(m, b, f, n_steps=4, **kw),
+    "layer_gradient_x_activation": layer_gradient_x_activation,
+    "layer_deeplift": layer_deeplift,
+}
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_contrast_equal_to_target_attributes_zero(two_models, method):
+    """p(y | x, y_<t) - p'(y' | x, y'_<t) with y' = y is 0 for every source x: every method
+    attributes exactly 0 (the target side is not attributed: the contrast keeps its own)."""
+    model, tok = two_models
+    batch = prepare(model, tok, SOURCES, TARGETS)
+    contrast = prepare_contrast(model, tok, batch, contrast_targets=TARGETS)
+    out = METHODS[method](model, batch, targets.contrast_prob_diff(contrast), attribute_target=False)
+    plain = METHODS[method](model, batch, targets.probability, attribute_target=False)
+    assert plain.source.abs().max() > 1e-6
+    torch.testing.assert_close(out.source, torch.zeros_like(out.source), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("shared", ["source", "target"])
+def test_integrated_gradients_complete_for_whole_expression(any_model, shared):
+    """IG's scores sum to f(x) - f(baseline) with f = z[y] - z'[y'] evaluated at both ends."""
+    model, tok = any_model
+    batch = prepare(model, tok, SOURCES, TARGETS)
+    kwargs = _contrast_kwargs(shared)
+    fn = targets.contrast_logits_diff(prepare_contrast(model, tok, batch, **kwargs))
+    coarse = integrated_gradients(model, batch, fn, n_steps=4, attribute_target=True)
+    fine = integrated_gradients(model, batch, fn, n_steps=24, attribute_target=True)
+    expected = fine.source.flatten(2).sum(-1) + fine.target.flatten(2).sum(-1) - fine.delta
+    assert expected.abs().max() > 1e-3  # f(x) - f(baseline) of the whole expression
+    assert fine.delta.abs().max() < 0.05 * expected.abs().max()
+    assert fine.delta.abs().max() < coarse.delta.abs().max()
+
+
+@pytest.mark.parametrize("shared", ["source", "target"])
+def test_layer_methods_at_embeddings_equal_input_methods(any_model, shared):
+    """At the embedding layer, layer methods see the same contrastive expression."""
+    model, tok = any_model
+    batch = prepare(model, tok, SOURCES, TARGETS)
+    kwargs = _contrast_kwargs(shared)
+    fn = targets.contrast_prob_diff(prepare_contrast(model, tok, batch, **kwargs))
+    pairs = [(layer_gradient_x_activation(model, batch, fn, attribute_target=True),
+              input_x_gradient(model, batch, fn, attribute_target=True)),
+             (layer_integrated_gradients(model, batch, fn, n_steps=4, attribute_target=True),
+              integrated_gradients(model, batch, fn, n_steps=4, attribute_target=True))]
+    for layer_out, input_out in pairs:
+        torch.testing.assert_close(layer_out.source, input_out.source, rtol=1e-7, atol=1e-12)
+        torch.testing.assert_close(layer_out.target, input_out.target, rtol=1e-7, atol=1e-12)
+
+
+def test_deep_layer_integrated_gradients_complete_with_contrast(gpt2):
+    """A whole block of a decoder-only model: source positions are shared at any depth."""
+    model, tok = gpt2
+    batch = prepare(model, tok, SOURCES, TARGETS)
+    fn = targets.contrast_prob_diff(prepare_contrast(
+        model, tok, batch, contrast_targets=CONTRAST_TARGETS, contrast_targets_alignments="auto"))
+    out = layer_integrated_gradients(model, batch, fn, layer="transformer.h.0", n_steps=24,
+                                     attribute_target=False)
+    plain = layer_integrated_gradients(model, batch, targets.probability, layer="transformer.h.0",
+                                       n_steps=24, attribute_target=False)
+    assert out.delta.abs().max() < 1e-4
+    assert (out.source - plain.source).abs().max() > 1e-4 * plain.source.abs().max()
