@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
+from fnattr import defaults
 from fnattr import targets as _targets
 from fnattr.batch import Batch, prepare
 from fnattr.contrast import Alignments, Contrast, prepare_contrast
@@ -18,7 +19,6 @@ from fnattr.methods._common import (
     StepScoreSpec, attribution_context, clean_logits, resolve_step_scores,
 )
 from fnattr.result import AttributionTensors
-from fnattr.targets import probability
 from fnattr.types import Model, TargetFn
 
 
@@ -77,9 +77,9 @@ def attribute(
     sources: str | Sequence[str],
     targets: str | Sequence[str] | None = None,
     *,
-    method: str | Callable = "saliency",
-    target_fn: TargetFn | str = probability,
-    max_new_tokens: int = 16,
+    method: str | Callable = defaults.METHOD,
+    target_fn: TargetFn | str = defaults.TARGET_FN,
+    max_new_tokens: int = defaults.MAX_NEW_TOKENS,
     generate_kwargs: dict[str, Any] | None = None,
     contrast_targets: str | Sequence[str] | None = None,
     contrast_sources: str | Sequence[str] | None = None,
@@ -93,7 +93,9 @@ def attribute(
     (`fnattr.targets.TARGETS`, `CONTRAST_TARGETS`, `MODEL_TARGETS`). The contrastive ones read
     `contrast_targets` / `contrast_sources` (one per source), aligned by
     `contrast_targets_alignments` (None, "auto", or (target, contrast) position pairs), run once
-    without gradient (`fnattr.contrast.prepare_contrast`). `target_args` holds their options
+    at the clean input (`fnattr.contrast.prepare_contrast`); methods rerun the contrast at each
+    perturbed input on the side it shares with the attributed input, so its term carries its
+    gradient. `target_args` holds their options
     (`top_k`, `top_p`, `n_mcd_steps`, `seed`).
 
     >>> out = attribute(model, tok, "The capital of France is", method="integrated_gradients",

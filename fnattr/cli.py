@@ -12,6 +12,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from fnattr import defaults
+
 DEFAULT_SAVE = "fnattr-out.safetensors"
 
 
@@ -96,6 +98,11 @@ def load(model: str | None, *, dtype: str | None, device: str):
         raise RuntimeError(f"{what} could not be loaded: {error}") from error
 
 
+def _view(args: argparse.Namespace) -> dict[str, Any]:
+    """How tables, HTML and PNG show the scores: `render`'s `reduction` and `normalize`."""
+    return {"reduction": args.reduce, "normalize": args.normalize}
+
+
 def _outputs(out, args: argparse.Namespace, log) -> None:
     from fnattr import render
 
@@ -103,14 +110,14 @@ def _outputs(out, args: argparse.Namespace, log) -> None:
         out.save(args.save)
         log(f"saved {args.save}")
     if args.html:
-        render.save_html(out, args.html)
+        render.save_html(out, args.html, **_view(args))
         log(f"wrote {args.html}")
     if args.png:
         rows = out.source.shape[0]
         for r in range(rows):
             root, ext = os.path.splitext(args.png)
             path = args.png if rows == 1 else f"{root}-{r}{ext or '.png'}"
-            render.save_png(out, path, row=r)
+            render.save_png(out, path, row=r, **_view(args))
             log(f"wrote {path}")
 
 
@@ -133,7 +140,7 @@ def cmd_attribute(args: argparse.Namespace, rest: list[str]) -> int:
     for src, tgt in zip(batch.sources, batch.targets):
         print(f"{src}\u2192{tgt}" if args.quiet else f"{src} \u2192 {tgt!r}")
     if not args.no_table:
-        render.console(out)
+        render.console(out, **_view(args))
     _outputs(out, args, log)
     log(f"done in {time.perf_counter() - start:.1f} s")
     return 0
@@ -150,7 +157,7 @@ def cmd_show(args: argparse.Namespace, rest: list[str]) -> int:
                                 "`fnattr attribute --save` or `AttributionTensors.save`.")
     out = load_result(args.file)
     if not args.no_table:
-        render.console(out)
+        render.console(out, **_view(args))
     args.save = None
     _outputs(out, args, lambda msg: print(msg, file=sys.stderr))
     return 0
@@ -181,12 +188,13 @@ def cmd_dataset(args: argparse.Namespace, rest: list[str]) -> int:
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="hub id, model folder or .gguf file "
                    "(default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--method", default="integrated_gradients", help="attribution method name")
-    p.add_argument("--target-fn", default="probability",
+    p.add_argument("--method", default=defaults.METHOD, help="attribution method name "
+                   f"(default {defaults.METHOD}, refined until complete to 5%%)")
+    p.add_argument("--target-fn", default=defaults.TARGET_FN,
                    help="a name from fnattr.targets.TARGETS: " + ", ".join(_target_names()))
     p.add_argument("--step-scores", nargs="*", default=[], metavar="NAME",
                    help="extra per-step scores to record (same names as --target-fn)")
-    p.add_argument("--max-new-tokens", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=defaults.MAX_NEW_TOKENS)
     p.add_argument("--arg", action="append", default=[], metavar="KEY=VALUE",
                    help="a method option (JSON value), e.g. --arg n_steps=16; "
                         "`--n-steps 16` works as well")
@@ -194,6 +202,23 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--quiet", action="store_true", help="no progress or status messages")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def _reducer_names() -> list[str]:
+    from fnattr.aggregate import REDUCERS
+
+    return sorted(REDUCERS)
+
+
+def _view_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--reduce", default=None, choices=_reducer_names(), metavar="HOW",
+                   help="how the table, HTML and PNG reduce the extra dims (hidden, layer, head) "
+                        f"to one score per token: {', '.join(_reducer_names())} (default: by "
+                        "method: L2 norm for saliency, sum for additive methods such as IG, mean "
+                        "for attention)")
+    p.add_argument("--normalize", action="store_true",
+                   help="divide each step's column by the sum of its absolute scores, so that "
+                        "columns compare (the saved result is not changed)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -209,6 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     att.add_argument("--html", default=None, help="write a standalone HTML heatmap")
     att.add_argument("--png", default=None, help="write a PNG heatmap")
     att.add_argument("--no-table", action="store_true", help="do not print the table")
+    _view_options(att)
     att.set_defaults(run=cmd_attribute)
 
     ds = sub.add_parser("attribute-dataset", help="attribute a .jsonl/.csv file into shards")
@@ -225,6 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--html", default=None)
     show.add_argument("--png", default=None)
     show.add_argument("--no-table", action="store_true")
+    _view_options(show)
     show.add_argument("--debug", action="store_true", help="show tracebacks")
     show.set_defaults(run=cmd_show)
     return parser

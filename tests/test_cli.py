@@ -117,3 +117,21 @@ def test_attribute_dataset_writes_and_resumes_shards(model_dir, tmp_path, monkey
     second = [load(p) for p in dataset.shards(tmp_path / "o")]
     assert [s.source_tokens for s in second] == [f.source_tokens for f in first]
     torch.testing.assert_close(second[-1].source, first[-1].source)
+
+
+def test_view_flags_reach_table_html_and_png(model_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["attribute", "The cat sat", "--model", model_dir, "--method", "saliency",
+                     "--target", " on the", "--normalize", "--html", "a.html", "--png", "a.png",
+                     "--quiet"]) == 0
+    words = "cells: L2 norm over hidden; normalised per step"
+    assert words in capsys.readouterr().out and words in (tmp_path / "a.html").read_text()
+    assert cli.main(["show", cli.DEFAULT_SAVE, "--reduce", "sum", "--html", "b.html"]) == 0
+    out = capsys.readouterr().out
+    assert "cells: sum over hidden; not normalised" in out and "normalised per step" not in out
+    assert "cells: sum over hidden" in (tmp_path / "b.html").read_text()
+    saved = load(cli.DEFAULT_SAVE)
+    assert saved.extra_dims == ("hidden",) and "aggregations" not in saved.meta  # file unchanged
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["show", cli.DEFAULT_SAVE, "--reduce", "median"])
+    assert exit_info.value.code == 2 and "median" in capsys.readouterr().err
