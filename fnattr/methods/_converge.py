@@ -28,16 +28,18 @@ class ConvergenceWarning(UserWarning):
     """Some steps of a path method missed the completeness tolerance."""
 
 
-def check_options(n_steps: int | str, tolerance: float, max_steps: int) -> None:
-    """Friendly errors for the convergence options, before any work."""
+def check_options(n_steps: int | str, tolerance: float, max_steps: int, *,
+                  start: int = AUTO_START, name: str = "max_steps") -> None:
+    """Friendly errors for the convergence options, before any work (`name`: the argument
+    that caps the refinement; `start`: its first level)."""
     if isinstance(n_steps, str) and n_steps != "auto":
         raise ValueError(f"`n_steps`={n_steps!r}: pass a number of points or 'auto'.")
     if not isinstance(n_steps, str) and n_steps < 1:
         raise ValueError(f"`n_steps`={n_steps}: it must be at least 1 (or 'auto').")
     if not 0 < tolerance < 1:
         raise ValueError(f"`tolerance`={tolerance}: use a fraction in (0, 1), e.g. 0.05 for 5%.")
-    if max_steps < AUTO_START:
-        raise ValueError(f"`max_steps`={max_steps}: it must be at least {AUTO_START}.")
+    if max_steps < start:
+        raise ValueError(f"`{name}`={max_steps}: it must be at least {start}.")
 
 
 def step_sums(ctx: Context, attrs: Sequence[Tensor | None]) -> Tensor:
@@ -116,8 +118,10 @@ LevelFn = Callable[[Context, int, list[int]], tuple[list[Tensor | None], list[Te
 
 
 def refine(ctx: Context, compute: LevelFn, expected: Tensor, f_x: Tensor, f_base: Tensor, *,
-           tolerance: float, max_steps: int) -> tuple[list[Tensor | None], Tensor, Tensor]:
-    """Double the points (8, 16, ... up to `max_steps`) for the steps still above the tolerance.
+           tolerance: float, max_steps: int, start: int = AUTO_START,
+           ) -> tuple[list[Tensor | None], Tensor, Tensor]:
+    """Double the points (`start`, 2 `start`, ... up to `max_steps`) for the steps still above
+    the tolerance.
 
     Each level recomputes only the rows and steps that have not converged (Gauss-Legendre
     points are not nested, so nothing is reused; the total cost is below twice that of the
@@ -130,7 +134,7 @@ def refine(ctx: Context, compute: LevelFn, expected: Tensor, f_x: Tensor, f_base
     results: list[Tensor | None] | None = None
     delta = torch.zeros_like(expected)
     points = torch.zeros(n_rows, n_steps, dtype=torch.long, device=expected.device)
-    n = AUTO_START
+    n = start
     while todo.any():
         cols = todo.any(0).nonzero().squeeze(1)
         rows = todo.any(1).nonzero().squeeze(1).tolist()

@@ -68,14 +68,15 @@ def path_level(ctx: Context, target_fn: TargetFn, x, base, method: str, chunk: i
 
 
 def integrate(ctx: Context, compute: _converge.LevelFn, ends: tuple[Tensor, Tensor], *,
-              n_steps: int | str, tolerance: float, max_steps: int):
+              n_steps: int | str, tolerance: float, max_steps: int, start: int = _converge.AUTO_START):
     """Results of a path method at `n_steps` points, or refined per step ("auto"); its `delta`
     [batch step] and `meta["completeness"]`. `ends` = (f(x), f(baseline)) [batch step]."""
     f_x, f_base = ends
     expected = f_x - f_base
     if n_steps == "auto":
         results, delta, points = _converge.refine(ctx, compute, expected, f_x, f_base,
-                                                  tolerance=tolerance, max_steps=max_steps)
+                                                  tolerance=tolerance, max_steps=max_steps,
+                                                  start=start)
     else:
         results, attrs = compute(ctx, n_steps, list(range(len(ctx.batch))))
         delta = _converge.step_sums(ctx, attrs) - expected
