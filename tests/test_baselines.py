@@ -147,7 +147,7 @@ def _with_baseline():
     return names
 
 
-FAST = {"n_steps": 2, "n_samples": 4, "seed": 0}
+FAST = {"n_steps": 2, "points_per_segment": 1, "n_samples": 4, "seed": 0}
 
 
 @pytest.mark.parametrize("name", _with_baseline())

@@ -13,8 +13,8 @@ from fnattr.methods import METHODS, input_x_gradient, integrated_gradients, sali
 from tests.reference import prefix_inputs
 
 SOURCES, TARGETS = ["The capital of France is", "A dog"], [" Paris is a city", " ran"]
-FAST = {"n_steps": 4, "n_samples": 8, "max_probe_steps": 5, "num_probes": 2, "n_neighbors": 8,
-        "abs": False}
+FAST = {"n_steps": 4, "points_per_segment": 1, "n_samples": 8, "max_probe_steps": 5,
+        "num_probes": 2, "n_neighbors": 8, "abs": False}
 
 
 def fast_options(method) -> dict:

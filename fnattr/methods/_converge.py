@@ -96,8 +96,10 @@ def completeness_delta(out: AttributionTensors, expected: Tensor) -> Tensor:
     return (total - expected) * out.step_mask
 
 
-def warn_unconverged(ctx: Context, method: str, meta: dict[str, str], cap: int) -> None:
-    """One warning that lists every step above the tolerance (row, step position, token)."""
+def warn_unconverged(ctx: Context, method: str, meta: dict[str, str], cap: int, *,
+                     name: str = "max_steps") -> None:
+    """One warning that lists every step above the tolerance (row, step position, token);
+    `name` is the argument that raises the cap."""
     info = json.loads(meta["completeness"])
     if not info["unconverged"]:
         return
@@ -108,7 +110,7 @@ def warn_unconverged(ctx: Context, method: str, meta: dict[str, str], cap: int) 
     warnings.warn(
         f"{method}: {len(info['unconverged'])} step(s) missed |delta| <= {100 * info['tolerance']:g}% of "
         f"|f(x) - f(baseline)| with up to {cap} points: {', '.join(parts)}"
-        f"{f' and {more} more' if more > 0 else ''}. Raise `max_steps`, or read them with care "
+        f"{f' and {more} more' if more > 0 else ''}. Raise `{name}`, or read them with care "
         "(listed in meta['completeness']).", ConvergenceWarning, stacklevel=3)
 
 

@@ -1,5 +1,6 @@
 """Discretized integrated gradients: monotonic paths through real vocabulary embeddings."""
 
+import json
 from typing import Literal
 
 import torch
@@ -12,7 +13,7 @@ from fnattr.methods import _converge, _paths
 from fnattr.methods._common import (
     Context, StepScoreSpec, attribution_context, finish, logit_step_scores, run_scored,
 )
-from fnattr.methods.integrated_gradients import Baseline, baselines
+from fnattr.methods.integrated_gradients import Baseline, baselines, integrate
 from fnattr.result import AttributionTensors
 from fnattr.targets import probability
 from fnattr.types import Model, TargetFn
@@ -106,15 +107,17 @@ def _side_paths(ctx, side, x, base, keep, n_steps, n_neighbors, strategy):
     return paths
 
 
-def _dig_grads(ctx, target_fn, paths, method, per_segment, chunk):
+def _dig_grads(ctx, target_fn, paths, method, per_segment, chunk, rows=None):
     """sum_k sum_j w_j grad f_step(p_k + a_j (p_k+1 - p_k)) * (p_k+1 - p_k): rule `method` with
-    `per_segment` points (a_j, w_j) on each linear segment, chunked over (segment, point, row)."""
+    `per_segment` points (a_j, w_j) on each linear segment, chunked over (segment, point, row)
+    (`rows`: the batch rows to integrate, default all; the others stay zero)."""
     sides = [0, 1] if ctx.attribute_target else [0]
     n_rows, n_seg = len(ctx.batch), paths[0].shape[2] - 1
     alphas, weights = (t.to(paths[0]) for t in _paths.quadrature(method, per_segment))
     acc = [torch.zeros(n_rows, len(ctx.steps), *paths[i].shape[1:2], paths[i].shape[-1],
                        dtype=paths[i].dtype, device=paths[i].device) for i in sides]
-    work = [(k, j, r) for k in range(n_seg) for j in range(per_segment) for r in range(n_rows)]
+    rows = range(n_rows) if rows is None else rows
+    work = [(k, j, r) for k in range(n_seg) for j in range(per_segment) for r in rows]
     for lo in range(0, len(work), chunk):
         k, j, rows = (torch.tensor(v, device=paths[0].device) for v in zip(*work[lo:lo + chunk]))
         segs = [p[rows, :, k + 1] - p[rows, :, k] for p in paths]  # [m pos d]
@@ -128,10 +131,32 @@ def _dig_grads(ctx, target_fn, paths, method, per_segment, chunk):
     return acc
 
 
+def _level(ctx: Context, target_fn: TargetFn, paths, method: str, chunk: int) -> _converge.LevelFn:
+    """DIG with n points per segment at some rows and steps; its scores already carry the
+    segment (p_k+1 - p_k), so results and attributions are the same tensors."""
+
+    def compute(sub: Context, n: int, rows: list[int]):
+        grads = _dig_grads(sub, target_fn, paths, method, n, chunk, rows)
+        got = [grads[0], grads[1] if sub.attribute_target else None]
+        return got, got
+
+    return compute
+
+
+def _per_path(record: dict[str, str], n_segments: int) -> dict[str, str]:
+    """`record` with its points per segment turned into points per path (forwards per step)."""
+    info = json.loads(record["completeness"])
+    pts = info["points"]
+    info["points"] = (pts * n_segments if isinstance(pts, int)
+                      else [[p * n_segments for p in row] for row in pts])
+    return {"completeness": json.dumps(info)}
+
+
 def discretized_integrated_gradients(
     model: Model, batch: Batch, target_fn: TargetFn = probability, *,
     n_steps: int = 32, strategy: Strategy = "greedy", n_neighbors: int = 64,
-    points_per_segment: int = 1, internal_batch_size: int = 64, baseline: Baseline = "auto",
+    points_per_segment: int | str = "auto", tolerance: float = _converge.TOLERANCE,
+    max_points_per_segment: int = 16, internal_batch_size: int = 64, baseline: Baseline = "auto",
     method: str = "riemann_left",
     attribute_target: bool | None = None,
     attr_pos_start: int | None = None, attr_pos_end: int | None = None,
@@ -147,26 +172,40 @@ def discretized_integrated_gradients(
     DIG_i(x) = int_{x^k_i = x'_i}^{x_i} dF(x^k)/dx_i dx^k_i is approximated by the paper's
     Riemann sum DIG_i(x) ~ sum_k dF(x^k)/dx_i (x^(k+1)_i - x^k_i), the gradients taken at the
     path points. `n_steps` is the paper's m (the authors' `steps`), so there are m + 1 segments.
-    The default `method="riemann_left"` with `points_per_segment=1` is that sum;
-    `points_per_segment=2**f` is the authors' up-sampling `factor=f` (f midpoint insertions), and
-    `delta` shrinks as 1/`points_per_segment`. `method="gausslegendre"` puts Gauss-Legendre points
-    on each segment instead, off the words but with `delta` near 0 in a few points. Cost:
-    (`n_steps` + 1) * `points_per_segment` forwards. Special tokens keep their embedding; the
-    baseline goes through `baselines` as in `integrated_gradients`.
+    `method="riemann_left"` with `points_per_segment=1` is that sum; `points_per_segment=2**f`
+    is the authors' up-sampling `factor=f` (f midpoint insertions), and `delta` shrinks as
+    1/`points_per_segment`. `method="gausslegendre"` puts Gauss-Legendre points on each segment
+    instead, off the words but with `delta` near 0 in a few points. Cost:
+    (`n_steps` + 1) * `points_per_segment` forwards per sequence. Special tokens keep their
+    embedding; the baseline goes through `baselines` as in `integrated_gradients`.
+
+    With `points_per_segment="auto"` (the default) the paths are built once, with `n_steps`
+    anchors, and each step gets 1, 2, 4, ... points per segment (up to `max_points_per_segment`)
+    until |delta| is at most `tolerance` times |f(x) - f(baseline)|; steps that miss it are named
+    in one `ConvergenceWarning`. A level reruns only the sequences with a step still above the
+    tolerance (under twice the cost of the last level). `meta["completeness"]` records the
+    tolerance, each step's relative error, the unconverged steps and, as "points", the points
+    per path each step's result used: (`n_steps` + 1) * its points per segment.
 
     Returns `source` [batch step src hidden] (and `target` [batch step tgt hidden]); `delta`
     [batch step]: sum of scores minus (f(input) - f(baseline)).
 
     >>> out = discretized_integrated_gradients(model, batch, n_steps=30, strategy="maxcount")
     """
-    if n_steps < 1 or internal_batch_size < 1 or points_per_segment < 1:
-        raise ValueError(f"`n_steps`={n_steps}, `points_per_segment`={points_per_segment}, "
-                         f"`internal_batch_size`={internal_batch_size}: use values >= 1.")
+    if points_per_segment != "auto" and (isinstance(points_per_segment, str) or points_per_segment < 1):
+        raise ValueError(f"`points_per_segment`={points_per_segment!r}: pass a number >= 1 or 'auto'.")
+    if n_steps < 1 or internal_batch_size < 1:
+        raise ValueError(f"`n_steps`={n_steps}, `internal_batch_size`={internal_batch_size}: "
+                         "use values >= 1.")
+    _converge.check_options(points_per_segment, tolerance, max_points_per_segment, start=1,
+                            name="max_points_per_segment")
     if strategy not in ("greedy", "maxcount"):
         raise ValueError(f"`strategy`={strategy!r}: use 'greedy' or 'maxcount'.")
-    _paths.quadrature(method, points_per_segment)  # an unknown `method`: raises, naming the rules
+    auto = points_per_segment == "auto"
+    _paths.quadrature(method, 1 if auto else points_per_segment)  # an unknown `method`: raises
     args = {"n_steps": n_steps, "strategy": strategy, "n_neighbors": n_neighbors,
-            "points_per_segment": points_per_segment, "method": method,
+            "points_per_segment": points_per_segment, "tolerance": tolerance,
+            "max_points_per_segment": max_points_per_segment, "method": method,
             "internal_batch_size": internal_batch_size, "baseline": baseline,
             "attribute_target": attribute_target, "attr_pos_start": attr_pos_start,
             "attr_pos_end": attr_pos_end}
@@ -180,12 +219,19 @@ def discretized_integrated_gradients(
                     & ctx.attribute_target)
         paths = [_side_paths(ctx, "source", x[0], base[0], keep_src, n_steps, n_neighbors, strategy),
                  _side_paths(ctx, "target", x[1], base[1], keep_tgt, n_steps, n_neighbors, strategy)]
-        attr = _dig_grads(ctx, target_fn, paths, method, points_per_segment, internal_batch_size)
         with torch.no_grad():
             ends = [run_scored(ctx, target_fn, s, t)
                     for s, t in (x, (paths[0][:, :, 0], paths[1][:, :, 0]))]
+        compute = _level(ctx, target_fn, paths, method, internal_batch_size)
+        attr, delta, record = integrate(ctx, compute, (ends[0][1], ends[1][1]),
+                                        n_steps=points_per_segment, tolerance=tolerance,
+                                        max_steps=max_points_per_segment, start=1)
+        record = _per_path(record, n_steps + 1)
         out = finish(ctx, method="discretized_integrated_gradients", args=args, target_fn=target_fn,
-                     source=attr[0], target=attr[1] if ctx.attribute_target else None,
+                     source=attr[0], target=attr[1],
                      step_scores=logit_step_scores(ctx, ends[0][0].logits, target_fn, step_scores))
-        f_x, f_base = (f for _, f in ends)
-        return _converge.attach(ctx, out, f_x, f_base, points=(n_steps + 1) * points_per_segment)
+        if auto:
+            _converge.warn_unconverged(ctx, "discretized_integrated_gradients", record,
+                                       (n_steps + 1) * max_points_per_segment,
+                                       name="max_points_per_segment")
+        return out.replace(delta=delta.cpu(), meta={**out.meta, **record})

@@ -213,8 +213,10 @@ def test_reachable_by_name(gpt2, method):
     from fnattr.methods import METHODS
     model, tok = gpt2
     out = fnattr.attribute(model, tok, SOURCES[0], TARGETS[0], method=method,
-                           **({} if "deeplift" in method or "activation" in method else {"n_steps": 2}
-                              if "gradient_shap" not in method else {"n_samples": 2}))
+                           **({} if "deeplift" in method or "activation" in method
+                              else {"n_samples": 2} if "gradient_shap" in method
+                              else {"n_steps": 2, "points_per_segment": 1} if "discretized" in method
+                              else {"n_steps": 2}))
     assert out.meta["method"] == method and METHODS[method].__name__ == method
     assert out.source.abs().sum() > 0
 

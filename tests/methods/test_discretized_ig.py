@@ -1,8 +1,12 @@
+import json
+import warnings
+
 import pytest
 import torch
 
 from fnattr import prepare
 from fnattr.methods import _paths
+from fnattr.methods._converge import ConvergenceWarning
 from fnattr.methods.discretized_ig import discretized_integrated_gradients as dig
 from fnattr.methods.discretized_ig import monotonic_paths
 from tests.methods.dig_reference import dig_path
@@ -149,23 +153,35 @@ def test_delta_vanishes_with_points_per_segment(gpt2):
     left = [float(dig(model, batch, n_steps=2, points_per_segment=q).delta.abs().sum())
             for q in (1, 3, 9)]
     assert left[2] < left[1] / 2 < left[0] / 4
-    coarse = dig(model, batch, n_steps=2, method="gausslegendre").delta.abs().max()
+    coarse = dig(model, batch, n_steps=2, method="gausslegendre", points_per_segment=1).delta.abs().max()
     fine = dig(model, batch, n_steps=2, method="gausslegendre", points_per_segment=8).delta.abs().max()
     assert fine < 1e-9 < coarse
 
 
+def _refine(model, batch, cap=4, **kw):
+    """An "auto" run and its ConvergenceWarnings (the refinement capped low to stay cheap)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = dig(model, batch, points_per_segment="auto", max_points_per_segment=cap, **kw)
+    return out, [w for w in caught if issubclass(w.category, ConvergenceWarning)]
+
+
 def test_batched_unchanged_and_range(any_model):
+    """Refinement is per row and step: a row refines alone as in the batch, a range as in full."""
     model, tok = any_model
     batch = prepare(model, tok, SOURCES, TARGETS)
     before = snapshot(model)
-    out = dig(model, batch, n_steps=3, strategy="maxcount")
+    out, _ = _refine(model, batch, cap=2, n_steps=3, strategy="maxcount")
     assert_unchanged(model, before)
+    points = json.loads(out.meta["completeness"])["points"]
     for row in range(len(batch)):
-        one = dig(model, batch.select([row]), n_steps=3, strategy="maxcount")
+        one, _ = _refine(model, batch.select([row]), cap=2, n_steps=3, strategy="maxcount")
         n_tgt = int(batch.target_mask[row].sum())
         torch.testing.assert_close(out.source[row, :n_tgt][:, batch.source_mask[row]],
                                    one.source[0, :n_tgt], rtol=1e-7, atol=1e-12)
-    part = dig(model, batch, n_steps=3, strategy="maxcount", attr_pos_start=1, attr_pos_end=3)
+        assert json.loads(one.meta["completeness"])["points"][0] == points[row][:n_tgt]
+    part, _ = _refine(model, batch, cap=2, n_steps=3, strategy="maxcount", attr_pos_start=1,
+                      attr_pos_end=3)
     torch.testing.assert_close(part.source, out.source[:, 1:3], rtol=1e-9, atol=1e-12)
     with pytest.raises((ValueError, TypeError), match="strategy"):  # TypeError: CI's jaxtyping hook
         dig(model, batch, strategy="best")
@@ -173,4 +189,50 @@ def test_batched_unchanged_and_range(any_model):
         dig(model, batch, n_steps=0)
     with pytest.raises(ValueError, match="method"):
         dig(model, batch, method="simpson")
+    for bad, name in [({"points_per_segment": 0}, "points_per_segment"),
+                      ({"points_per_segment": "many"}, "points_per_segment"),
+                      ({"max_points_per_segment": 0}, "max_points_per_segment"),
+                      ({"tolerance": 1.5}, "tolerance")]:
+        with pytest.raises(ValueError, match=name):
+            dig(model, batch, **bad)
     assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("method", ["riemann_left", "gausslegendre"])
+def test_auto_refines_each_step_to_the_tolerance(gpt2, method):
+    """Each step doubles its points per segment (1, 2, 4, ...) until |delta| <= 5% of
+    |f(x) - f(b)|, on the same paths; a step that misses it at the cap is named in one
+    ConvergenceWarning. Its scores are those of a fixed run with its points per segment, which
+    the run with half of them missed the tolerance."""
+    model, tok = gpt2
+    batch = prepare(model, tok, SOURCES, TARGETS)
+    n_steps, tol = 2, 0.05
+    out, warned = _refine(model, batch, n_steps=n_steps, method=method)
+    info = json.loads(out.meta["completeness"])
+    assert info["tolerance"] == tol and out.meta["method"] == "discretized_integrated_gradients"
+    points = torch.tensor(info["points"])  # per path: (n_steps + 1) * points per segment
+    real = out.step_mask
+    assert torch.all(points[~real] == 0)
+    per_segment = points // (n_steps + 1)
+    assert torch.all(points[real] % (n_steps + 1) == 0) and set(per_segment[real].tolist()) > {1}
+    rel = {(b, k): e for b, r in enumerate(info["relative_error"]) for k, e in enumerate(r)
+           if e is not None}
+    bad = {tuple(p) for p in info["unconverged"]}
+    assert set(rel) == set(map(tuple, real.nonzero().tolist()))  # one error per real step
+    assert bad == {bk for bk, e in rel.items() if e > tol}
+    assert all(per_segment[bk] == 4 for bk in bad)  # only at the cap
+    assert len(warned) == (1 if bad else 0)
+    for b, k in bad:
+        pos = int(out.steps[k])
+        assert f"row {b} step {pos} {out.target_tokens[b][pos]!r}" in str(warned[0].message)
+    runs = {}
+    for q in sorted(set(per_segment[real].tolist())):
+        runs[q] = dig(model, batch, n_steps=n_steps, method=method, points_per_segment=q)
+        at = (per_segment == q) & real
+        for name in ("source", "target", "delta"):
+            torch.testing.assert_close(getattr(out, name)[at], getattr(runs[q], name)[at],
+                                       rtol=1e-10, atol=1e-14)
+        if q > 1:
+            half = dig(model, batch, n_steps=n_steps, method=method, points_per_segment=q // 2)
+            missed = json.loads(half.meta["completeness"])["relative_error"]
+            assert all(missed[b][k] > tol for b, k in at.nonzero().tolist())
