@@ -3,6 +3,7 @@
 from fnattr import aggregate as aggregate
 from fnattr import contrast as contrast
 from fnattr import dataset as dataset
+from fnattr import evaluate as evaluate
 from fnattr import hooks as hooks
 from fnattr import methods as methods
 from fnattr import render as render
@@ -11,6 +12,8 @@ from fnattr.api import attribute as attribute
 from fnattr.api import compute_step_scores as compute_step_scores
 from fnattr.batch import Batch as Batch
 from fnattr.batch import prepare as prepare
+from fnattr.evaluate import Faithfulness as Faithfulness
+from fnattr.evaluate import faithfulness as faithfulness
 from fnattr.loading import default_model_path as default_model_path
 from fnattr.loading import load_model as load_model
 from fnattr.result import AttributionTensors as AttributionTensors
@@ -18,6 +21,6 @@ from fnattr.result import load as load
 from fnattr.result import save as save
 
 __all__ = [
-    "AttributionTensors", "Batch", "aggregate", "attribute", "compute_step_scores", "contrast", "dataset", "default_model_path",
-    "hooks", "load", "load_model", "methods", "prepare", "render", "save", "targets",
+    "AttributionTensors", "Batch", "Faithfulness", "aggregate", "attribute", "compute_step_scores", "contrast", "dataset",
+    "default_model_path", "evaluate", "faithfulness", "hooks", "load", "load_model", "methods", "prepare", "render", "save", "targets",
 ]

@@ -2,7 +2,7 @@ import importlib
 
 import pytest
 
-MODULES = ["fnattr", "fnattr.methods", "fnattr.hooks"]
+MODULES = ["fnattr", "fnattr.methods", "fnattr.hooks", "fnattr.evaluate"]
 
 
 @pytest.mark.parametrize("name", MODULES)
