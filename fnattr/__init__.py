@@ -7,6 +7,7 @@ from fnattr import evaluate as evaluate
 from fnattr import hooks as hooks
 from fnattr import methods as methods
 from fnattr import render as render
+from fnattr import sanity as sanity
 from fnattr import targets as targets
 from fnattr.api import attribute as attribute
 from fnattr.api import compute_step_scores as compute_step_scores
@@ -21,6 +22,7 @@ from fnattr.result import load as load
 from fnattr.result import save as save
 
 __all__ = [
-    "AttributionTensors", "Batch", "Faithfulness", "aggregate", "attribute", "compute_step_scores", "contrast", "dataset",
-    "default_model_path", "evaluate", "faithfulness", "hooks", "load", "load_model", "methods", "prepare", "render", "save", "targets",
+    "AttributionTensors", "Batch", "Faithfulness", "aggregate", "attribute", "compute_step_scores",
+    "contrast", "dataset", "default_model_path", "evaluate", "faithfulness", "hooks", "load",
+    "load_model", "methods", "prepare", "render", "sanity", "save", "targets",
 ]

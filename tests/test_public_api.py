@@ -2,7 +2,7 @@ import importlib
 
 import pytest
 
-MODULES = ["fnattr", "fnattr.methods", "fnattr.hooks", "fnattr.evaluate"]
+MODULES = ["fnattr", "fnattr.methods", "fnattr.hooks", "fnattr.evaluate", "fnattr.sanity"]
 
 
 @pytest.mark.parametrize("name", MODULES)

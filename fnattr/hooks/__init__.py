@@ -10,11 +10,13 @@ from fnattr.hooks.embedding import embedding_modules as embedding_modules
 from fnattr.hooks.frozen import frozen as frozen
 from fnattr.hooks.layer import LayerHandle as LayerHandle
 from fnattr.hooks.layer import layer_hooks as layer_hooks
+from fnattr.hooks.randomized import layer_stack as layer_stack
+from fnattr.hooks.randomized import randomized as randomized
 from fnattr.hooks.value_zeroing import ValueZeroingHandle as ValueZeroingHandle
 from fnattr.hooks.value_zeroing import value_zeroing as value_zeroing
 
 __all__ = [
     "AttentionCapture", "EmbeddingHandle", "LayerHandle", "ValueZeroingHandle",
     "capture_attention", "eager_attention", "embedding_hooks", "embedding_modules",
-    "enable_dropout", "frozen", "layer_hooks", "value_zeroing",
+    "enable_dropout", "frozen", "layer_hooks", "layer_stack", "randomized", "value_zeroing",
 ]
