@@ -1,6 +1,7 @@
 """fnattr: functional, typed feature attribution for generative language models."""
 
 from fnattr import aggregate as aggregate
+from fnattr import compare as compare
 from fnattr import contrast as contrast
 from fnattr import dataset as dataset
 from fnattr import evaluate as evaluate
@@ -13,6 +14,8 @@ from fnattr.api import attribute as attribute
 from fnattr.api import compute_step_scores as compute_step_scores
 from fnattr.batch import Batch as Batch
 from fnattr.batch import prepare as prepare
+from fnattr.compare import Comparison as Comparison
+from fnattr.compare import compare_methods as compare_methods
 from fnattr.evaluate import Faithfulness as Faithfulness
 from fnattr.evaluate import faithfulness as faithfulness
 from fnattr.loading import default_model_path as default_model_path
@@ -22,7 +25,8 @@ from fnattr.result import load as load
 from fnattr.result import save as save
 
 __all__ = [
-    "AttributionTensors", "Batch", "Faithfulness", "aggregate", "attribute", "compute_step_scores",
+    "AttributionTensors", "Batch", "Comparison", "Faithfulness", "aggregate", "attribute",
+    "compare", "compare_methods", "compute_step_scores",
     "contrast", "dataset", "default_model_path", "evaluate", "faithfulness", "hooks", "load",
     "load_model", "methods", "prepare", "render", "sanity", "save", "targets",
 ]

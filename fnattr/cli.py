@@ -1,4 +1,4 @@
-"""The `fnattr` command line: `attribute`, `attribute-dataset`, `show`.
+"""The `fnattr` command line: `attribute`, `attribute-dataset`, `show`, `evaluate`.
 
 Errors print one line (no traceback unless `--debug`) and exit with status 1 (2 for bad usage).
 """
@@ -185,6 +185,134 @@ def cmd_dataset(args: argparse.Namespace, rest: list[str]) -> int:
     return 0
 
 
+def _evaluate_method_args(pairs: Sequence[str], names: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """`--arg method.key=value` pairs, grouped by method (values as `method_options` reads them)."""
+    grouped: dict[str, list[str]] = {}
+    for pair in pairs:
+        key, sep, _ = pair.partition("=")
+        method, dot, option = key.partition(".")
+        if not (sep and dot and method and option):
+            raise UsageError(f"`--arg {pair}` is not method.key=value: write e.g. "
+                             "`--arg integrated_gradients.n_steps=16`.")
+        if method not in names:
+            raise UsageError(f"`--arg {pair}` is for {method!r}, which --methods does not list "
+                             f"({', '.join(names)}).")
+        grouped.setdefault(method, []).append(pair.partition(".")[2])
+    return {m: method_options(p, []) for m, p in grouped.items()}
+
+
+def _evaluate_checks(args: argparse.Namespace, rest: list[str]) -> dict[str, Any]:
+    """Everything `fnattr evaluate` can check before a model loads: names, syntax, paths."""
+    from fnattr import compare
+    from fnattr.evaluate import METRICS, REMOVALS
+    from fnattr.methods import METHODS
+
+    if rest:
+        raise UsageError(f"unexpected arguments {' '.join(rest)!r}: method options are "
+                         "`--arg method.key=value`.")
+    names = [n.strip() for n in args.methods.split(",") if n.strip()]
+    if not names or len(set(names)) < len(names):
+        raise UsageError(f"--methods {args.methods!r}: list distinct method names, comma-separated.")
+    if unknown := [n for n in names if n not in METHODS]:
+        raise UsageError(f"--methods: {', '.join(map(repr, unknown))} unknown: use "
+                         f"{', '.join(sorted(METHODS))}.")
+    fns = {n: METHODS[n] for n in names}
+    options = _evaluate_method_args(args.arg, names)
+    for name, opts in options.items():
+        check_options(fns[name], name, opts)
+    try:
+        fractions = tuple(float(q) for q in args.fractions.split(","))
+    except ValueError:
+        fractions = ()
+    if not fractions or not all(0 < q <= 1 for q in fractions):
+        raise UsageError(f"--fractions {args.fractions!r}: write numbers in (0, 1], e.g. 0.05,0.1,0.2.")
+    for flag, value, allowed in (("--removal", args.removal, REMOVALS), ("--rank-by", args.rank_by, METRICS)):
+        if value not in allowed:
+            raise UsageError(f"{flag} {value!r} is unknown: use one of {', '.join(allowed)}.")
+    for flag, value in (("--max-new-tokens", args.max_new_tokens), ("--limit", 1 if args.limit is None else args.limit),
+                        ("--n-boot", args.n_boot), ("--curve-levels", args.curve_levels)):
+        if value < 1:
+            raise UsageError(f"{flag} {value}: it must be at least 1.")
+    if args.png is not None and not args.png.lower().endswith(".png"):
+        raise UsageError(f"--png {args.png!r}: name a .png file.")
+    faith = {"fractions": fractions, "removal": args.removal, "n_random": args.n_random,
+             "curve_levels": args.curve_levels}
+    compare._faithfulness_options(METRICS, faith)
+    compare.check_outputs(compare.output_paths(args.out, names) + ([args.png] if args.png else []),
+                          overwrite=args.overwrite)
+    return {"methods": names, "method_options": options, "target_fn": resolve_target_fn(args.target_fn),
+            **faith}
+
+
+def cmd_evaluate(args: argparse.Namespace, rest: list[str]) -> int:
+    import itertools
+
+    from fnattr import compare, dataset
+
+    run = _evaluate_checks(args, rest)
+    try:
+        examples = list(itertools.islice(dataset.read_examples(
+            args.input, text_field=args.source_field, target_field=args.target_field), args.limit))
+    except ValueError as error:  # dataset names its own command's flag
+        raise ValueError(str(error).replace("--text-field", "--source-field")) from None
+    log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
+    start = time.perf_counter()
+    log(f"loading {args.model or 'the default model'}")
+    model, tokenizer = load(args.model, dtype=args.dtype, device=args.device)
+    comparison = compare.compare_methods(
+        model, tokenizer, examples, max_new_tokens=args.max_new_tokens, n_boot=args.n_boot,
+        seed=args.seed, progress=not args.quiet, out_dir=args.out, overwrite=args.overwrite, **run)
+    compare.console(comparison, by=args.rank_by)
+    for path in compare.output_paths(args.out, comparison.methods):
+        log(f"wrote {path}")
+    if args.png:
+        compare.plot_curves(comparison, args.png, overwrite=args.overwrite)
+        log(f"wrote {args.png}")
+    log(f"done in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def _evaluate_parser(sub) -> None:
+    from fnattr.evaluate import FRACTIONS, METRICS, REMOVALS
+
+    fractions = ",".join(f"{q:g}" for q in FRACTIONS)
+    ev = sub.add_parser("evaluate", help="compare methods by faithfulness on a .jsonl/.csv file")
+    ev.add_argument("--methods", required=True, metavar="A,B,...",
+                    help="comma-separated method names, e.g. saliency,integrated_gradients,occlusion")
+    ev.add_argument("--input", required=True, help="a .jsonl or .csv file")
+    ev.add_argument("--source-field", default="text", help="the field with the source text (default text)")
+    ev.add_argument("--target-field", default=None, help="a field with forced targets (default: generate)")
+    ev.add_argument("--out", default="fnattr-evaluate", metavar="DIR",
+                    help="folder for per_example.jsonl and <method>.faithfulness.safetensors "
+                         "(default fnattr-evaluate)")
+    ev.add_argument("--model", default=None, help="hub id, model folder or .gguf file "
+                    "(default: the embedded SmolLM2-135M-Instruct)")
+    ev.add_argument("--target-fn", default=defaults.TARGET_FN,
+                    help="a name from fnattr.targets.TARGETS: " + ", ".join(_target_names()))
+    ev.add_argument("--max-new-tokens", type=int, default=defaults.MAX_NEW_TOKENS)
+    ev.add_argument("--arg", action="append", default=[], metavar="METHOD.KEY=VALUE",
+                    help="a method option (JSON value), e.g. --arg integrated_gradients.n_steps=16")
+    ev.add_argument("--removal", default="auto",
+                    help=f"how a token is removed: {', '.join(REMOVALS)} (default auto: the methods' "
+                         "neutral baseline; mask: dropped from the attention mask)")
+    ev.add_argument("--fractions", default=fractions,
+                    help=f"comprehensiveness and sufficiency fractions (default {fractions})")
+    ev.add_argument("--curve-levels", type=int, default=10, help="deletion/insertion levels (default 10)")
+    ev.add_argument("--n-random", type=int, default=5, help="random rankings for chance (default 5)")
+    ev.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples (default 1000)")
+    ev.add_argument("--seed", type=int, default=0, help="seeds random rankings and bootstrap")
+    ev.add_argument("--rank-by", default=METRICS[0],
+                    help=f"the metric the table ranks by: {', '.join(METRICS)} (default {METRICS[0]})")
+    ev.add_argument("--limit", type=int, default=None, help="only the first N examples")
+    ev.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    ev.add_argument("--png", default=None, help="write the mean deletion and insertion curves")
+    ev.add_argument("--dtype", default=None, help="float32, bfloat16, ... (default: as stored)")
+    ev.add_argument("--device", default="cpu")
+    ev.add_argument("--quiet", action="store_true", help="no progress or status messages")
+    ev.add_argument("--debug", action="store_true", help="show tracebacks")
+    ev.set_defaults(run=cmd_evaluate)
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="hub id, model folder or .gguf file "
                    "(default: the embedded SmolLM2-135M-Instruct)")
@@ -254,6 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
     _view_options(show)
     show.add_argument("--debug", action="store_true", help="show tracebacks")
     show.set_defaults(run=cmd_show)
+    _evaluate_parser(sub)
     return parser
 
 
