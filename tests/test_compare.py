@@ -12,7 +12,7 @@ import pytest
 import torch
 from rich.console import Console
 
-from fnattr import cli, compare, evaluate, prepare
+from fnattr import _compare_result, cli, compare, evaluate, prepare
 from fnattr.compare import Comparison, bootstrap, compare_methods, plot_curves, table
 from fnattr.evaluate import HIGHER_IS_BETTER, faithfulness
 from fnattr.loading import load_model
@@ -102,8 +102,8 @@ def test_ranking_follows_means_and_direction(run):
         assert means == sorted(means, reverse=HIGHER_IS_BETTER[k])
     # the direction: the same per-example numbers, ranked as a higher- and a lower-is-better metric
     values = {"a": 0.3, "b": 0.1, "c": 0.2}
-    assert compare._order(list(values), values, True) == ("a", "c", "b")
-    assert compare._order(list(values), values, False) == ("b", "c", "a")
+    assert _compare_result._order(list(values), values, True) == ("a", "c", "b")
+    assert _compare_result._order(list(values), values, False) == ("b", "c", "a")
     # the table lists the methods in the ranking of the metric it is ranked by
     for by in ("comprehensiveness", "sufficiency"):
         text = _render(comp, by=by)
