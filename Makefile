@@ -7,7 +7,7 @@ PIP := $(PY) -m pip install --quiet --disable-pip-version-check -c constraints.t
 STAMP := $(VENV)/.fnattr-installed
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: install demo test bench bench-peer clean
+.PHONY: install demo test bench bench-peer evaluate clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,12 @@ install: $(STAMP)
 
 demo: install
 	$(VENV)/bin/fnattr attribute "The capital of France is" --method integrated_gradients
+
+# faithfulness of five methods on six SmolLM2 prompts: the README's comparison table and PNG
+evaluate: install
+	$(VENV)/bin/fnattr evaluate --methods saliency,input_x_gradient,integrated_gradients,occlusion,attention \
+		--input benchmarks/data/facts.jsonl --max-new-tokens 4 --arg integrated_gradients.n_steps=16 \
+		--out out/evaluate --png docs/evaluate-curves.png --overwrite
 
 test: install
 	$(PY) -m pytest -q --jaxtyping-packages=fnattr,beartype.beartype

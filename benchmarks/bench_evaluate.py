@@ -32,7 +32,7 @@ def main() -> None:
     out = fnattr.methods.saliency(model, batch)
     with torch.no_grad():
         model(input_ids=ids)  # warm-up
-        fwd = [timed(lambda: model(input_ids=ids))[:2] for _ in range(5)]
+        fwd = [timed(lambda: model(input_ids=ids, use_cache=False))[:2] for _ in range(5)]
     fwd_wall, fwd_cpu = (statistics.median(t) for t in zip(*fwd))
     wall, cpu, result = timed(lambda: faithfulness(model, batch, out, n_random=0))
     rows = int(result.meta["forward_rows"])
@@ -42,7 +42,7 @@ def main() -> None:
         with torch.no_grad():
             for t in range(n_steps):
                 for _ in range(per_step):
-                    model(input_ids=ids[:, :n_src + t])
+                    model(input_ids=ids[:, :n_src + t], use_cache=False)
 
     p_wall, p_cpu, _ = timed(peer_loop)
     print(f"SmolLM2-135M, {n_src} prompt + {n_steps} generated tokens, saliency, "
