@@ -35,7 +35,8 @@ def masked_batch(
         source_mask=batch.source_mask[rows] & ~drop_src, target_ids=batch.target_ids[rows],
         target_mask=batch.target_mask[rows] & ~drop_tgt, target_special=batch.target_special[rows],
         source_tokens=pick(batch.source_tokens), target_tokens=pick(batch.target_tokens),
-        sources=pick(batch.sources), targets=pick(batch.targets))
+        sources=pick(batch.sources), targets=pick(batch.targets),
+        source_template=None if batch.source_template is None else batch.source_template[rows])
 
 
 def _contrast_at(ctx: Context, target_fn: TargetFn, rows: Tensor, source: Tensor, target: Tensor,

@@ -1,6 +1,7 @@
 """Batch of tokenized sources and targets, and `prepare` to build one (generated or forced)."""
 
 import dataclasses
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -40,6 +41,10 @@ class Batch:
     decoder_start_id: int | None = None
     # (role, id, text) of every special token of the tokenizer and model configs (`prepare()`)
     special_tokens: tuple[tuple[str, int, str], ...] = ()
+    # `prepare(chat=True)`: the source tokens the chat template wrote (role headers, markers, its
+    # newlines, a system turn), everything but the user's text; None without chat. Unless
+    # `keep_template=True` they are in `source_special` too, so methods leave them unattributed.
+    source_template: Bool[Tensor, "batch src"] | None = None
 
     def __len__(self) -> int:
         return self.source_ids.shape[0]
@@ -57,8 +62,9 @@ class Batch:
         tgt_cols = torch.arange(int(tgt_keep.nonzero().max()) + 1 if tgt_keep.any() else 1)
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         for side, cols in (("source", src_cols), ("target", tgt_cols)):
-            for key in ("ids", "mask", "special"):
-                fields[f"{side}_{key}"] = fields[f"{side}_{key}"][idx][:, cols.to(idx.device)]
+            for key in ("ids", "mask", "special", "template"):
+                if fields.get(f"{side}_{key}") is not None:
+                    fields[f"{side}_{key}"] = fields[f"{side}_{key}"][idx][:, cols.to(idx.device)]
             fields[f"{side}_tokens"] = tuple(
                 tuple(fields[f"{side}_tokens"][r][c] for c in cols.tolist()) for r in rows
             )
@@ -193,12 +199,138 @@ def _decoder_start_id(model: Model) -> int | None:
     raise ValueError("the model's config has no `decoder_start_token_id`: set it on model.config.")
 
 
+_MARK = "\ue000fnattr\ue000"  # private-use characters: a stand-in for the user's text
+
+
+def _render(
+    tokenizer: PreTrainedTokenizerBase, text: str, system: str | None, i: int
+) -> tuple[str, int, int]:
+    """The chat prompt of `text` as the user's turn, and where the user's text lies in it."""
+    # here, not at the top: transformers' chat templates need jinja2, base models do not
+    from jinja2 import TemplateError
+
+    def render(content: str) -> str:
+        messages = [{"role": "system", "content": system}] if system is not None else []
+        try:
+            return tokenizer.apply_chat_template(messages + [{"role": "user", "content": content}],
+                                                 add_generation_prompt=True, tokenize=False)
+        except TemplateError as err:  # e.g. raise_exception("System role not supported")
+            raise ValueError(f"`chat=True`: the tokenizer's chat template failed on `sources[{i}]`"
+                             f"{' with `system`' if system is not None else ''}: {err}") from None
+
+    prompt, parts = render(text), render(_MARK).split(_MARK)
+    if len(parts) == 2:
+        for shown in (text, text.strip()):  # templates may `| trim` the content
+            if prompt == parts[0] + shown + parts[1]:
+                return prompt, len(parts[0]), len(parts[0]) + len(shown)
+    raise ValueError(f"`chat=True`: the chat template rewrites `sources[{i}]`, so its tokens cannot "
+                     "be told from the template's: render the prompt yourself and pass chat=False.")
+
+
+def _chat_rows(
+    tokenizer: PreTrainedTokenizerBase, sources: Sequence[str], system: str | None
+) -> tuple[list[list[int]], list[list[bool]]]:
+    """Each source as the user's turn of the chat template (after a `system` turn if given), with
+    the assistant's turn opened, and which tokens the template wrote (outside the user's text)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("`chat=True` but the tokenizer has no chat template (a base model?): pass "
+                         "chat=False, or set `tokenizer.chat_template` to the model's Jinja template.")
+    if not tokenizer.is_fast:
+        raise ValueError("`chat=True` needs a fast tokenizer (its character offsets locate the user's "
+                         "text): load the tokenizer with use_fast=True.")
+    rows, template = [], []
+    for i, text in enumerate(sources):
+        prompt, start, end = _render(tokenizer, text, system, i)
+        enc = tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)
+        rows.append(list(enc["input_ids"]))
+        template.append([b <= start or a >= end for a, b in enc["offset_mapping"]])
+    return rows, template
+
+
+def _limit(cfg: Any, names: Sequence[str]) -> tuple[int, str] | None:
+    for name in names:
+        value = getattr(cfg, name, None)
+        if isinstance(value, int) and value > 0:
+            return value, f"config.{name}"
+    return None
+
+
+def _context(model: Model) -> tuple[tuple[int, str] | None, tuple[int, str] | None]:
+    """(positions, config field) for the source side and for prompt + target (decoder-only) or
+    the decoder (encoder-decoder); None where the config sets no limit (e.g. T5)."""
+    cfg = model.config
+    if cfg.is_encoder_decoder:
+        return (_limit(cfg, ("max_source_positions", "max_position_embeddings", "n_positions")),
+                _limit(cfg, ("max_target_positions", "max_position_embeddings", "n_positions")))
+    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    limit = _limit(text, ("n_positions", "n_ctx", "max_position_embeddings"))
+    return limit, limit
+
+
+def _check_sources(
+    model: Model, src_rows: Sequence[Sequence[int]], *, generating: bool, chat: bool
+) -> None:
+    """A prompt that the model's positions cannot hold (with one target token, decoder-only)."""
+    limit = _context(model)[0]
+    room = 1 if generating and not model.config.is_encoder_decoder else 0
+    within = " in its chat template" if chat else ""
+    for i, row in enumerate(src_rows):
+        if limit is not None and len(row) + room > limit[0]:
+            raise ValueError(f"`sources[{i}]` is {len(row)} tokens{within} but the model reads at most "
+                             f"{limit[0]} positions ({limit[1]}){' with the target' if room else ''}:"
+                             f" shorten it to {limit[0] - room} tokens.")
+
+
+def _check_targets(
+    model: Model, src_rows: Sequence[Sequence[int]], tgt_rows: Sequence[Sequence[int]]
+) -> None:
+    """A forced target that does not fit after its prompt (or after the decoder start token)."""
+    enc_dec = bool(model.config.is_encoder_decoder)
+    limit = _context(model)[1]
+    for i, (src, tgt) in enumerate(zip(src_rows, tgt_rows)):
+        used = 1 + len(tgt) if enc_dec else len(src) + len(tgt)
+        if limit is not None and used > limit[0]:
+            what = "the decoder start token" if enc_dec else f"`sources[{i}]` ({len(src)} tokens)"
+            raise ValueError(f"`targets[{i}]` is {len(tgt)} tokens; with {what} that is {used}, but the "
+                             f"model reads at most {limit[0]} positions ({limit[1]}): shorten it.")
+
+
+def _cap_new_tokens(model: Model, src_rows: Sequence[Sequence[int]], max_new_tokens: int) -> int:
+    """`max_new_tokens`, capped (with one warning) so generation stops at the context length."""
+    limit = _context(model)[1]
+    if limit is None:
+        return max_new_tokens
+    enc_dec = bool(model.config.is_encoder_decoder)
+    longest = 1 if enc_dec else max(len(r) for r in src_rows)
+    room = limit[0] - longest
+    if max_new_tokens > room:
+        after = "the decoder start token" if enc_dec else f"a {longest}-token prompt"
+        warnings.warn(f"`max_new_tokens`={max_new_tokens} does not fit the model's context of {limit[0]} "
+                      f"positions ({limit[1]}): after {after} generation stops at {room} new tokens.",
+                      UserWarning, stacklevel=3)
+    return min(max_new_tokens, room)
+
+
+def _source_rows(
+    tokenizer: PreTrainedTokenizerBase, sources: Sequence[str], *, chat: bool, keep_template: bool,
+    system: str | None,
+) -> tuple[list[list[int]], list[list[bool]] | None]:
+    if not chat:
+        if system is not None or keep_template:
+            raise ValueError("`system` and `keep_template` apply to chat prompts: pass chat=True.")
+        return _tokenize(tokenizer, sources, "sources", mode="source"), None
+    return _chat_rows(tokenizer, sources, system)
+
+
 def prepare(
     model: Model,
     tokenizer: PreTrainedTokenizerBase,
     sources: str | Sequence[str],
     targets: str | Sequence[str] | None = None,
     *,
+    chat: bool = False,
+    keep_template: bool = False,
+    system: str | None = None,
     max_new_tokens: int = 16,
     **generate_kwargs: Any,
 ) -> Batch:
@@ -207,8 +339,19 @@ def prepare(
     Targets are the continuation only: a forced target is never required to repeat the source.
     Extra keyword arguments go to `model.generate` (e.g. `do_sample=True, top_p=0.9`).
 
+    `chat=True` (instruct models) renders each source as the user's message, after a `system`
+    message if given, with the tokenizer's chat template and the assistant's turn opened; a forced
+    target is the assistant's reply. The tokens the template writes are recorded in
+    `source_template` and, unless `keep_template=True`, marked special: methods keep them at their
+    input value and do not attribute them. `Batch.sources` stays the user's text.
+
+    A prompt (with its forced target) longer than the model's positions (`n_positions`, `n_ctx`,
+    `max_position_embeddings`, ...) is refused; a `max_new_tokens` past them is capped, with a
+    warning, so generation stops at the context length.
+
     >>> batch = prepare(model, tokenizer, ["The capital of France is"], max_new_tokens=4)
     >>> batch.target_tokens  # ((" Paris", ".", ...),)
+    >>> prepare(model, tokenizer, ["Write a story about a cat."], chat=True)  # an instruct model
     """
     sources = _as_texts(sources, "sources")
     if targets is not None:
@@ -222,26 +365,34 @@ def prepare(
         raise ValueError(f"`max_new_tokens` is {max_new_tokens}: it must be at least 1.")
     enc_dec = bool(model.config.is_encoder_decoder)
     pad_id = _pad_id(tokenizer, model)
-    src_rows = _tokenize(tokenizer, sources, "sources", mode="source")
+    src_rows, template_rows = _source_rows(tokenizer, sources, chat=chat,
+                                           keep_template=keep_template, system=system)
+    _check_sources(model, src_rows, generating=targets is None, chat=chat)
     src_ids, src_mask = _pad(src_rows, pad_id, left=not enc_dec)
     if targets is None:
         eos = _eos_ids(tokenizer, model)
+        max_new_tokens = _cap_new_tokens(model, src_rows, max_new_tokens)
         tgt_rows = _generate(model, src_ids, src_mask, pad_id, eos, max_new_tokens, generate_kwargs)
-    elif enc_dec:
-        tgt_rows = _tokenize(tokenizer, targets, "targets", mode="decoder")
     else:
-        tgt_rows = _tokenize(tokenizer, targets, "targets", mode="continuation")
+        tgt_rows = _tokenize(tokenizer, targets, "targets", mode="decoder" if enc_dec else "continuation")
+        _check_targets(model, src_rows, tgt_rows)
     for i, row in enumerate(tgt_rows):
         if not row:
             raise ValueError(f"generation for `sources[{i}]` produced no token: raise max_new_tokens.")
     tgt_ids, tgt_mask = _pad(tgt_rows, pad_id, left=False)
+    src_special = _special(tokenizer, src_ids, src_mask)
+    template = None
+    if template_rows is not None:
+        template = _pad([[int(t) for t in row] for row in template_rows], 0, left=not enc_dec)[0].bool()
+        src_special = src_special if keep_template else src_special | template
     unk = tokenizer.unk_token_id
     return Batch(
-        source_ids=src_ids, source_mask=src_mask, source_special=_special(tokenizer, src_ids, src_mask),
+        source_ids=src_ids, source_mask=src_mask, source_special=src_special,
         target_ids=tgt_ids, target_mask=tgt_mask, target_special=_special(tokenizer, tgt_ids, tgt_mask),
         source_tokens=_tokens(tokenizer, src_ids), target_tokens=_tokens(tokenizer, tgt_ids),
         sources=sources,
         targets=tuple(tokenizer.decode(row, skip_special_tokens=True) for row in tgt_rows),
         is_encoder_decoder=enc_dec, pad_id=pad_id, unk_id=unk if isinstance(unk, int) else None,
         decoder_start_id=_decoder_start_id(model), special_tokens=_special_tokens(tokenizer, model),
+        source_template=template,
     )
