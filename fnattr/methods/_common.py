@@ -157,7 +157,10 @@ def finish(
     """Mask padding and invisible positions to exact zeros and build the result (on CPU)."""
     batch, extra = ctx.batch, (None,) * len(extra_dims)
     step_mask = batch.target_mask[:, ctx.steps]
-    source = source * (step_mask[:, :, None] & batch.source_mask[:, None, :])[(..., *extra)]
+    scored = batch.source_mask
+    if batch.source_template is not None:  # chat-template tokens not attributed (prepare(chat=True))
+        scored = scored & ~(batch.source_template & batch.source_special)
+    source = source * (step_mask[:, :, None] & scored[:, None, :])[(..., *extra)]
     if target is not None:
         target = target * (step_mask[:, :, None] & causal_target_mask(batch, ctx.steps))[(..., *extra)]
     meta = {
