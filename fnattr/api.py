@@ -18,6 +18,7 @@ from fnattr.methods import METHODS
 from fnattr.methods._common import (
     StepScoreSpec, attribution_context, clean_logits, resolve_step_scores,
 )
+from fnattr.progress import status
 from fnattr.result import AttributionTensors
 from fnattr.types import Model, TargetFn
 
@@ -85,6 +86,7 @@ def attribute(
     contrast_sources: str | Sequence[str] | None = None,
     contrast_targets_alignments: Alignments = None,
     target_args: Mapping[str, Any] | None = None,
+    progress: bool = False,
     **method_args: Any,
 ) -> AttributionTensors:
     """Tokenize, generate (or force `targets`), and attribute with `method`, in one call.
@@ -96,7 +98,8 @@ def attribute(
     at the clean input (`fnattr.contrast.prepare_contrast`); methods rerun the contrast at each
     perturbed input on the side it shares with the attributed input, so its term carries its
     gradient. `target_args` holds their options
-    (`top_k`, `top_p`, `n_mcd_steps`, `seed`).
+    (`top_k`, `top_p`, `n_mcd_steps`, `seed`). `progress=True` shows the generation and the
+    method's progress on stderr (`fnattr.progress`); it does not change the result.
 
     >>> out = attribute(model, tok, "The capital of France is", method="integrated_gradients",
     ...                 max_new_tokens=4, n_steps=32)
@@ -112,8 +115,9 @@ def attribute(
         raise ValueError("contrastive arguments and functions go together: pass `contrast_targets=` "
                          "(and optionally `contrast_sources=`, `contrast_targets_alignments=`) "
                          "with a contrastive `target_fn` or step score, e.g. 'contrast_prob_diff'.")
-    batch = prepare(model, tokenizer, sources, targets, max_new_tokens=max_new_tokens,
-                    **(generate_kwargs or {}))
+    with status(progress and targets is None, f"generating up to {max_new_tokens} tokens"):
+        batch = prepare(model, tokenizer, sources, targets, max_new_tokens=max_new_tokens,
+                        **(generate_kwargs or {}))
     contrast = None
     if has_contrast:
         contrast = prepare_contrast(model, tokenizer, batch, contrast_targets=contrast_targets,
@@ -127,6 +131,8 @@ def attribute(
         method_args["step_scores"] = [resolve(s) for s in method_args["step_scores"]]
     if unused := sorted(set(options) - used):
         raise ValueError(f"`target_args` {unused} are options of none of the target functions used.")
+    if progress:  # only when asked: a method of one's own need not take `progress`
+        method_args["progress"] = True
     return fn(model, batch, target, **method_args)
 
 

@@ -11,7 +11,7 @@ from fnattr.methods import METHODS
 
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 COMMON = {"model", "batch", "target_fn", "attribute_target", "attr_pos_start", "attr_pos_end",
-          "step_scores"}
+          "step_scores", "progress"}
 
 
 def defaults_table() -> str:

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from fnattr.engine import causal_target_mask
 from fnattr.methods._common import Context
+from fnattr.progress import Reporter
 from fnattr.result import AttributionTensors
 
 AUTO_START = 8  # points of the first level of n_steps="auto"
@@ -116,14 +117,16 @@ def warn_unconverged(ctx: Context, method: str, meta: dict[str, str], cap: int, 
 
 # compute(sub_ctx, n_points, rows) -> (results, attrs): per side, tensors [batch, sub_steps, ...]
 # at the rows `rows` (others zero): `results` are returned, `attrs` sum to f(x) - f(baseline).
+# A LevelFn reports its forwards on the progress reporter it was built with.
 LevelFn = Callable[[Context, int, list[int]], tuple[list[Tensor | None], list[Tensor | None]]]
 
 
 def refine(ctx: Context, compute: LevelFn, expected: Tensor, f_x: Tensor, f_base: Tensor, *,
-           tolerance: float, max_steps: int, start: int = AUTO_START,
-           ) -> tuple[list[Tensor | None], Tensor, Tensor]:
+           tolerance: float, max_steps: int, reporter: Reporter, start: int = AUTO_START,
+           unit: str = "points") -> tuple[list[Tensor | None], Tensor, Tensor]:
     """Double the points (`start`, 2 `start`, ... up to `max_steps`) for the steps still above
-    the tolerance.
+    the tolerance; `reporter` shows the level ("16 points", `unit` naming them) and `compute`
+    counts its own work on it.
 
     Each level recomputes only the rows and steps that have not converged (Gauss-Legendre
     points are not nested, so nothing is reused; the total cost is below twice that of the
@@ -141,6 +144,7 @@ def refine(ctx: Context, compute: LevelFn, expected: Tensor, f_x: Tensor, f_base
         cols = todo.any(0).nonzero().squeeze(1)
         rows = todo.any(1).nonzero().squeeze(1).tolist()
         sub = dataclasses.replace(ctx, steps=ctx.steps[cols])
+        reporter.update(detail=f"{n} {unit}")
         got, attrs = compute(sub, n, rows)
         d = step_sums(sub, attrs) - expected[:, cols]
         take = todo[:, cols]

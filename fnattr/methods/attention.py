@@ -12,6 +12,7 @@ from fnattr.hooks.attention import capture_attention
 from fnattr.methods._common import (
     Context, StepScoreSpec, attribution_context, clean_logits, finish, logit_step_scores,
 )
+from fnattr.progress import report
 from fnattr.result import AttributionTensors
 from fnattr.targets import probability
 from fnattr.types import Model, TargetFn
@@ -87,7 +88,7 @@ def attention(
     average: Sequence[str] = (), source_attention: SourceAttention = "cross",
     attribute_target: bool | None = None,
     attr_pos_start: int | None = None, attr_pos_end: int | None = None,
-    step_scores: StepScoreSpec = (),
+    step_scores: StepScoreSpec = (), progress: bool = False,
 ) -> AttributionTensors:
     """Attention weights (Bahdanau et al. 2015, arXiv:1409.0473) of one teacher-forced forward.
 
@@ -99,7 +100,8 @@ def attention(
     trailing "query" dim (`source[b, k, i, l, h, q]`: weight of key i for encoder query q, the
     same for every step). `layers` / `heads` select indices; `average` names extra dims
     ("layer", "head", "query") to average away. The model runs with eager attention inside the
-    call only; its own attention implementation is restored afterwards.
+    call only; its own attention implementation is restored afterwards. `progress=True`
+    reports the forward on stderr.
 
     Returns `source` [batch step src layer head] and `target` [batch step tgt layer head],
     `extra_dims` ("layer", "head") minus the averaged ones; `step_scores` of the same forward.
@@ -118,12 +120,15 @@ def attention(
     args = {"layers": layers, "heads": heads, "average": average, "source_attention": source_attention,
             "attribute_target": attribute_target, "attr_pos_start": attr_pos_start,
             "attr_pos_end": attr_pos_end}
-    with attribution_context(model, batch, attribute_target=attribute_target,
-                             attr_pos_start=attr_pos_start, attr_pos_end=attr_pos_end) as ctx:
+    with (report(progress, "attention", unit="forwards") as bar,
+          attribution_context(model, batch, attribute_target=attribute_target,
+                              attr_pos_start=attr_pos_start, attr_pos_end=attr_pos_end) as ctx):
+        bar.expect(len(ctx.batch))
         kinds = ["self"] if not batch.is_encoder_decoder else (
             [source_attention] + (["self"] if ctx.attribute_target else []))
         with torch.no_grad(), capture_attention(model, kinds) as cap:
             logits = clean_logits(ctx)
+        bar.advance(len(ctx.batch))
         src, tgt, dims = _weights(ctx, cap, source_attention)
         for name in average:
             if name not in dims:

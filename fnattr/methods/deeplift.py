@@ -16,6 +16,7 @@ from fnattr.methods._common import (
 from fnattr.methods._deeplift_rules import deeplift_rules
 from fnattr.methods._layers import Acts
 from fnattr.methods.integrated_gradients import Baseline, baselines
+from fnattr.progress import report
 from fnattr.result import AttributionTensors
 from fnattr.targets import probability
 from fnattr.types import Model, TargetFn
@@ -52,13 +53,14 @@ def deeplift(
     baseline: Baseline = "auto", multiply_by_inputs: bool = True,
     attribute_target: bool | None = None,
     attr_pos_start: int | None = None, attr_pos_end: int | None = None,
-    step_scores: StepScoreSpec = (),
+    step_scores: StepScoreSpec = (), progress: bool = False,
 ) -> AttributionTensors:
     """DeepLIFT (Shrikumar et al. 2017, arXiv:1704.02685) w.r.t. the input embeddings.
 
     One forward runs the inputs and the references (`baseline`, as in `integrated_gradients`)
     side by side; one batched backward gives every step's multipliers. With
-    `multiply_by_inputs=False` the multipliers are returned.
+    `multiply_by_inputs=False` the multipliers are returned. `progress=True` reports the
+    forward (inputs and references) on stderr.
 
     {rules}
 
@@ -69,17 +71,20 @@ def deeplift(
             "attribute_target": attribute_target, "attr_pos_start": attr_pos_start,
             "attr_pos_end": attr_pos_end}
     with ExitStack() as stack:
+        bar = stack.enter_context(report(progress, "deeplift", unit="forwards"))
         ctx = stack.enter_context(attribution_context(
             model, batch, attribute_target=attribute_target,
             attr_pos_start=attr_pos_start, attr_pos_end=attr_pos_end))
         source, target, rows = _stacked(ctx, baseline)
         n = len(ctx.batch)
+        bar.expect(len(rows))
         source.requires_grad_()
         target.requires_grad_(ctx.attribute_target)
         logits, raw = _run(ctx, target_fn, source, target, rows)
         scores = raw[:n]
         inputs = [source, target] if ctx.attribute_target else [source]
         grads = [g[:n] for g in step_gradients(scores, inputs)]
+        bar.advance(len(rows))
         if multiply_by_inputs:
             grads = [g * (x[:n] - x[n:]).detach()[:, None] for g, x in zip(grads, inputs)]
         out = finish(ctx, method="deeplift", args=args, target_fn=target_fn, source=grads[0],
@@ -106,7 +111,7 @@ def layer_deeplift(
     layer: LayerSpec | None = None, baseline: Baseline = "auto", multiply_by_inputs: bool = True,
     attribute_target: bool | None = None,
     attr_pos_start: int | None = None, attr_pos_end: int | None = None,
-    step_scores: StepScoreSpec = (),
+    step_scores: StepScoreSpec = (), progress: bool = False,
 ) -> AttributionTensors:
     """Layer DeepLIFT: DeepLIFT multipliers w.r.t. a layer's output times its difference from
     the layer's output at the reference input (`baseline`).
@@ -117,7 +122,7 @@ def layer_deeplift(
     f(input) - f(reference) when the layer cuts the graph (the embeddings, a whole block of a
     decoder-only model or of the encoder); for other layers (an attention module beside its
     residual, a decoder layer whose cross-attention reads the reference's encoder) `delta` says
-    how much flows around the layer.
+    how much flows around the layer. `progress` as in `deeplift`.
 
     {rules}
 
@@ -127,6 +132,7 @@ def layer_deeplift(
             "attribute_target": attribute_target, "attr_pos_start": attr_pos_start,
             "attr_pos_end": attr_pos_end}
     with ExitStack() as stack:
+        bar = stack.enter_context(report(progress, "layer_deeplift", unit="forwards"))
         ctx = stack.enter_context(attribution_context(
             model, batch, attribute_target=attribute_target,
             attr_pos_start=attr_pos_start, attr_pos_end=attr_pos_end))
@@ -136,6 +142,7 @@ def layer_deeplift(
         _layers.check_sides(roles, ctx.attribute_target)
         source, target, rows = _stacked(ctx, baseline)
         n_src, n = ctx.batch.source_ids.shape[1], len(ctx.batch)
+        bar.expect(len(rows))
         with deeplift_rules(ctx.model):
             out, leaves, raw = _layers.run_scored(
                 ctx, hooks, roles, target_fn, source, target, rows,
@@ -143,6 +150,7 @@ def layer_deeplift(
                  for r in roles])
         logits, scores = out.logits, raw[:n]
         grads = _layers.split(step_gradients(scores, leaves), roles, n_src, dim=2)
+        bar.advance(len(rows))
         acts = _layers.split(leaves, roles, n_src)
         parts = []
         for g, a in ((grads.source, acts.source), (grads.target, acts.target)):

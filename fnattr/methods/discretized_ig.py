@@ -14,6 +14,7 @@ from fnattr.methods._common import (
     Context, StepScoreSpec, attribution_context, finish, logit_step_scores, run_scored,
 )
 from fnattr.methods.integrated_gradients import Baseline, baselines, integrate
+from fnattr.progress import Reporter, report
 from fnattr.result import AttributionTensors
 from fnattr.targets import probability
 from fnattr.types import Model, TargetFn
@@ -107,10 +108,11 @@ def _side_paths(ctx, side, x, base, keep, n_steps, n_neighbors, strategy):
     return paths
 
 
-def _dig_grads(ctx, target_fn, paths, method, per_segment, chunk, rows=None):
+def _dig_grads(ctx, target_fn, paths, method, per_segment, chunk, rows=None, *, bar: Reporter):
     """sum_k sum_j w_j grad f_step(p_k + a_j (p_k+1 - p_k)) * (p_k+1 - p_k): rule `method` with
     `per_segment` points (a_j, w_j) on each linear segment, chunked over (segment, point, row)
-    (`rows`: the batch rows to integrate, default all; the others stay zero)."""
+    (`rows`: the batch rows to integrate, default all; the others stay zero); forwards counted
+    on `bar`."""
     sides = [0, 1] if ctx.attribute_target else [0]
     n_rows, n_seg = len(ctx.batch), paths[0].shape[2] - 1
     alphas, weights = (t.to(paths[0]) for t in _paths.quadrature(method, per_segment))
@@ -118,6 +120,7 @@ def _dig_grads(ctx, target_fn, paths, method, per_segment, chunk, rows=None):
                        dtype=paths[i].dtype, device=paths[i].device) for i in sides]
     rows = range(n_rows) if rows is None else rows
     work = [(k, j, r) for k in range(n_seg) for j in range(per_segment) for r in rows]
+    bar.expect(len(work))
     for lo in range(0, len(work), chunk):
         k, j, rows = (torch.tensor(v, device=paths[0].device) for v in zip(*work[lo:lo + chunk]))
         segs = [p[rows, :, k + 1] - p[rows, :, k] for p in paths]  # [m pos d]
@@ -128,15 +131,17 @@ def _dig_grads(ctx, target_fn, paths, method, per_segment, chunk, rows=None):
         del out, scores  # this chunk's graph goes before the next forward
         for total, g, i in zip(acc, grads, sides):
             total.index_add_(0, rows, g * (segs[i] * weights[j][:, None, None])[:, None])
+        bar.advance(len(rows))
     return acc
 
 
-def _level(ctx: Context, target_fn: TargetFn, paths, method: str, chunk: int) -> _converge.LevelFn:
+def _level(ctx: Context, target_fn: TargetFn, paths, method: str, chunk: int, *,
+           bar: Reporter) -> _converge.LevelFn:
     """DIG with n points per segment at some rows and steps; its scores already carry the
     segment (p_k+1 - p_k), so results and attributions are the same tensors."""
 
     def compute(sub: Context, n: int, rows: list[int]):
-        grads = _dig_grads(sub, target_fn, paths, method, n, chunk, rows)
+        grads = _dig_grads(sub, target_fn, paths, method, n, chunk, rows, bar=bar)
         got = [grads[0], grads[1] if sub.attribute_target else None]
         return got, got
 
@@ -160,7 +165,7 @@ def discretized_integrated_gradients(
     method: str = "riemann_left",
     attribute_target: bool | None = None,
     attr_pos_start: int | None = None, attr_pos_end: int | None = None,
-    step_scores: StepScoreSpec = (),
+    step_scores: StepScoreSpec = (), progress: bool = False,
 ) -> AttributionTensors:
     """Discretized integrated gradients (Sanyal & Ren 2021, arXiv:2108.13654, Sec. 2).
 
@@ -186,6 +191,7 @@ def discretized_integrated_gradients(
     tolerance (under twice the cost of the last level). `meta["completeness"]` records the
     tolerance, each step's relative error, the unconverged steps and, as "points", the points
     per path each step's result used: (`n_steps` + 1) * its points per segment.
+    `progress=True` shows the points per segment and the forwards done on stderr.
 
     Returns `source` [batch step src hidden] (and `target` [batch step tgt hidden]); `delta`
     [batch step]: sum of scores minus (f(input) - f(baseline)).
@@ -209,23 +215,26 @@ def discretized_integrated_gradients(
             "internal_batch_size": internal_batch_size, "baseline": baseline,
             "attribute_target": attribute_target, "attr_pos_start": attr_pos_start,
             "attr_pos_end": attr_pos_end}
-    with attribution_context(model, batch, attribute_target=attribute_target,
-                             attr_pos_start=attr_pos_start, attr_pos_end=attr_pos_end) as ctx:
+    with (report(progress, "discretized_integrated_gradients", unit="forwards") as bar,
+          attribution_context(model, batch, attribute_target=attribute_target,
+                              attr_pos_start=attr_pos_start, attr_pos_end=attr_pos_end) as ctx):
         b = ctx.batch
         x = (ctx.embedded.source, ctx.embedded.target)
         base = baselines(ctx, baseline)
         keep_src = b.source_mask & ~b.source_special & (x[0] != base[0]).any(-1)
         keep_tgt = (b.target_mask & ~b.target_special & (x[1] != base[1]).any(-1)
                     & ctx.attribute_target)
+        bar.update(detail=f"building paths of {n_steps} anchors")
         paths = [_side_paths(ctx, "source", x[0], base[0], keep_src, n_steps, n_neighbors, strategy),
                  _side_paths(ctx, "target", x[1], base[1], keep_tgt, n_steps, n_neighbors, strategy)]
         with torch.no_grad():
             ends = [run_scored(ctx, target_fn, s, t)
                     for s, t in (x, (paths[0][:, :, 0], paths[1][:, :, 0]))]
-        compute = _level(ctx, target_fn, paths, method, internal_batch_size)
+        compute = _level(ctx, target_fn, paths, method, internal_batch_size, bar=bar)
         attr, delta, record = integrate(ctx, compute, (ends[0][1], ends[1][1]),
                                         n_steps=points_per_segment, tolerance=tolerance,
-                                        max_steps=max_points_per_segment, start=1)
+                                        max_steps=max_points_per_segment, bar=bar, start=1,
+                                        unit="points per segment")
         record = _per_path(record, n_steps + 1)
         out = finish(ctx, method="discretized_integrated_gradients", args=args, target_fn=target_fn,
                      source=attr[0], target=attr[1],

@@ -7,20 +7,24 @@ from fnattr.engine import step_gradients
 from fnattr.methods._common import (
     Context, StepScoreSpec, attribution_context, finish, logit_step_scores, run_scored,
 )
+from fnattr.progress import Reporter, report
 from fnattr.result import AttributionTensors
 from fnattr.targets import probability
 from fnattr.types import Model, TargetFn
 
 
-def _gradients(ctx: Context, target_fn: TargetFn, step_scores: StepScoreSpec):
-    """Per-step gradients at the actual input, and the step scores of that same forward."""
+def _gradients(ctx: Context, target_fn: TargetFn, step_scores: StepScoreSpec, bar: Reporter):
+    """Per-step gradients at the actual input, and the step scores of that same forward (its
+    rows counted on `bar` once their backward is done)."""
     emb = ctx.embedded
     src = emb.source.clone().requires_grad_()
     tgt = emb.target.clone().requires_grad_(ctx.attribute_target)
     out, scores = run_scored(ctx, target_fn, src, tgt)
     logits = out.logits
     inputs = [src, tgt] if ctx.attribute_target else [src]
+    bar.expect(len(ctx.batch))
     grads = step_gradients(scores, inputs, out.at(ctx.steps))
+    bar.advance(len(ctx.batch))
     grad_tgt = grads[1] if ctx.attribute_target else None
     return grads[0], grad_tgt, logit_step_scores(ctx, logits, target_fn, step_scores)
 
@@ -33,21 +37,23 @@ def saliency(
     model: Model, batch: Batch, target_fn: TargetFn = probability, *,
     abs: bool = True, attribute_target: bool | None = None,
     attr_pos_start: int | None = None, attr_pos_end: int | None = None,
-    step_scores: StepScoreSpec = (),
+    step_scores: StepScoreSpec = (), progress: bool = False,
 ) -> AttributionTensors:
     """Saliency (Simonyan et al. 2013, arXiv:1312.6034): gradient of each step's target w.r.t.
     the input embeddings, absolute value by default.
 
     Returns `source` [batch step src hidden] (and `target` [batch step tgt hidden] for the
-    earlier generated tokens). One forward and one batched backward serve every step.
+    earlier generated tokens). One forward and one batched backward serve every step
+    (`progress=True` reports it on stderr).
 
     >>> out = saliency(model, prepare(model, tok, "The capital of France is"))
     """
     args = {"abs": abs, "attribute_target": attribute_target,
             "attr_pos_start": attr_pos_start, "attr_pos_end": attr_pos_end}
-    with attribution_context(model, batch, attribute_target=attribute_target,
-                             attr_pos_start=attr_pos_start, attr_pos_end=attr_pos_end) as ctx:
-        g_src, g_tgt, scores = _gradients(ctx, target_fn, step_scores)
+    with (report(progress, "saliency", unit="forwards") as bar,
+          attribution_context(model, batch, attribute_target=attribute_target,
+                              attr_pos_start=attr_pos_start, attr_pos_end=attr_pos_end) as ctx):
+        g_src, g_tgt, scores = _gradients(ctx, target_fn, step_scores, bar)
         if abs:
             g_src, g_tgt = g_src.abs(), None if g_tgt is None else g_tgt.abs()
         return finish(ctx, method="saliency", args=args, target_fn=target_fn,
@@ -58,18 +64,20 @@ def input_x_gradient(
     model: Model, batch: Batch, target_fn: TargetFn = probability, *,
     attribute_target: bool | None = None,
     attr_pos_start: int | None = None, attr_pos_end: int | None = None,
-    step_scores: StepScoreSpec = (),
+    step_scores: StepScoreSpec = (), progress: bool = False,
 ) -> AttributionTensors:
     """Input x gradient (Shrikumar et al. 2016, arXiv:1605.01713): embedding times the gradient
     of each step's target w.r.t. it.
 
     Returns `source` [batch step src hidden] (and `target` [batch step tgt hidden]).
+    `progress=True` reports the forward on stderr.
     """
     args = {"attribute_target": attribute_target,
             "attr_pos_start": attr_pos_start, "attr_pos_end": attr_pos_end}
-    with attribution_context(model, batch, attribute_target=attribute_target,
-                             attr_pos_start=attr_pos_start, attr_pos_end=attr_pos_end) as ctx:
-        g_src, g_tgt, scores = _gradients(ctx, target_fn, step_scores)
+    with (report(progress, "input_x_gradient", unit="forwards") as bar,
+          attribution_context(model, batch, attribute_target=attribute_target,
+                              attr_pos_start=attr_pos_start, attr_pos_end=attr_pos_end) as ctx):
+        g_src, g_tgt, scores = _gradients(ctx, target_fn, step_scores, bar)
         return finish(ctx, method="input_x_gradient", args=args, target_fn=target_fn,
                       source=_times(g_src, ctx.embedded.source),
                       target=_times(g_tgt, ctx.embedded.target), step_scores=scores)

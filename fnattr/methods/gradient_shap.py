@@ -14,6 +14,7 @@ from fnattr.methods._common import (
     Context, StepScoreSpec, attribution_context, clean_logits, finish, logit_step_scores, run_scored,
 )
 from fnattr.methods.integrated_gradients import Baseline, baselines
+from fnattr.progress import Reporter, report
 from fnattr.result import AttributionTensors
 from fnattr.targets import probability
 from fnattr.types import Model, TargetFn
@@ -64,14 +65,16 @@ def draws(ctx: Context, n_samples: int, n_baselines: int, stdevs: float, seed: i
     return Draws(*(torch.stack(parts, 1).to(dev) for parts in zip(*rows)))
 
 
-def _grads(ctx, target_fn, x, bases, dr: Draws, n_samples, chunk):
-    """mean_s grad f_step(b_s + a_s (x + e_s - b_s)) * (x + e_s - b_s), chunked over rows."""
+def _grads(ctx, target_fn, x, bases, dr: Draws, n_samples, chunk, bar: Reporter):
+    """mean_s grad f_step(b_s + a_s (x + e_s - b_s)) * (x + e_s - b_s), chunked over rows;
+    the forwards (one per sample and row) counted on `bar`."""
     n_rows = len(ctx.batch)
     sides = [0, 1] if ctx.attribute_target else [0]
     acc = [torch.zeros(n_rows, len(ctx.steps), *x[i].shape[1:], dtype=x[i].dtype, device=x[i].device)
            for i in sides]
     pairs = [(s, r) for s in range(n_samples) for r in range(n_rows)]
     noise = (dr.source, dr.target)
+    bar.expect(len(pairs))
     for lo in range(0, len(pairs), chunk):
         s_idx, rows = (torch.tensor(v, device=x[0].device) for v in zip(*pairs[lo:lo + chunk]))
         which, alpha = dr.which[s_idx, rows], dr.alpha[s_idx, rows][:, None, None]
@@ -85,13 +88,15 @@ def _grads(ctx, target_fn, x, bases, dr: Draws, n_samples, chunk):
         del out, scores  # this chunk's graph goes before the next forward
         for total, g, i in zip(acc, grads, sides):
             total.index_add_(0, rows, g * diff[i][:, None] / n_samples)
+        bar.advance(len(rows))
     return acc
 
 
-def _expected(ctx, target_fn, x, bases, dr: Draws, n_samples, chunk) -> tuple[Tensor, Tensor]:
+def _expected(ctx, target_fn, x, bases, dr: Draws, n_samples, chunk,
+              bar: Reporter) -> tuple[Tensor, Tensor]:
     """mean_s f_step(x + e_s) and mean_s f_step(b_s) [batch step] over the draws of `_grads`,
     without a graph: f at each baseline once, f at x + e_s chunked over (sample, row) as in
-    `_grads` (one forward at x when there is no noise)."""
+    `_grads` (one forward at x when there is no noise; those with noise counted on `bar`)."""
     n_rows = len(ctx.batch)
     with torch.no_grad():
         f_bases = torch.stack([run_scored(ctx, target_fn, *b)[1] for b in bases])  # [base batch step]
@@ -101,10 +106,12 @@ def _expected(ctx, target_fn, x, bases, dr: Draws, n_samples, chunk) -> tuple[Te
         f_x = torch.zeros_like(f_base)
         pairs = [(s, r) for s in range(n_samples) for r in range(n_rows)]
         noise = (dr.source, dr.target)
+        bar.expect(len(pairs))
         for lo in range(0, len(pairs), chunk):
             s_idx, rows = (torch.tensor(v, device=x[0].device) for v in zip(*pairs[lo:lo + chunk]))
             point = [x[i][rows] + noise[i][s_idx, rows] for i in (0, 1)]
             f_x.index_add_(0, rows, run_scored(ctx, target_fn, *point, rows)[1] / n_samples)
+            bar.advance(len(rows))
     return f_x, f_base
 
 
@@ -115,7 +122,7 @@ def gradient_shap(
     seed: int = 0, generator: torch.Generator | None = None,
     internal_batch_size: int = 64, attribute_target: bool | None = None,
     attr_pos_start: int | None = None, attr_pos_end: int | None = None,
-    step_scores: StepScoreSpec = (),
+    step_scores: StepScoreSpec = (), progress: bool = False,
 ) -> AttributionTensors:
     """GradientSHAP (Lundberg & Lee 2017, arXiv:1705.07874; captum's GradientShap): the mean over
     `n_samples` draws of grad f(b + a (x + e - b)) * (x + e - b), with b drawn uniformly from
@@ -134,7 +141,7 @@ def gradient_shap(
     x + e_s minus its exact value. It is a Monte-Carlo quantity (mean 0 over a, given b and e)
     that shrinks like 1/sqrt(`n_samples`), not a quadrature error. `meta["completeness"]`
     records it relative to that sample mean, against the path methods' 5% tolerance, with
-    "points" = `n_samples`.
+    "points" = `n_samples`. `progress=True` shows the forwards done on stderr.
 
     Returns `source` [batch step src hidden] (and `target` [batch step tgt hidden]) and `delta`
     [batch step].
@@ -151,13 +158,14 @@ def gradient_shap(
             "generator": "given" if generator is not None else None,
             "internal_batch_size": internal_batch_size, "attribute_target": attribute_target,
             "attr_pos_start": attr_pos_start, "attr_pos_end": attr_pos_end}
-    with attribution_context(model, batch, attribute_target=attribute_target,
-                             attr_pos_start=attr_pos_start, attr_pos_end=attr_pos_end) as ctx:
+    with (report(progress, "gradient_shap", unit="forwards") as bar,
+          attribution_context(model, batch, attribute_target=attribute_target,
+                              attr_pos_start=attr_pos_start, attr_pos_end=attr_pos_end) as ctx):
         b, x = ctx.batch, (ctx.embedded.source, ctx.embedded.target)
         bases = [baselines(ctx, spec) for spec in specs]
         dr = draws(ctx, n_samples, len(bases), stdevs, seed, generator)
-        attr = _grads(ctx, target_fn, x, bases, dr, n_samples, internal_batch_size)
-        f_x, f_base = _expected(ctx, target_fn, x, bases, dr, n_samples, internal_batch_size)
+        attr = _grads(ctx, target_fn, x, bases, dr, n_samples, internal_batch_size, bar)
+        f_x, f_base = _expected(ctx, target_fn, x, bases, dr, n_samples, internal_batch_size, bar)
         attr = [attr[0], attr[1] if ctx.attribute_target else None]
         delta = (_converge.step_sums(ctx, attr) - (f_x - f_base)) * b.target_mask[:, ctx.steps]
         record = _converge.record(ctx, delta, f_x - f_base, f_x, f_base, _converge.TOLERANCE,

@@ -11,6 +11,7 @@ from fnattr.methods._converge import completeness_delta as completeness_delta  #
 from fnattr.methods._common import (
     Context, StepScoreSpec, attribution_context, finish, logit_step_scores, run_scored,
 )
+from fnattr.progress import Reporter, report
 from fnattr.result import AttributionTensors
 from fnattr.targets import probability
 from fnattr.types import Model, TargetFn
@@ -31,15 +32,17 @@ def _chunk_grads(ctx, target_fn, x, base, alpha, rows):
     return step_gradients(scores, path if ctx.attribute_target else path[:1], out.at(ctx.steps))
 
 
-def _path_grads(ctx, target_fn, x, base, alphas, weights, chunk, rows=None):
+def _path_grads(ctx, target_fn, x, base, alphas, weights, chunk, rows=None, *, bar: Reporter):
     """sum_a w_a * grad f_step(base + a (x - base)), for source and target, chunked over rows
-    (`rows`: the batch rows to integrate, default all; the others stay zero).
+    (`rows`: the batch rows to integrate, default all; the others stay zero). `bar` counts the
+    forwards (one per point and row).
 
     One chunk's graph is alive at a time, so peak memory does not grow with `n_steps`."""
     acc = [torch.zeros(len(ctx.batch), len(ctx.steps), *t.shape[1:], dtype=t.dtype, device=t.device)
            for t in x]
     rows = range(len(ctx.batch)) if rows is None else rows
     pairs = [(a, r) for a in range(len(alphas)) for r in rows]
+    bar.expect(len(pairs))
     for lo in range(0, len(pairs), chunk):
         a_idx, rows = (torch.tensor(v, device=x[0].device) for v in zip(*pairs[lo:lo + chunk]))
         alpha = alphas.to(x[0])[a_idx][:, None, None]
@@ -48,17 +51,19 @@ def _path_grads(ctx, target_fn, x, base, alphas, weights, chunk, rows=None):
         for total, g in zip(acc, grads):
             total.index_add_(0, rows, g * w)
         del grads
+        bar.advance(len(rows))
     return acc
 
 
 def path_level(ctx: Context, target_fn: TargetFn, x, base, method: str, chunk: int,
-               multiply_by_inputs: bool) -> _converge.LevelFn:
-    """IG with n points of `method` at some rows and steps: (results, attributions) per side."""
+               multiply_by_inputs: bool, *, bar: Reporter) -> _converge.LevelFn:
+    """IG with n points of `method` at some rows and steps: (results, attributions) per side;
+    its forwards counted on `bar`."""
     diffs = [t - b for t, b in zip(x, base)]
 
     def compute(sub: Context, n: int, rows: list[int]):
         alphas, weights = _paths.quadrature(method, n)
-        grads = _path_grads(sub, target_fn, x, base, alphas, weights, chunk, rows)
+        grads = _path_grads(sub, target_fn, x, base, alphas, weights, chunk, rows, bar=bar)
         if not sub.attribute_target:
             grads[1] = None
         attrs = [None if g is None else g * d[:, None] for g, d in zip(grads, diffs)]
@@ -68,16 +73,19 @@ def path_level(ctx: Context, target_fn: TargetFn, x, base, method: str, chunk: i
 
 
 def integrate(ctx: Context, compute: _converge.LevelFn, ends: tuple[Tensor, Tensor], *,
-              n_steps: int | str, tolerance: float, max_steps: int, start: int = _converge.AUTO_START):
+              n_steps: int | str, tolerance: float, max_steps: int, bar: Reporter,
+              start: int = _converge.AUTO_START, unit: str = "points"):
     """Results of a path method at `n_steps` points, or refined per step ("auto"); its `delta`
-    [batch step] and `meta["completeness"]`. `ends` = (f(x), f(baseline)) [batch step]."""
+    [batch step] and `meta["completeness"]`. `ends` = (f(x), f(baseline)) [batch step]. `bar`
+    shows the points ("16 points", `unit` naming them); `compute` counts its forwards there."""
     f_x, f_base = ends
     expected = f_x - f_base
     if n_steps == "auto":
         results, delta, points = _converge.refine(ctx, compute, expected, f_x, f_base,
                                                   tolerance=tolerance, max_steps=max_steps,
-                                                  start=start)
+                                                  reporter=bar, start=start, unit=unit)
     else:
+        bar.update(detail=f"{n_steps} {unit}")
         results, attrs = compute(ctx, n_steps, list(range(len(ctx.batch))))
         delta = _converge.step_sums(ctx, attrs) - expected
         points = n_steps
@@ -92,7 +100,7 @@ def integrated_gradients(
     internal_batch_size: int = 64, baseline: Baseline = "auto",
     multiply_by_inputs: bool = True, attribute_target: bool | None = None,
     attr_pos_start: int | None = None, attr_pos_end: int | None = None,
-    step_scores: StepScoreSpec = (),
+    step_scores: StepScoreSpec = (), progress: bool = False,
 ) -> AttributionTensors:
     """Integrated gradients (Sundararajan et al. 2017, arXiv:1703.01365) for every step.
 
@@ -106,6 +114,7 @@ def integrated_gradients(
     the zero vector, whichever `fnattr.baselines.resolve_baseline` finds neutral for this
     tokenizer; `meta["baseline"]` names it), "unk", "pad", "zeros", or a source tensor
     [batch src d] (the target side then uses "auto"). Special tokens keep their embedding.
+    `progress=True` shows the points and forwards done on stderr (`fnattr.progress`).
 
     Returns `source` [batch step src hidden], `target` [batch step tgt hidden] for earlier
     generated tokens, and `delta` [batch step]: sum of scores minus (f(input) - f(baseline)).
@@ -119,15 +128,17 @@ def integrated_gradients(
             "internal_batch_size": internal_batch_size, "baseline": baseline,
             "multiply_by_inputs": multiply_by_inputs, "attribute_target": attribute_target,
             "attr_pos_start": attr_pos_start, "attr_pos_end": attr_pos_end}
-    with attribution_context(model, batch, attribute_target=attribute_target,
-                             attr_pos_start=attr_pos_start, attr_pos_end=attr_pos_end) as ctx:
+    with (report(progress, "integrated_gradients", unit="forwards") as bar,
+          attribution_context(model, batch, attribute_target=attribute_target,
+                              attr_pos_start=attr_pos_start, attr_pos_end=attr_pos_end) as ctx):
         x = (ctx.embedded.source, ctx.embedded.target)
         base = baselines(ctx, baseline)
         with torch.no_grad():
             ends = [run_scored(ctx, target_fn, s, t) for s, t in (x, base)]
-        compute = path_level(ctx, target_fn, x, base, method, internal_batch_size, multiply_by_inputs)
+        compute = path_level(ctx, target_fn, x, base, method, internal_batch_size, multiply_by_inputs,
+                             bar=bar)
         results, delta, record = integrate(ctx, compute, (ends[0][1], ends[1][1]), n_steps=n_steps,
-                                           tolerance=tolerance, max_steps=max_steps)
+                                           tolerance=tolerance, max_steps=max_steps, bar=bar)
         out = finish(ctx, method="integrated_gradients", args=args, target_fn=target_fn,
                      source=results[0], target=results[1], step_scores=logit_step_scores(
                          ctx, ends[0][0].logits, target_fn, step_scores))

@@ -11,6 +11,7 @@ from fnattr.methods import _converge, _layers, _paths
 from fnattr.methods._common import StepScoreSpec, attribution_context, logit_step_scores
 from fnattr.methods._layers import Acts
 from fnattr.methods.integrated_gradients import Baseline, baselines, integrate, path_quadrature
+from fnattr.progress import Reporter, report
 from fnattr.result import AttributionTensors
 from fnattr.targets import probability
 from fnattr.types import Model, TargetFn
@@ -33,14 +34,15 @@ def layer_gradient_x_activation(
     layer: LayerSpec | None = None, multiply_by_inputs: bool = True,
     attribute_target: bool | None = None,
     attr_pos_start: int | None = None, attr_pos_end: int | None = None,
-    step_scores: StepScoreSpec = (),
+    step_scores: StepScoreSpec = (), progress: bool = False,
 ) -> AttributionTensors:
     """Layer gradient x activation: a layer's output times the gradient of each step's target
     w.r.t. it (the gradient alone with `multiply_by_inputs=False`).
 
     `layer`: a module name (e.g. "model.layers.3"), a module, or one per side for encoder-decoder
     models; default: the input embedding layer(s). Positions of the layer's output map to source
-    and target tokens (see `fnattr.methods._layers`). One forward, one batched backward.
+    and target tokens (see `fnattr.methods._layers`). One forward, one batched backward
+    (`progress=True` reports it on stderr).
 
     Returns `source` [batch step src hidden] and `target` [batch step tgt hidden].
     """
@@ -48,15 +50,18 @@ def layer_gradient_x_activation(
             "attribute_target": attribute_target, "attr_pos_start": attr_pos_start,
             "attr_pos_end": attr_pos_end}
     with ExitStack() as stack:
+        bar = stack.enter_context(report(progress, "layer_gradient_x_activation", unit="forwards"))
         ctx, hooks, roles = _open(stack, model, batch, layer, attribute_target,
                                   attr_pos_start, attr_pos_end)
         emb = ctx.embedded
+        bar.expect(len(ctx.batch))
         leaf = lambda a: a.detach().requires_grad_()  # noqa: E731
         out, leaves, scores = _layers.run_scored(ctx, hooks, roles, target_fn, emb.source, emb.target,
                                                  replace=[leaf] * len(roles))
         acts = _layers.split(leaves, roles, ctx.batch.source_ids.shape[1])
         grads = _layers.split(step_gradients(scores, leaves, out.at(ctx.steps)), roles,
                               ctx.batch.source_ids.shape[1], dim=2)
+        bar.advance(len(ctx.batch))
         attr = grads
         if multiply_by_inputs:
             attr = Acts(*(None if g is None else g * a.detach()[:, None]
@@ -72,9 +77,9 @@ def _mix(x: Acts, base: Acts, attribute_target: bool) -> Acts:
 
 
 def _layer_path_grads(ctx, hooks, roles, target_fn, x: Acts, base: Acts, alphas, weights, chunk,
-                      rows=None):
+                      rows=None, *, bar: Reporter):
     """sum_a w_a * grad f_step(base + a (x - base)) over the layer's attributed positions, at
-    the batch rows `rows` (default all; the others stay zero)."""
+    the batch rows `rows` (default all; the others stay zero); forwards counted on `bar`."""
     names = [n for n in ("source", "target") if getattr(x, n) is not None
              and (n == "source" or ctx.attribute_target)]
     n_rows = len(ctx.batch)
@@ -82,6 +87,7 @@ def _layer_path_grads(ctx, hooks, roles, target_fn, x: Acts, base: Acts, alphas,
                           device=getattr(x, n).device) for n in names}
     pairs = [(a, r) for a in range(len(alphas)) for r in (range(n_rows) if rows is None else rows)]
     emb = ctx.embedded
+    bar.expect(len(pairs))
     for lo in range(0, len(pairs), chunk):
         a_idx, rows = (torch.tensor(v, device=emb.source.device) for v in zip(*pairs[lo:lo + chunk]))
         alpha = alphas.to(emb.source)[a_idx]
@@ -96,6 +102,7 @@ def _layer_path_grads(ctx, hooks, roles, target_fn, x: Acts, base: Acts, alphas,
         w = weights.to(emb.source)[a_idx]
         for n, g in zip(names, grads):
             acc[n].index_add_(0, rows, g * w.view(-1, *[1] * (g.ndim - 1)))
+        bar.advance(len(rows))
     return Acts(acc.get("source"), acc.get("target"), None)
 
 
@@ -106,7 +113,7 @@ def layer_integrated_gradients(
     internal_batch_size: int = 64, baseline: Baseline = "auto", multiply_by_inputs: bool = True,
     attribute_target: bool | None = None,
     attr_pos_start: int | None = None, attr_pos_end: int | None = None,
-    step_scores: StepScoreSpec = (),
+    step_scores: StepScoreSpec = (), progress: bool = False,
 ) -> AttributionTensors:
     """Layer integrated gradients (arXiv:1703.01365 applied to a layer's output, as captum's
     LayerIntegratedGradients): integrate from the layer's output at the `baseline` input to its
@@ -116,7 +123,7 @@ def layer_integrated_gradients(
     `integrated_gradients`). Positions that are not attributed (target positions without
     `attribute_target`, the decoder start) keep their actual activations on the whole path.
     `baseline`, `n_steps` (default "auto": refined per step to `tolerance`, up to `max_steps`),
-    `method`, `internal_batch_size` as in `integrated_gradients`; `meta["completeness"]` too.
+    `method`, `internal_batch_size`, `progress` as in `integrated_gradients`; `meta["completeness"]` too.
 
     Returns `source` [batch step src hidden], `target` [batch step tgt hidden] and `delta`
     [batch step] (sum of scores minus f(input) - f(baseline layer output)).
@@ -129,6 +136,7 @@ def layer_integrated_gradients(
             "multiply_by_inputs": multiply_by_inputs, "attribute_target": attribute_target,
             "attr_pos_start": attr_pos_start, "attr_pos_end": attr_pos_end}
     with ExitStack() as stack:
+        bar = stack.enter_context(report(progress, "layer_integrated_gradients", unit="forwards"))
         ctx, hooks, roles = _open(stack, model, batch, layer, attribute_target,
                                   attr_pos_start, attr_pos_end)
         emb = ctx.embedded
@@ -147,13 +155,13 @@ def layer_integrated_gradients(
         def compute(sub, n, rows):
             alphas, weights = _paths.quadrature(method, n)
             grads = _layer_path_grads(sub, hooks, roles, target_fn, x, base, alphas, weights,
-                                      internal_batch_size, rows)
+                                      internal_batch_size, rows, bar=bar)
             pairs = ((grads.source, x.source, base.source), (grads.target, x.target, base.target))
             attrs = [None if g is None else g * (a - b)[:, None] for g, a, b in pairs]
             return (attrs if multiply_by_inputs else [grads.source, grads.target]), attrs
 
         results, delta, record = integrate(ctx, compute, (f_x, f_base), n_steps=n_steps,
-                                           tolerance=tolerance, max_steps=max_steps)
+                                           tolerance=tolerance, max_steps=max_steps, bar=bar)
         out = _layers.finish_layer(ctx, "layer_integrated_gradients", args, target_fn,
                                    Acts(*results, None),
                                    logit_step_scores(ctx, logits, target_fn, step_scores), x)

@@ -14,6 +14,7 @@ from fnattr.methods._common import (
 )
 from fnattr.methods.integrated_gradients import baselines
 from fnattr.methods.occlusion import Fill, occludable, perturbed_scores
+from fnattr.progress import report
 from fnattr.result import AttributionTensors
 from fnattr.targets import probability
 from fnattr.types import Model, TargetFn
@@ -102,7 +103,7 @@ def lime(
     alpha: float = 1.0, seed: int | None = None, baseline: Fill = "auto",
     internal_batch_size: int = 32, attribute_target: bool | None = None,
     attr_pos_start: int | None = None, attr_pos_end: int | None = None,
-    step_scores: StepScoreSpec = (),
+    step_scores: StepScoreSpec = (), progress: bool = False,
 ) -> AttributionTensors:
     """LIME (Ribeiro et al. 2016, arXiv:1602.04938) with token features, for every step.
 
@@ -112,6 +113,7 @@ def lime(
     exp(-d^2 / kernel_width^2) on the cosine distance d to the input. Masks depend only on
     `seed` and a row's token count (so batched equals unbatched); `seed=None` draws one from
     torch's global generator (recorded in `meta["args"]`). Special tokens score 0.
+    `progress=True` shows the masked copies done on stderr.
 
     Returns `source` [batch step src] and `target` [batch step tgt]: the surrogate's
     coefficients (`extra_dims` ()), and the step scores of the unmasked input.
@@ -131,8 +133,9 @@ def lime(
             "alpha": alpha, "seed": seed, "baseline": baseline,
             "internal_batch_size": internal_batch_size, "attribute_target": attribute_target,
             "attr_pos_start": attr_pos_start, "attr_pos_end": attr_pos_end}
-    with attribution_context(model, batch, attribute_target=attribute_target,
-                             attr_pos_start=attr_pos_start, attr_pos_end=attr_pos_end) as ctx:
+    with (report(progress, "lime", unit="perturbations") as bar,
+          attribution_context(model, batch, attribute_target=attribute_target,
+                              attr_pos_start=attr_pos_start, attr_pos_end=attr_pos_end) as ctx):
         emb = ctx.embedded
         logits = clean_logits(ctx)
         side, pos, real, counts = _features(ctx)
@@ -141,11 +144,12 @@ def lime(
             keep[b, :, :n] = sample_masks(n_samples, n, seed=seed, keep_prob=keep_prob)
         rows = torch.arange(len(counts), device=emb.source.device).repeat_interleave(n_samples)
         y = perturbed_scores(ctx, target_fn, rows, _masks(ctx, side, pos, real, keep),
-                             baselines(ctx, baseline), internal_batch_size)
+                             baselines(ctx, baseline), internal_batch_size, bar=bar)
         y = y.unflatten(0, (len(counts), n_samples)).transpose(1, 2)  # [rows, step, n]
         steps = ctx.steps.cpu()
         visible = real[:, None, :] & ((side == 0)[:, None, :] | (pos[:, None, :] < steps[None, :, None]))
         vis, z = visible.to(y), keep[:, None].to(y).expand(-1, len(steps), -1, -1)
+        bar.update(detail="fitting surrogates")
         coef = fit_surrogates(z, y, kernel_weights(z, vis, kernel_width), vis, alpha)
         src, tgt = _to_positions(ctx, coef, side, pos, real)
         return finish(ctx, method="lime", args=args, target_fn=target_fn, source=src,

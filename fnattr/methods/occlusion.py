@@ -17,6 +17,7 @@ from fnattr.methods._common import (
     Context, StepScoreSpec, attribution_context, clean_logits, finish, logit_step_scores, run_scored,
 )
 from fnattr.methods.integrated_gradients import baselines
+from fnattr.progress import OFF, Reporter, report
 from fnattr.result import AttributionTensors
 from fnattr.targets import probability
 from fnattr.types import Model, TargetFn
@@ -49,18 +50,20 @@ def windows(n: int, window: int, stride: int) -> list[range]:
 def perturbed_scores(
     ctx: Context, target_fn: TargetFn, rows: Int[Tensor, " n"],
     masks: tuple[Bool[Tensor, "n src"], Bool[Tensor, "n tgt"]],
-    fills: tuple[Tensor, Tensor], chunk: int,
+    fills: tuple[Tensor, Tensor], chunk: int, *, bar: Reporter = OFF,
 ) -> Float[Tensor, "n step"]:
     """Every step's score for copies of batch `rows` whose masked tokens read the `fills`
-    embeddings; at most `chunk` copies per forward."""
+    embeddings; at most `chunk` copies per forward, each counted on `bar`."""
     emb = ctx.embedded
     out = [emb.source.new_zeros(0, len(ctx.steps))]
+    bar.expect(len(rows))
     with torch.no_grad():
         for lo in range(0, len(rows), chunk):
             r = rows[lo:lo + chunk]
             inputs = [torch.where(m[lo:lo + chunk, :, None], f[r], x[r])
                       for m, f, x in zip(masks, fills, (emb.source, emb.target))]
             out.append(run_scored(ctx, target_fn, *inputs, r)[1])
+            bar.advance(len(r))
     return torch.cat(out)
 
 
@@ -89,7 +92,7 @@ def occlusion(
     window: int = 1, stride: int = 1, baseline: Fill = "auto", internal_batch_size: int = 32,
     attribute_target: bool | None = None,
     attr_pos_start: int | None = None, attr_pos_end: int | None = None,
-    step_scores: StepScoreSpec = (),
+    step_scores: StepScoreSpec = (), progress: bool = False,
 ) -> AttributionTensors:
     """Occlusion (Zeiler & Fergus 2014, arXiv:1311.2901) of tokens, scored at every step.
 
@@ -98,7 +101,8 @@ def occlusion(
     "unk", "pad" or "zeros"; `meta["baseline"]` names the one used); a token's score for step t
     is f_t(input) - f_t(occluded), averaged over the windows that cover it. Special tokens
     (BOS/EOS) are never occluded and score 0. One forward per window serves all steps;
-    `internal_batch_size` windows run per forward.
+    `internal_batch_size` windows run per forward. `progress=True` shows the occluded copies
+    done on stderr.
 
     Returns `source` [batch step src] and `target` [batch step tgt] (`extra_dims` ()), and the
     step scores of the unoccluded input.
@@ -114,13 +118,14 @@ def occlusion(
     args = {"window": window, "stride": stride, "baseline": baseline,
             "internal_batch_size": internal_batch_size, "attribute_target": attribute_target,
             "attr_pos_start": attr_pos_start, "attr_pos_end": attr_pos_end}
-    with attribution_context(model, batch, attribute_target=attribute_target,
-                             attr_pos_start=attr_pos_start, attr_pos_end=attr_pos_end) as ctx:
+    with (report(progress, "occlusion", unit="perturbations") as bar,
+          attribution_context(model, batch, attribute_target=attribute_target,
+                              attr_pos_start=attr_pos_start, attr_pos_end=attr_pos_end) as ctx):
         logits = clean_logits(ctx)
         f_x = score_steps(target_fn, logits, ctx.batch, ctx.steps)
         rows, masks = _occlusions(ctx, window, stride)
         drop = f_x[rows] - perturbed_scores(ctx, target_fn, rows, masks, baselines(ctx, baseline),
-                                            internal_batch_size)
+                                            internal_batch_size, bar=bar)
         scores = []
         for mask in masks:
             total = f_x.new_zeros(len(ctx.batch), len(ctx.steps), mask.shape[1])

@@ -19,6 +19,7 @@ from fnattr.engine import for_rows, forward
 from fnattr.methods._common import (
     Context, StepScoreSpec, at_input, attribution_context, clean_logits, finish, logit_step_scores,
 )
+from fnattr.progress import Reporter, report
 from fnattr.result import AttributionTensors
 from fnattr.targets import probability
 from fnattr.types import Model, TargetFn
@@ -129,8 +130,11 @@ def _check_rows(ctx, ids, importance, visible, active, probs, opts, g):
     return torch.where(visible[b, k] & ~keep, fresh, ids[b]), b, k
 
 
-def _probe(ctx: Context, target_fn: TargetFn, probs: Tensor, opts: dict, g: torch.Generator):
-    """The probe loop of every step at once; returns importance, converged flags, probe steps."""
+def _probe(ctx: Context, target_fn: TargetFn, probs: Tensor, opts: dict, g: torch.Generator,
+           bar: Reporter):
+    """The probe loop of every step at once; returns importance, converged flags, probe steps.
+    `bar` counts the rounds (up to `max_probe_steps` + 1, the last one only checking) and shows
+    how many steps still run."""
     batch, steps, dev = ctx.batch, ctx.steps, ctx.steps.device
     ids = torch.cat([batch.source_ids, batch.target_ids], 1)
     n_src, seq = batch.source_ids.shape[1], ids.shape[1]
@@ -146,9 +150,13 @@ def _probe(ctx: Context, target_fn: TargetFn, probs: Tensor, opts: dict, g: torc
     converged = torch.zeros_like(visible[..., 0])
     active = batch.target_mask[:, steps] & visible.any(-1)
     n = opts["num_probes"]
+    n_steps, rounds = int(active.sum()) if bar.enabled else 0, 0
+    bar.expect(opts["max_probe_steps"] + 1)
     for it in range(opts["max_probe_steps"] + 1):
         if not active.any():
             break
+        if bar.enabled:
+            bar.update(detail=f"{int(active.sum())} of {n_steps} steps running")
         parts, owners = [], []
         if it > 0:  # check the importance of the previous iterations, in the same forward
             check, cb, ck = _check_rows(ctx, ids, total / used.clamp(min=1)[..., None], visible,
@@ -176,6 +184,10 @@ def _probe(ctx: Context, target_fn: TargetFn, probs: Tensor, opts: dict, g: torc
             drop = (base[rows] - scores.view(n, len(rows), -1)) * active[rows]
             total[rows] += credit(drop, swap, visible[rows])
             used[rows] += n * active[rows]
+        rounds += 1
+        bar.advance()
+    if bar.enabled:
+        bar.update(detail=f"{int(converged.sum())} of {n_steps} steps converged", total=rounds)
     return total / used.clamp(min=1)[..., None], converged, used / n
 
 
@@ -187,7 +199,7 @@ def reagent(
     generator: torch.Generator | int = 0, internal_batch_size: int = 64,
     attribute_target: bool | None = None,
     attr_pos_start: int | None = None, attr_pos_end: int | None = None,
-    step_scores: StepScoreSpec = (),
+    step_scores: StepScoreSpec = (), progress: bool = False,
 ) -> AttributionTensors:
     """ReAGent (Zhao & Shan 2024, arXiv:2402.00794), a model-agnostic recursive attribution.
 
@@ -198,6 +210,8 @@ def reagent(
     step. A step stops once keeping only its `keep_top_n` (or `keep_ratio`) most important tokens,
     the rest replaced, puts the target in the top `stopping_condition_top_k` (with `invert_keep`:
     replacing those tokens pushes it out), or after `max_probe_steps`. `generator` seeds it all.
+    `progress=True` shows the probe rounds and the steps still running on stderr (the total is
+    the `max_probe_steps` cap, so its ETA is an upper bound).
 
     Returns `source` [batch step src] and `target` [batch step tgt]: the mean credit per probe.
     Step scores "reagent_converged" (1 if the stopping condition was met, else 0: never NaN) and
@@ -219,12 +233,13 @@ def reagent(
             "max_probe_steps": max_probe_steps, "num_probes": num_probes,
             "chunk": internal_batch_size}
     g = torch.Generator().manual_seed(generator) if isinstance(generator, int) else generator
-    with attribution_context(model, batch, attribute_target=attribute_target,
-                             attr_pos_start=attr_pos_start, attr_pos_end=attr_pos_end) as ctx:
+    with (report(progress, "reagent", unit="probe rounds") as bar,
+          attribution_context(model, batch, attribute_target=attribute_target,
+                              attr_pos_start=attr_pos_start, attr_pos_end=attr_pos_end) as ctx):
         logits = clean_logits(ctx)
         with torch.no_grad():
             probs = proposals(ctx, logits, replacing_model).cpu()
-        importance, converged, used = _probe(ctx, target_fn, probs, opts, g)
+        importance, converged, used = _probe(ctx, target_fn, probs, opts, g, bar)
         scores = logit_step_scores(ctx, logits, target_fn, step_scores)
         step_mask = ctx.batch.target_mask[:, ctx.steps]
         scores["reagent_converged"] = converged.to(importance.dtype) * step_mask

@@ -18,6 +18,7 @@ from fnattr.methods._common import (
     Context, StepScoreSpec, attribution_context, finish, logit_step_scores, run_scored,
 )
 from fnattr.methods.integrated_gradients import Baseline, baselines, path_quadrature
+from fnattr.progress import Reporter, report
 from fnattr.result import AttributionTensors
 from fnattr.targets import probability
 from fnattr.types import Model, TargetFn
@@ -53,15 +54,17 @@ def _moved(x: Sequence[Tensor], side: Tensor, rows: Tensor, pos: Tensor,
     return emb
 
 
-def _sig_grads(ctx, target_fn, x, base, jobs, alphas, weights, chunk):
+def _sig_grads(ctx, target_fn, x, base, jobs, alphas, weights, chunk, *, bar: Reporter):
     """For each job's token p: sum_a w_a * grad_p f_step(x, token p at base_p + a (x_p - base_p)),
     per side [batch step pos d]; and f_step at the rule's point a = 0, which is x with token p at
-    its baseline ([job step], NaN where the rule has no such point)."""
+    its baseline ([job step], NaN where the rule has no such point). `bar` counts the forwards,
+    one per (token, point)."""
     dev, n_steps = x[0].device, len(ctx.steps)
     acc = [torch.zeros(len(ctx.batch), n_steps, *t.shape[1:], dtype=t.dtype, device=dev) for t in x]
     at_zero = torch.full((len(jobs), n_steps), float("nan"), dtype=x[0].dtype, device=dev)
     work = [(j, a) for j in range(len(jobs)) for a in range(len(alphas))]
     alphas, weights = alphas.to(x[0]), weights.to(x[0])
+    bar.expect(len(work))
     for lo in range(0, len(work), chunk):
         j_idx, a_idx = (torch.tensor(v, device=dev) for v in zip(*work[lo:lo + chunk]))
         side, rows, pos = jobs[j_idx].T
@@ -78,21 +81,26 @@ def _sig_grads(ctx, target_fn, x, base, jobs, alphas, weights, chunk):
             if sel.any():
                 acc[s].transpose(1, 2).index_put_((rows[sel], pos[sel]), contrib[sel],
                                                   accumulate=True)
+        bar.advance(len(j_idx))
     return acc, at_zero
 
 
-def _token_ends(ctx, target_fn, x, base, jobs, chunk, known: Tensor | None = None) -> Tensor:
+def _token_ends(ctx, target_fn, x, base, jobs, chunk, known: Tensor | None = None, *,
+                bar: Reporter) -> Tensor:
     """f_t(x_{i<-b}) [job step]: one forward per token shared by all steps (causal masking), no
-    gradient, `chunk` tokens at a time; rows of `known` without NaN (a = 0 points) are reused."""
+    gradient, `chunk` tokens at a time; rows of `known` without NaN (a = 0 points) are reused.
+    `bar` counts the forwards."""
     ends = known.clone() if known is not None else torch.full(
         (len(jobs), len(ctx.steps)), float("nan"), dtype=x[0].dtype, device=x[0].device)
     todo = ends.isnan().any(1).nonzero().squeeze(1)
+    bar.expect(len(todo))
     with torch.no_grad():
         for lo in range(0, len(todo), chunk):
             idx = todo[lo:lo + chunk]
             side, rows, pos = jobs[idx].T
             emb = _moved(x, side, rows, pos, _token(base, side, rows, pos))
             ends[idx] = run_scored(ctx, target_fn, emb[0], emb[1], rows)[1]
+            bar.advance(len(idx))
     return ends
 
 
@@ -151,7 +159,8 @@ def _terms(ctx: Context, jobs: Tensor, f_x: Tensor, ends: Tensor) -> _Terms:
                   (f_x[rows].abs() + ends.abs()) * visible)
 
 
-def _level(ctx, target_fn, x, base, terms: _Terms, method: str, chunk: int) -> _converge.LevelFn:
+def _level(ctx, target_fn, x, base, terms: _Terms, method: str, chunk: int, *,
+           bar: Reporter) -> _converge.LevelFn:
     """`_converge.LevelFn` of SIG: n points of `method` at some rows and steps.
 
     `refine` judges step_sums(attrs) - expected against tolerance * |expected|. SIG's measure is
@@ -166,27 +175,30 @@ def _level(ctx, target_fn, x, base, terms: _Terms, method: str, chunk: int) -> _
         keep = torch.isin(jobs[:, 1], torch.tensor(rows, device=jobs.device))
         keep &= terms.visible[:, cols].any(1)  # a target token that no step left sees: skipped
         alphas, weights = _paths.quadrature(method, n)
-        grads, _ = _sig_grads(sub, target_fn, x, base, jobs[keep], alphas, weights, chunk)
+        grads, _ = _sig_grads(sub, target_fn, x, base, jobs[keep], alphas, weights, chunk, bar=bar)
         err = terms.errors([g * d[:, None] for g, d in zip(grads, diffs)], cols)
         return grads, terms.scatter(sub, err.abs() + terms.expected[:, cols].abs())
 
     return compute
 
 
-def _integrate(ctx, target_fn, x, base, f_x, *, n_steps, tolerance, max_steps, method, chunk):
+def _integrate(ctx, target_fn, x, base, f_x, *, n_steps, tolerance, max_steps, method, chunk,
+               bar: Reporter):
     """Gradient sums per side at `n_steps` points, or refined per step ("auto"); the completeness
-    terms; the points used (an int, or [batch step])."""
+    terms; the points used (an int, or [batch step]). `bar` shows the points and the forwards."""
     jobs = _jobs(ctx)
     if n_steps != "auto":
         alphas, weights = _paths.quadrature(method, n_steps)
-        grads, at_zero = _sig_grads(ctx, target_fn, x, base, jobs, alphas, weights, chunk)
-        ends = _token_ends(ctx, target_fn, x, base, jobs, chunk, known=at_zero)
+        bar.update(detail=f"{n_steps} points")
+        grads, at_zero = _sig_grads(ctx, target_fn, x, base, jobs, alphas, weights, chunk, bar=bar)
+        ends = _token_ends(ctx, target_fn, x, base, jobs, chunk, known=at_zero, bar=bar)
         return grads, _terms(ctx, jobs, f_x, ends), n_steps
-    terms = _terms(ctx, jobs, f_x, _token_ends(ctx, target_fn, x, base, jobs, chunk))
+    bar.update(detail="tokens at their baseline")
+    terms = _terms(ctx, jobs, f_x, _token_ends(ctx, target_fn, x, base, jobs, chunk, bar=bar))
     _, expected, size, zero = terms.measure(len(ctx.batch), torch.zeros_like(terms.expected))
-    compute = _level(ctx, target_fn, x, base, terms, method, chunk)
+    compute = _level(ctx, target_fn, x, base, terms, method, chunk, bar=bar)
     grads, _, points = _converge.refine(ctx, compute, expected, size, zero, tolerance=tolerance,
-                                        max_steps=max_steps)
+                                        max_steps=max_steps, reporter=bar)
     return grads, terms, points
 
 
@@ -197,7 +209,7 @@ def sequential_integrated_gradients(
     baseline: Baseline = "auto", multiply_by_inputs: bool = True,
     attribute_target: bool | None = None,
     attr_pos_start: int | None = None, attr_pos_end: int | None = None,
-    step_scores: StepScoreSpec = (),
+    step_scores: StepScoreSpec = (), progress: bool = False,
 ) -> AttributionTensors:
     """Sequential integrated gradients (Enguehard 2023, arXiv:2305.15853): for each token, IG
     along the path that moves that token alone from its baseline to its embedding while every
@@ -216,6 +228,7 @@ def sequential_integrated_gradients(
     `internal_batch_size` sequences. Works for decoder-only and encoder-decoder models, forced or
     generated targets, and target tokens with `attribute_target=True`. Other options as in
     `integrated_gradients`; the cost is about the number of attributed tokens times IG's.
+    `progress=True` shows the points and the (token, point) forwards done on stderr.
 
     Returns `source` [batch step src hidden] (and `target` [batch step tgt hidden]), and `delta`
     [batch step]: sum_i err_i = sum_i (sum of token i's scores - (f_t(x) - f_t(x_{i<-b}))), the
@@ -232,15 +245,16 @@ def sequential_integrated_gradients(
             "internal_batch_size": internal_batch_size, "baseline": baseline,
             "multiply_by_inputs": multiply_by_inputs, "attribute_target": attribute_target,
             "attr_pos_start": attr_pos_start, "attr_pos_end": attr_pos_end}
-    with attribution_context(model, batch, attribute_target=attribute_target,
-                             attr_pos_start=attr_pos_start, attr_pos_end=attr_pos_end) as ctx:
+    with (report(progress, "sequential_integrated_gradients", unit="forwards") as bar,
+          attribution_context(model, batch, attribute_target=attribute_target,
+                              attr_pos_start=attr_pos_start, attr_pos_end=attr_pos_end) as ctx):
         x = (ctx.embedded.source, ctx.embedded.target)
         base = baselines(ctx, baseline)
         with torch.no_grad():
             clean, f_x = run_scored(ctx, target_fn, *x)
         grads, terms, points = _integrate(ctx, target_fn, x, base, f_x, n_steps=n_steps,
                                           tolerance=tolerance, max_steps=max_steps, method=method,
-                                          chunk=internal_batch_size)
+                                          chunk=internal_batch_size, bar=bar)
         attrs = [g * (t - b)[:, None] for g, t, b in zip(grads, x, base)]
         err = terms.errors(attrs)
         record = _converge.record(ctx, *terms.measure(len(ctx.batch), err), tolerance, points)

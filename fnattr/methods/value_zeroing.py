@@ -22,6 +22,7 @@ from fnattr.hooks.value_zeroing import value_zeroing as zeroed_values
 from fnattr.methods._common import (
     Context, StepScoreSpec, attribution_context, clean_logits, finish, logit_step_scores,
 )
+from fnattr.progress import OFF, Reporter, report
 from fnattr.result import AttributionTensors
 from fnattr.targets import probability
 from fnattr.types import Model, TargetFn
@@ -58,14 +59,18 @@ def replay(layer: nn.Module, call: LayerCall, rows: Tensor, n: int) -> Tensor:
 def zeroing_scores(
     layers: nn.ModuleList, calls: dict[int, LayerCall], vz: ValueZeroingHandle,
     zero: Bool[Tensor, "batch seq"], queries: Tensor, similarity: Similarity, chunk: int,
+    *, bar: Reporter = OFF,
 ) -> Float[Tensor, "batch layer seq query"]:
-    """Distance of each query position's layer-l state when token j's value is zeroed in layer l."""
+    """Distance of each query position's layer-l state when token j's value is zeroed in layer l
+    (each layer counted on `bar`)."""
     n, seq = zero.shape
     ref = calls[0].output
     out = ref.new_zeros(n, len(layers), seq, len(queries))
     pairs = zero.nonzero()
+    bar.expect(len(layers))
     for layer, module in enumerate(layers):
         if vz.heads.get(layer, ()) == ():
+            bar.advance()
             continue
         clean = calls[layer].output[:, queries]
         for lo in range(0, len(pairs), chunk):
@@ -78,20 +83,22 @@ def zeroing_scores(
                                    f"{layer} of {type(module).__name__}: its attention does not use "
                                    "transformers' attention interface.")
             out[b, layer, j] = distance(new, clean[b], similarity)
+        bar.advance()
     vz.zero(None)
     return out
 
 
-def _self_scores(ctx, kind, heads, zero, queries, similarity, chunk):
+def _self_scores(ctx, kind, heads, zero, queries, similarity, chunk, bar: Reporter):
     """Clean forward capturing the stack's layers, then replay each layer with tokens zeroed."""
     layers = layer_stacks(ctx.model)["decoder"]
     with capture_layers(layers) as calls:
         logits = clean_logits(ctx)
+    bar.update(detail=f"{kind} attention")
     with zeroed_values(ctx.model, None, heads, attention=kind) as vz:
-        return logits, zeroing_scores(layers, calls, vz, zero, queries, similarity, chunk)
+        return logits, zeroing_scores(layers, calls, vz, zero, queries, similarity, chunk, bar=bar)
 
 
-def _encoder_scores(ctx, heads, similarity, chunk) -> Float[Tensor, "batch layer src step"]:
+def _encoder_scores(ctx, heads, similarity, chunk, bar: Reporter) -> Float[Tensor, "batch layer src step"]:
     """Zero source token i in encoder layer l; distance of the decoder's last-layer state at each step."""
     stacks = layer_stacks(ctx.model)
     last, emb, batch = stacks["decoder"][-1:], ctx.embedded, ctx.batch
@@ -101,9 +108,12 @@ def _encoder_scores(ctx, heads, similarity, chunk) -> Float[Tensor, "batch layer
     n, src = batch.source_ids.shape
     out = clean.new_zeros(n, len(stacks["encoder"]), src, len(ctx.steps))
     pairs = batch.source_mask.nonzero()
+    bar.update(detail="encoder attention")
+    bar.expect(len(stacks["encoder"]))
     for layer in range(len(stacks["encoder"])):
         with zeroed_values(ctx.model, [layer], heads, attention="encoder") as vz:
             if vz.heads.get(layer, ()) == ():
+                bar.advance()
                 continue
             for lo in range(0, len(pairs), chunk):
                 b, i = pairs[lo:lo + chunk].unbind(1)
@@ -111,6 +121,7 @@ def _encoder_scores(ctx, heads, similarity, chunk) -> Float[Tensor, "batch layer
                 with capture_layers(last) as calls:
                     forward(ctx.model, batch, ctx.handle, emb.source[b], emb.target[b], emb.start, b)
                 out[b, layer, i] = distance(calls[0].output[:, ctx.steps], clean[b], similarity)
+        bar.advance()
     return out
 
 
@@ -119,34 +130,35 @@ def _pad_last(x: Tensor) -> Tensor:
     return F.pad(x, (0, 0, 0, 1))
 
 
-def _decoder_only(ctx: Context, heads, similarity, chunk):
+def _decoder_only(ctx: Context, heads, similarity, chunk, bar: Reporter):
     batch, steps = ctx.batch, ctx.steps
     n_src = batch.source_ids.shape[1]
     mask = torch.cat([batch.source_mask, batch.target_mask[:, :-1]], 1)
     visible = torch.arange(mask.shape[1], device=mask.device) <= n_src - 1 + int(steps.max())
     if not ctx.attribute_target:
         visible &= torch.arange(mask.shape[1], device=mask.device) < n_src
-    logits, d = _self_scores(ctx, "decoder", heads, mask & visible, n_src - 1 + steps, similarity, chunk)
+    logits, d = _self_scores(ctx, "decoder", heads, mask & visible, n_src - 1 + steps, similarity, chunk,
+                             bar)
     target = _pad_last(d[:, :, n_src:]) if ctx.attribute_target else None
     return logits, d[:, :, :n_src], target
 
 
-def _encoder_decoder(ctx: Context, heads_by_kind, output, similarity, chunk):
+def _encoder_decoder(ctx: Context, heads_by_kind, output, similarity, chunk, bar: Reporter):
     batch, steps = ctx.batch, ctx.steps
     if output == "encoder":
         if ctx.attribute_target:
             raise ValueError("`output`='encoder' scores source tokens only: pass attribute_target=False.")
         emb = ctx.embedded
         logits = forward(ctx.model, batch, ctx.handle, emb.source, emb.target, emb.start)
-        return logits, _encoder_scores(ctx, heads_by_kind["encoder"], similarity, chunk), None
+        return logits, _encoder_scores(ctx, heads_by_kind["encoder"], similarity, chunk, bar), None
     logits, source = _self_scores(ctx, "cross", heads_by_kind["cross"], batch.source_mask, steps,
-                                  similarity, chunk)
+                                  similarity, chunk, bar)
     target = None
     if ctx.attribute_target:
         pos = torch.arange(batch.target_ids.shape[1], device=steps.device)
         zero = torch.cat([torch.zeros_like(batch.target_mask[:, :1]), batch.target_mask[:, :-1]], 1)
         _, d = _self_scores(ctx, "decoder", heads_by_kind["decoder"], zero & (pos <= int(steps.max())),
-                            steps, similarity, chunk)
+                            steps, similarity, chunk, bar)
         target = _pad_last(d[:, :, 1:])
     return logits, source, target
 
@@ -157,7 +169,7 @@ def value_zeroing(
     decoder_heads: HeadSpec = None, encoder_heads: HeadSpec = None, cross_heads: HeadSpec = None,
     internal_batch_size: int = 256, attribute_target: bool | None = None,
     attr_pos_start: int | None = None, attr_pos_end: int | None = None,
-    step_scores: StepScoreSpec = (),
+    step_scores: StepScoreSpec = (), progress: bool = False,
 ) -> AttributionTensors:
     """Value zeroing (Mohebbi et al. 2023, arXiv:2301.12971): the distance (`similarity`: cosine
     or euclidean) between the clean layer-l hidden state of the position predicting each step and
@@ -169,6 +181,7 @@ def value_zeroing(
     measures the decoder's last-layer state at each step. `*_heads` choose the zeroed value heads
     per attention kind: an int, a range, a list, or a dict {layer: heads} (omitted layers score 0);
     None zeroes all heads. `internal_batch_size` bounds the zeroed copies run in one call.
+    `progress=True` shows the layers done on stderr.
 
     Returns `source` [batch step src layer] and `target` [batch step tgt layer] (`extra_dims`
     ("layer",)); the target function only gives the step scores.
@@ -194,13 +207,16 @@ def value_zeroing(
         stack = stacks.get("encoder" if kind == "encoder" else "decoder")
         if stack is not None:
             resolve_heads(spec, len(stack), f"{kind}_heads")
-    with attribution_context(model, batch, attribute_target=attribute_target,
-                             attr_pos_start=attr_pos_start, attr_pos_end=attr_pos_end) as ctx:
+    with (report(progress, "value_zeroing", unit="layers") as bar,
+          attribution_context(model, batch, attribute_target=attribute_target,
+                              attr_pos_start=attr_pos_start, attr_pos_end=attr_pos_end) as ctx):
         with torch.no_grad():
             if model.config.is_encoder_decoder:
-                logits, src, tgt = _encoder_decoder(ctx, heads, output, similarity, internal_batch_size)
+                logits, src, tgt = _encoder_decoder(ctx, heads, output, similarity,
+                                                    internal_batch_size, bar)
             else:
-                logits, src, tgt = _decoder_only(ctx, decoder_heads, similarity, internal_batch_size)
+                logits, src, tgt = _decoder_only(ctx, decoder_heads, similarity, internal_batch_size,
+                                                 bar)
         perm = lambda x: None if x is None else x.permute(0, 3, 2, 1)  # noqa: E731
         return finish(ctx, method="value_zeroing", args=args, target_fn=target_fn,
                       source=perm(src), target=perm(tgt),
