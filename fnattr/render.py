@@ -153,12 +153,25 @@ def _html_table(hm: Heatmap) -> str:
     return "\n".join(lines)
 
 
+NOTEBOOK_ROWS = 8  # batch rows a notebook cell draws (`AttributionTensors._repr_html_`)
+
+
 def html(
     out: AttributionTensors, *, standalone: bool = True, reduction: str | Reducer | None = None,
-    normalize: bool = False,
+    normalize: bool = False, max_rows: int | None = None,
 ) -> str:
-    """Every batch row as an HTML heatmap; `standalone` wraps it in a page with no network assets."""
-    body = "\n".join(_html_table(hm) for hm in heatmaps(out, reduction=reduction, normalize=normalize))
+    """Every batch row (the first `max_rows`, with a note saying so) as an HTML heatmap;
+    `standalone` wraps it in a page with no network assets."""
+    n = out.source.shape[0]
+    if max_rows is not None and max_rows < 1:
+        raise ValueError(f"`max_rows`={max_rows}: draw at least 1 row, or None for all {n}.")
+    shown = range(n if max_rows is None else min(n, max_rows))
+    body = "\n".join(_html_table(heatmap(out, row=r, reduction=reduction, normalize=normalize))
+                     for r in shown)
+    if len(shown) < n:
+        body += (f'\n<p class="note">rows 0-{len(shown) - 1} of {n} shown: '
+                 "<code>fnattr.render.html(out)</code> draws them all, "
+                 "<code>fnattr.render.heatmap(out, row=r)</code> one.</p>")
     if not standalone:
         return f"<div><style>{_CSS}</style>\n{body}\n</div>"
     title = _html.escape(visible(views.title(out)))
@@ -247,6 +260,56 @@ def save_png(out: AttributionTensors, path: str | os.PathLike, *, row: int = 0, 
              **options) -> None:
     """Write `figure(out, row=row, **options)` as a PNG; `options`: `reduction`, `normalize`."""
     figure(out, row=row, dpi=dpi, **options).savefig(os.fspath(path), dpi=dpi, format="png")
+
+
+# ---- per-step plot ---------------------------------------------------------------------------
+
+def step_plot(out: AttributionTensors, path: str | os.PathLike | None = None, *, row: int = 0,
+              top_k: int = 3, score: str | None = None, dpi: int = 100,
+              reduction: str | Reducer | None = None, normalize: bool = False):
+    """A matplotlib Figure of batch row `row`, one point per generated token: the attributed
+    target's step score (`score`: another step score), each step labelled with the `top_k`
+    tokens of largest |score| in its column of the heatmap (same reduction and normalisation).
+    With `path`, also written as a PNG. Every text is drawn literally (mathtext off).
+
+    >>> step_plot(out, "steps.png", top_k=3)   # x: generated tokens, y: P(token)
+    """
+    from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global figure state
+
+    hm = heatmap(out, row=row, reduction=reduction, normalize=normalize)
+    name, ys = views.step_score(out, hm, score)
+    tops = views.top_tokens(hm, top_k)
+    n_c, lit = len(hm.cols), {"parse_math": False}
+    w = max(6.0, 1.1 * n_c + 2.0)
+    notes = _wrap((*hm.notes, f"labels: the {top_k} tokens with the largest |score| of each step"), w - 0.4)
+    band, rotate = 0.2 + 0.16 * top_k, n_c > 8
+    bottom = (1.2 if rotate else 0.7) + len(notes) * NOTE_INCHES
+    h = 2.8 + band + bottom
+    fig = Figure(figsize=(w, h), dpi=dpi)
+    grid = fig.add_gridspec(2, 1, height_ratios=[band, 2.0], hspace=0.02, left=1.2 / w,
+                            right=1 - 0.3 / w, top=1 - 0.5 / h, bottom=bottom / h)
+    ax = fig.add_subplot(grid[1, 0])
+    ax.plot(range(n_c), ys.tolist(), marker="o", color="#1f4e9c")
+    ax.set_xticks(range(n_c), [hm.header(k) for k in range(n_c)], rotation=90 if rotate else 0,
+                  fontsize=8, **lit)
+    for k in hm.flagged:
+        ax.get_xticklabels()[k].set_color("#cc0000")
+    ax.set_xlim(-0.5, n_c - 0.5)
+    ax.set_ylabel(name, **lit)
+    ax.grid(axis="y", alpha=0.3)
+    tax = fig.add_subplot(grid[0, 0], sharex=ax)
+    tax.set_axis_off()
+    for k, top in enumerate(tops):
+        text = "\n".join(f"{token} {value:+.2g}" for token, value in top)
+        tax.text(k, 0.0, text, ha="center", va="bottom", fontsize=7, transform=tax.get_xaxis_transform(),
+                 **lit)
+    fig.suptitle(hm.title, fontsize=10, **lit)
+    for i, line in enumerate(notes):
+        fig.text(0.2 / w, (0.1 + (len(notes) - i - 0.5) * NOTE_INCHES) / h, line,
+                 fontsize=8, va="center", ha="left", **lit)
+    if path is not None:
+        fig.savefig(os.fspath(path), dpi=dpi, format="png")
+    return fig
 
 
 # ---- notebook or terminal --------------------------------------------------------------------

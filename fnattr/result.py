@@ -7,7 +7,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from jaxtyping import Bool, Float, Int
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
@@ -76,13 +76,36 @@ class AttributionTensors:
         show(self, reduction=reduction, normalize=normalize)
 
     def __repr__(self) -> str:
-        """What the result holds, not its numbers (`out.source` has them; `out.show()` draws them)."""
+        """What the result holds, not its numbers (`out.source` has them; `out.show()` draws them):
+        method, shapes, and the first rows' tokens."""
         shape = lambda t: "None" if t is None else "x".join(map(str, t.shape))  # noqa: E731
         dims = " ".join(("batch", "step", "src", *self.extra_dims))
         return (f"AttributionTensors(method={self.meta.get('method')!r}, "
                 f"target_fn={self.meta.get('target_fn')!r}, source[{dims}]={shape(self.source)}, "
                 f"target={shape(self.target)}, step_scores={list(self.step_scores)}, "
-                f"delta={shape(self.delta)})")
+                f"delta={shape(self.delta)}, tokens={_tokens_repr(self)})")
+
+    def _repr_html_(self) -> str:
+        """The HTML heatmap in a notebook (Jupyter calls this): the first rows, escaped."""
+        from fnattr.render import NOTEBOOK_ROWS, html  # render imports this module
+
+        return html(self, standalone=False, max_rows=NOTEBOOK_ROWS)
+
+
+REPR_ROWS, REPR_CHARS = 2, 40  # rows and characters per side that `repr` shows
+
+
+def _text(tokens: tuple[str, ...], mask: Tensor) -> str:
+    text = "".join(t for t, real in zip(tokens, mask.tolist()) if real)
+    return text if len(text) <= REPR_CHARS else text[:REPR_CHARS - 1] + "\u2026"
+
+
+def _tokens_repr(out: AttributionTensors) -> str:
+    """`['source' -> 'target', ...]` of the first `REPR_ROWS` rows, padding dropped, shortened."""
+    rows = [f"{_text(s, sm)!r} -> {_text(t, tm)!r}" for s, t, sm, tm in zip(
+        out.source_tokens[:REPR_ROWS], out.target_tokens[:REPR_ROWS], out.source_mask, out.target_mask)]
+    more = len(out.source_tokens) - len(rows)
+    return "[" + ", ".join(rows + ([f"... {more} more"] if more > 0 else [])) + "]"
 
 
 _TENSORS = ("source", "target", "steps", "source_ids", "target_ids", "source_mask",
@@ -105,20 +128,43 @@ def save(result: AttributionTensors, path: str | os.PathLike) -> None:
     save_file(tensors, os.fspath(path), metadata=header)
 
 
+def _unreadable(path: str | os.PathLike, error: Exception) -> ValueError:
+    return ValueError(f"{os.fspath(path)!r} is damaged or not an fnattr result ({error}).")
+
+
+def _header(path: str | os.PathLike, f: Any) -> Mapping[str, str]:
+    header: Mapping[str, str] = f.metadata() or {}
+    if header.get("format") != FORMAT:
+        raise ValueError(f"{os.fspath(path)!r} is not an fnattr result (format {header.get('format')!r}).")
+    return header
+
+
+def load_meta(path: str | os.PathLike) -> dict[str, str]:
+    """The `meta` of the result saved in `path`, read from its header alone (no tensors)."""
+    try:
+        with safe_open(os.fspath(path), framework="pt") as f:
+            header = _header(path, f)
+        meta = json.loads(header["meta"])
+    except (SafetensorError, KeyError, json.JSONDecodeError) as error:
+        raise _unreadable(path, error) from None
+    if not isinstance(meta, dict):
+        raise _unreadable(path, ValueError("its meta is not a JSON object"))
+    return meta
+
+
 def load(path: str | os.PathLike) -> AttributionTensors:
-    """Read an `AttributionTensors` written by `save` (safetensors: never unpickles)."""
-    with safe_open(os.fspath(path), framework="pt") as f:
-        header: Mapping[str, str] = f.metadata() or {}
-        if header.get("format") != FORMAT:
-            raise ValueError(f"{os.fspath(path)!r} is not an fnattr result (format {header.get('format')!r}).")
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    names = json.loads(header["step_score_names"])
-    tokens = {k: tuple(tuple(row) for row in json.loads(header[k]))
-              for k in ("source_tokens", "target_tokens")}
-    return AttributionTensors(
-        **{k: tensors.get(k) for k in _TENSORS},
-        step_scores={n: tensors[f"step_scores.{n}"] for n in names},
-        extra_dims=tuple(json.loads(header["extra_dims"])),
-        meta=json.loads(header["meta"]),
-        **tokens,
-    )
+    """Read an `AttributionTensors` written by `save` (safetensors: never unpickles).
+
+    A damaged or truncated file raises a ValueError that names it."""
+    try:
+        with safe_open(os.fspath(path), framework="pt") as f:
+            header = _header(path, f)
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        names = json.loads(header["step_score_names"])
+        tokens = {k: tuple(tuple(row) for row in json.loads(header[k]))
+                  for k in ("source_tokens", "target_tokens")}
+        parts = {"step_scores": {n: tensors[f"step_scores.{n}"] for n in names},
+                 "extra_dims": tuple(json.loads(header["extra_dims"])), "meta": json.loads(header["meta"])}
+    except (SafetensorError, KeyError, TypeError, json.JSONDecodeError) as error:
+        raise _unreadable(path, error) from None
+    return AttributionTensors(**{k: tensors.get(k) for k in _TENSORS}, **parts, **tokens)

@@ -250,3 +250,31 @@ def _step_rows(out: AttributionTensors, row: int, cols: torch.Tensor) -> dict[st
 def heatmaps(out: AttributionTensors, **options) -> list[Heatmap]:
     """`heatmap` of every batch row; `options`: `reduction`, `normalize`."""
     return [heatmap(out, row=r, **options) for r in range(out.source.shape[0])]
+
+
+def step_score(out: AttributionTensors, hm: Heatmap, name: str | None = None) -> tuple[str, Tensor]:
+    """(name, values per column of `hm`) of the step score `name`; by default the attributed
+    target function's (`meta["target_fn"]`), else the only one there is."""
+    scores = {k: v for k, v in hm.step_scores.items() if k != "delta"}
+    if name is None:
+        name = out.meta.get("target_fn")
+        if name not in scores and len(scores) == 1:
+            name = next(iter(scores))
+    if name not in scores:
+        have = ", ".join(map(repr, scores)) or "none"
+        raise ValueError(f"the result has no step score {name!r} (it has {have}): pass `score=` "
+                         "one of them, or attribute with `step_scores=[...]`.")
+    return name, scores[name]
+
+
+def top_tokens(hm: Heatmap, k: int) -> list[list[tuple[str, float]]]:
+    """For each column of `hm`: the `k` (row label, score) pairs of largest |score| that the
+    step can see, largest first (ties: earlier token first)."""
+    if k < 1:
+        raise ValueError(f"`top_k`={k}: label each step with at least 1 token.")
+    tops = []
+    for col in hm.values.T:
+        seen = (~col.isnan()).nonzero().squeeze(1)
+        order = col[seen].abs().argsort(descending=True, stable=True)[:k]
+        tops.append([(hm.rows[int(seen[i])], float(col[seen[i]])) for i in order])
+    return tops

@@ -140,7 +140,7 @@ def test_show_prints_a_table_outside_notebooks(capsys):
     assert "cells: L2 norm over hidden; normalised per step" in capsys.readouterr().out
     assert repr(result(2, 3)) == ("AttributionTensors(method='test_method', target_fn=None, "
                                   "source[batch step src hidden]=1x3x2x2, target=1x3x3x2, "
-                                  "step_scores=['probability'], delta=None)")
+                                  "step_scores=['probability'], delta=None, tokens=['s0s1' -> 't0t1t2'])")
 
 
 def test_heatmap_rejects_bad_row():
@@ -310,3 +310,62 @@ def test_hostile_strings_render_literally(tmp_path):
     assert f"baseline: {shown}" in " ".join(t.get_text() for t in fig.texts)  # caption, wrapped
     assert all(not t.get_parse_math() for t in texts)  # mathtext off: drawn as written
     render.save_png(out, tmp_path / "hostile.png", dpi=40)
+
+
+# ---- notebooks: repr, _repr_html_; the per-step plot ------------------------------------------
+
+def test_repr_is_short_and_names_method_shapes_and_tokens():
+    out = result(3, 2, batch=5, src_tokens=("The", " capital\n", " x" * 40), tgt_tokens=(" Paris", "."),
+                 meta={"method": "saliency", "target_fn": "probability"})
+    out = out.replace(source_mask=out.source_mask.clone().index_put_((torch.tensor([0]), torch.tensor([0])),
+                                                                      torch.tensor(False)))
+    text = repr(out)
+    assert "method='saliency'" in text and "target_fn='probability'" in text
+    assert "source[batch step src hidden]=5x2x3x2" in text and "target=5x2x2x2" in text
+    assert "' capital\\n x x x" in text and "-> ' Paris.'" in text  # padding dropped, escaped
+    assert "\u2026" in text and "... 3 more" in text and text.count("->") == 2  # two rows shown
+    assert "\n" not in text and len(text) < 400  # one short line whatever the batch size
+    assert "[0.]" not in text and "tensor" not in text  # shapes, never numbers
+
+
+def test_repr_html_is_the_escaped_heatmap_of_the_first_rows():
+    out = result(2, 2, batch=10, src_tokens=("<script>", "a&b"), tgt_tokens=("</td>", "$x$"))
+    page = out._repr_html_()
+    assert page.startswith("<div>") and "<!DOCTYPE" not in page  # a fragment for the notebook
+    assert "&lt;script&gt;" in page and "a&amp;b" in page and "&lt;/td&gt;" in page
+    assert "<script>" not in page and "</td>," not in page
+    assert page.count('class="fa"') == render.NOTEBOOK_ROWS and "rows 0-7 of 10 shown" in page
+    small = result(2, 2, batch=2)
+    assert small._repr_html_().count('class="fa"') == 2 and "shown" not in small._repr_html_()
+    with pytest.raises(ValueError, match="max_rows"):
+        render.html(small, max_rows=0)
+
+
+def test_step_plot_draws_the_step_scores_with_the_top_tokens(tmp_path):
+    tokens = ("$x^2$", "[/INST]", "\\alpha")
+    out = result(3, 3, batch=2, src_tokens=tokens, tgt_tokens=("$$", " Paris", "\n"),
+                 meta={"method": "integrated_gradients", "target_fn": "probability"})
+    out = out.replace(step_scores={**out.step_scores, "logprob": torch.zeros(2, 3, dtype=torch.float64)})
+    fig = render.step_plot(out, tmp_path / "steps.png", row=1, top_k=2)
+    assert type(fig).__name__ == "Figure" and (tmp_path / "steps.png").read_bytes()[:4] == b"\x89PNG"
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["$$", " Paris", "\\n"]
+    line = ax.get_lines()[0]
+    assert list(line.get_ydata()) == out.step_scores["probability"][1].tolist()
+    assert ax.get_ylabel() == "probability"
+    hm = render.heatmap(out, row=1)
+    tops = render.views.top_tokens(hm, 2)
+    labels = [t.get_text() for t in fig.axes[1].texts]
+    for k, top in enumerate(tops):
+        column = hm.values[:, k]
+        order = column[~column.isnan()].abs().sort(descending=True).values
+        assert [abs(v) for _, v in top] == order[:2].tolist()  # the two largest |score|
+        assert labels[k] == "\n".join(f"{name} {v:+.2g}" for name, v in top)
+    assert "$x^2$" in " ".join(labels) or "[/INST]" in " ".join(labels)
+    texts = fig.findobj(matplotlib.text.Text)
+    assert all(not t.get_parse_math() for t in texts if "$" in t.get_text())  # drawn as written
+    assert render.step_plot(out, score="logprob").axes[0].get_ylabel() == "logprob"
+    with pytest.raises(ValueError, match=r"no step score 'entropy' \(it has 'probability', 'logprob'\)"):
+        render.step_plot(out, score="entropy")
+    with pytest.raises(ValueError, match="top_k"):
+        render.step_plot(out, top_k=0)

@@ -70,3 +70,36 @@ def test_frozen(gpt2):
     out = saliency(model, prepare(model, tok, ["A dog"], [" ran"]))
     with pytest.raises(AttributeError):
         out.source = None  # type: ignore[misc]
+
+
+def test_damaged_files_are_named(gpt2, tmp_path):
+    model, tok = gpt2
+    out = saliency(model, prepare(model, tok, ["A dog"], [" ran"]))
+    out.save(tmp_path / "r.safetensors")
+    assert fnattr.result.load_meta(tmp_path / "r.safetensors") == out.meta
+    data = (tmp_path / "r.safetensors").read_bytes()
+    for name, damaged in (("cut.safetensors", data[: len(data) - 16]), ("junk.safetensors", b"junk"),
+                          ("empty.safetensors", b"")):
+        (tmp_path / name).write_bytes(damaged)
+        with pytest.raises(ValueError, match=rf"{name}' is damaged or not an fnattr result"):
+            fnattr.load(tmp_path / name)
+    (tmp_path / "junk.safetensors").write_bytes(b"junk")
+    with pytest.raises(ValueError, match=r"junk\.safetensors' is damaged"):
+        fnattr.result.load_meta(tmp_path / "junk.safetensors")
+    header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])
+    header["__metadata__"]["meta"] = "{not json"
+    raw = json.dumps(header).encode()
+    (tmp_path / "meta.safetensors").write_bytes(len(raw).to_bytes(8, "little") + raw
+                                                + data[8 + int.from_bytes(data[:8], "little"):])
+    with pytest.raises(ValueError, match=r"meta\.safetensors' is damaged"):
+        fnattr.load(tmp_path / "meta.safetensors")
+
+
+def test_repr_and_notebook_html_of_a_real_result(gpt2):
+    model, tok = gpt2
+    out = saliency(model, prepare(model, tok, ["The cat <b>", "A dog"], [" sat", " ran"]))
+    text = repr(out)
+    assert text.startswith("AttributionTensors(method='saliency'") and "2x" in text
+    assert "The cat <b>" in text and "-> ' sat'" in text and "-> ' ran'" in text
+    page = out._repr_html_()
+    assert "&lt;" in page and "<b>" not in page and page.count('class="fa"') == 2
