@@ -160,7 +160,7 @@ def _per_path(record: dict[str, str], n_segments: int) -> dict[str, str]:
 def discretized_integrated_gradients(
     model: Model, batch: Batch, target_fn: TargetFn = probability, *,
     n_steps: int = 32, strategy: Strategy = "greedy", n_neighbors: int = 64,
-    points_per_segment: int | str = "auto", tolerance: float = _converge.TOLERANCE,
+    points_per_segment: int | Literal["auto"] = "auto", tolerance: float = _converge.TOLERANCE,
     max_points_per_segment: int = 16, internal_batch_size: int = 64, baseline: Baseline = "auto",
     method: str = "riemann_left",
     attribute_target: bool | None = None,

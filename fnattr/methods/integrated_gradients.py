@@ -1,5 +1,7 @@
 """Integrated gradients over every generated step, with bounded interpolation batches."""
 
+from typing import Literal
+
 import torch
 from torch import Tensor
 
@@ -95,8 +97,8 @@ def integrate(ctx: Context, compute: _converge.LevelFn, ends: tuple[Tensor, Tens
 
 def integrated_gradients(
     model: Model, batch: Batch, target_fn: TargetFn = probability, *,
-    n_steps: int | str = "auto", tolerance: float = _converge.TOLERANCE, max_steps: int = 128,
-    method: str = "gausslegendre",
+    n_steps: int | Literal["auto"] = "auto", tolerance: float = _converge.TOLERANCE,
+    max_steps: int = 128, method: str = "gausslegendre",
     internal_batch_size: int = 64, baseline: Baseline = "auto",
     multiply_by_inputs: bool = True, attribute_target: bool | None = None,
     attr_pos_start: int | None = None, attr_pos_end: int | None = None,

@@ -1,6 +1,7 @@
 """Layer methods: attributions to the output of any module, per source/target position."""
 
 from contextlib import ExitStack
+from typing import Literal
 
 import torch
 
@@ -108,8 +109,8 @@ def _layer_path_grads(ctx, hooks, roles, target_fn, x: Acts, base: Acts, alphas,
 
 def layer_integrated_gradients(
     model: Model, batch: Batch, target_fn: TargetFn = probability, *,
-    layer: LayerSpec | None = None, n_steps: int | str = "auto", tolerance: float = _converge.TOLERANCE,
-    max_steps: int = 128, method: str = "gausslegendre",
+    layer: LayerSpec | None = None, n_steps: int | Literal["auto"] = "auto",
+    tolerance: float = _converge.TOLERANCE, max_steps: int = 128, method: str = "gausslegendre",
     internal_batch_size: int = 64, baseline: Baseline = "auto", multiply_by_inputs: bool = True,
     attribute_target: bool | None = None,
     attr_pos_start: int | None = None, attr_pos_end: int | None = None,

@@ -7,6 +7,7 @@ the per-token errors, the record and `n_steps="auto"` judge their absolute value
 
 import dataclasses
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -204,7 +205,8 @@ def _integrate(ctx, target_fn, x, base, f_x, *, n_steps, tolerance, max_steps, m
 
 def sequential_integrated_gradients(
     model: Model, batch: Batch, target_fn: TargetFn = probability, *,
-    n_steps: int | str = "auto", tolerance: float = _converge.TOLERANCE, max_steps: int = 128,
+    n_steps: int | Literal["auto"] = "auto", tolerance: float = _converge.TOLERANCE,
+    max_steps: int = 128,
     method: str = "gausslegendre", internal_batch_size: int = 64,
     baseline: Baseline = "auto", multiply_by_inputs: bool = True,
     attribute_target: bool | None = None,

@@ -228,6 +228,6 @@ def test_convergence_options_errors(gpt2, options, match):
     model, tok = gpt2
     batch = prepare(model, tok, [SOURCE], [TARGET])
     before = snapshot(model)
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises((ValueError, TypeError), match=match):  # TypeError: CI's jaxtyping hook
         integrated_gradients(model, batch, **options)
     assert_unchanged(model, before)
