@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP)
 
 demo: install
-	$(VENV)/bin/fnattr attribute "The capital of France is" --method integrated_gradients
+	$(VENV)/bin/fnattr attribute "The capital of France is" --method integrated_gradients --no-save
 
 # faithfulness of five methods on six SmolLM2 prompts: the README's comparison table and PNG
 evaluate: install
