@@ -11,11 +11,16 @@ Replacement = Tensor | Callable[[Tensor], Tensor]
 LayerSpec = str | nn.Module | Sequence[str | nn.Module]
 
 
-def resolve_layers(model: nn.Module, layer: LayerSpec) -> list[nn.Module]:
-    """The distinct modules that `layer` names: a dotted name, a module of `model`, or several."""
+def resolve_layers(model: nn.Module, layer: LayerSpec, *, arg: str = "layer",
+                   examples: Sequence[str] | None = None) -> list[nn.Module]:
+    """The distinct modules that `layer` names: a dotted name, a module of `model`, or several.
+
+    Errors name the argument `arg` and suggest `examples` (default: the first module names)."""
     specs = [layer] if isinstance(layer, (str, nn.Module)) else list(layer)
+    if examples is None:
+        examples = [n for n, _ in model.named_modules() if n][:8]
     if not specs:
-        raise ValueError("`layer` names no module: pass a module name such as 'model.layers.0'.")
+        raise ValueError(f"`{arg}` names no module: pass module names such as {list(examples)[:2]}.")
     found: dict[int, nn.Module] = {}
     owned = {id(m) for m in model.modules()}
     for spec in specs:
@@ -23,16 +28,16 @@ def resolve_layers(model: nn.Module, layer: LayerSpec) -> list[nn.Module]:
             try:
                 module = model.get_submodule(spec)
             except AttributeError:
-                names = [n for n, _ in model.named_modules() if n][:8]
-                raise ValueError(f"`layer`={spec!r} is not a module of {type(model).__name__}: "
-                                 f"use a name from model.named_modules(), e.g. {names}.") from None
+                raise ValueError(f"`{arg}`={spec!r} is not a module of {type(model).__name__}: "
+                                 f"use a name from model.named_modules(), e.g. {list(examples)}."
+                                 ) from None
         elif isinstance(spec, nn.Module):
             module = spec
             if id(module) not in owned:
-                raise ValueError(f"`layer` ({type(module).__name__}) is not a submodule of "
+                raise ValueError(f"`{arg}` ({type(module).__name__}) is not a submodule of "
                                  f"{type(model).__name__}: pass one of its modules.")
         else:
-            raise TypeError(f"`layer` holds a {type(spec).__name__}: pass module names or modules.")
+            raise TypeError(f"`{arg}` holds a {type(spec).__name__}: pass module names or modules.")
         found.setdefault(id(module), module)
     return list(found.values())
 

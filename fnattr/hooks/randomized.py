@@ -15,6 +15,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor, nn
 
+from fnattr.hooks.layer import resolve_layers as _resolve
+
 LayersSpec = str | nn.Module | Sequence[str | nn.Module]
 # `init(original, generator) -> new values`: `original` is a detached copy of the parameter,
 # `generator` a seeded CPU generator; the result is cast to the parameter's dtype and device.
@@ -104,29 +106,9 @@ class Redraw:
 
 def resolve_layers(model: nn.Module, layers: LayersSpec) -> list[tuple[str, nn.Module]]:
     """(name, module) of each distinct module that `layers` names: dotted names or modules."""
-    specs = [layers] if isinstance(layers, (str, nn.Module)) else list(layers)
-    if not specs:
-        raise ValueError("`layers` names no module: pass module names such as "
-                         f"{list(layer_stack(model))[:2]} (fnattr.hooks.layer_stack(model)).")
+    modules = _resolve(model, layers, arg="layers", examples=layer_stack(model))
     names = {id(m): n for n, m in reversed(list(model.named_modules()))}
-    found: dict[int, tuple[str, nn.Module]] = {}
-    for spec in specs:
-        if isinstance(spec, str):
-            try:
-                module = model.get_submodule(spec)
-            except AttributeError:
-                raise ValueError(f"`layers` names {spec!r}, which is not a module of "
-                                 f"{type(model).__name__}: use names from model.named_modules(), "
-                                 f"e.g. layer_stack(model) = {list(layer_stack(model))}.") from None
-        elif isinstance(spec, nn.Module):
-            module = spec
-            if id(module) not in names:
-                raise ValueError(f"`layers` holds a {type(module).__name__} that is not a submodule "
-                                 f"of {type(model).__name__}: pass its modules or their names.")
-        else:
-            raise TypeError(f"`layers` holds a {type(spec).__name__}: pass module names or modules.")
-        found.setdefault(id(module), (names[id(module)], module))
-    return list(found.values())
+    return [(names[id(m)], m) for m in modules]
 
 
 def plan(model: nn.Module, layers: LayersSpec, *, tied: Tied = "raise") -> list[Redraw]:
