@@ -81,6 +81,9 @@ def attribute(
     method: str | Callable = defaults.METHOD,
     target_fn: TargetFn | str = defaults.TARGET_FN,
     max_new_tokens: int = defaults.MAX_NEW_TOKENS,
+    chat: bool = False,
+    system: str | None = None,
+    keep_template: bool = False,
     generate_kwargs: dict[str, Any] | None = None,
     contrast_targets: str | Sequence[str] | None = None,
     contrast_sources: str | Sequence[str] | None = None,
@@ -98,7 +101,10 @@ def attribute(
     at the clean input (`fnattr.contrast.prepare_contrast`); methods rerun the contrast at each
     perturbed input on the side it shares with the attributed input, so its term carries its
     gradient. `target_args` holds their options
-    (`top_k`, `top_p`, `n_mcd_steps`, `seed`). `progress=True` shows the generation and the
+    (`top_k`, `top_p`, `n_mcd_steps`, `seed`). `chat=True` writes each source as the user's turn
+    of the tokenizer's chat template (after a `system` turn if given) and keeps the template's
+    tokens out of the attributed source unless `keep_template=True` (see `prepare`).
+    `progress=True` shows the generation and the
     method's progress on stderr (`fnattr.progress`); it does not change the result.
 
     >>> out = attribute(model, tok, "The capital of France is", method="integrated_gradients",
@@ -116,7 +122,8 @@ def attribute(
                          "(and optionally `contrast_sources=`, `contrast_targets_alignments=`) "
                          "with a contrastive `target_fn` or step score, e.g. 'contrast_prob_diff'.")
     with status(progress and targets is None, f"generating up to {max_new_tokens} tokens"):
-        batch = prepare(model, tokenizer, sources, targets, max_new_tokens=max_new_tokens,
+        batch = prepare(model, tokenizer, sources, targets, chat=chat, system=system,
+                        keep_template=keep_template, max_new_tokens=max_new_tokens,
                         **(generate_kwargs or {}))
     contrast = None
     if has_contrast:

@@ -10,6 +10,7 @@ from jaxtyping import Bool, Int
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
+from fnattr import defaults
 from fnattr._check import typechecked
 from fnattr.types import Model
 
@@ -331,7 +332,7 @@ def prepare(
     chat: bool = False,
     keep_template: bool = False,
     system: str | None = None,
-    max_new_tokens: int = 16,
+    max_new_tokens: int = defaults.MAX_NEW_TOKENS,
     **generate_kwargs: Any,
 ) -> Batch:
     """Tokenize `sources` and either force `targets` or generate them (greedy unless told).

@@ -27,7 +27,7 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from fnattr import aggregate, views
+from fnattr import aggregate, defaults, views
 from fnattr.aggregate import Reducer
 from fnattr.batch import prepare
 from fnattr.result import AttributionTensors, load, load_meta
@@ -322,10 +322,11 @@ def _skipped(examples: Iterable[Example], record: dict[str, Any]) -> dict[str, A
 def run(
     model: Model, tokenizer: PreTrainedTokenizerBase, examples: Iterable[Example],
     method: Callable, *, out_dir: str | os.PathLike, target_fn: TargetFn = probability,
-    batch_size: int = 8, max_new_tokens: int = 8, step_scores: Sequence[str] = (),
+    batch_size: int = 8, max_new_tokens: int = defaults.MAX_NEW_TOKENS, step_scores: Sequence[str] = (),
     method_args: dict[str, Any] | None = None, config: dict[str, Any] | None = None,
     reduce: str | Reducer | None = None, total: int | None = None, progress: bool = True,
     on_shard: Callable[[pathlib.Path], None] | None = None,
+    chat: bool = False, system: str | None = None, keep_template: bool = False,
 ) -> int:
     """Attribute `examples` in batches of `batch_size`, one shard per batch, into `out_dir`.
 
@@ -333,7 +334,8 @@ def run(
     `run.json`) matches and the input rows of every shard written are unchanged (SHA-256 in each
     shard's header). `reduce` (an `aggregate.REDUCERS` name or function) reduces the `*extra`
     dims (e.g. hidden) before saving; ids (`Example.id`) go into each shard's
-    `meta["dataset_ids"]`. `on_shard(path)` is called after each shard is written.
+    `meta["dataset_ids"]`. `on_shard(path)` is called after each shard is written. `chat`,
+    `system` and `keep_template` write each text into the chat template (see `prepare`).
     Returns the number of examples attributed in total (earlier runs included).
     """
     if batch_size < 1:
@@ -347,6 +349,7 @@ def run(
                 "step_scores": list(step_scores), "target_fn": getattr(target_fn, "__name__", ""),
                 **({} if reduce is None else {"reduce": reduce if isinstance(reduce, str)
                                               else getattr(reduce, "__name__", repr(reduce))}),
+                **({"chat": True, "system": system, "keep_template": keep_template} if chat else {}),
                 **(config or {})}
     out_dir, stream = pathlib.Path(out_dir), iter(examples)
     record, done = _resume(out_dir, settings, stream)
@@ -358,7 +361,8 @@ def run(
         while chunk := list(itertools.islice(stream, batch_size)):
             targets = [e.target for e in chunk]
             batch = prepare(model, tokenizer, [e.text for e in chunk],
-                            None if targets[0] is None else targets, max_new_tokens=max_new_tokens)
+                            None if targets[0] is None else targets, max_new_tokens=max_new_tokens,
+                            chat=chat, system=system, keep_template=keep_template)
             out = method(model, batch, target_fn, step_scores=tuple(step_scores), **method_args)
             path = out_dir / SHARD.format(index)
             tmp = out_dir / f".tmp-{path.name}"
