@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from fnattr import cli
+from fnattr import _cli_catalog, cli
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 HEAVY = ("torch", "transformers", "numpy", "matplotlib", "rich")
@@ -86,7 +86,7 @@ def test_tables_read_from_source_match_the_modules(module, name):
 def test_signatures_read_from_source_match_inspect(name):
     """The source reader follows fnattr's aliases (`Baseline`, `Fill`, `_converge.TOLERANCE`, ...)
     to the same options, JSON types, defaults and summary as the imported function."""
-    static, runtime = cli._static_info(name), cli._runtime_info(name)
+    static, runtime = _cli_catalog._static_info(name), _cli_catalog._runtime_info(name)
     assert [o.name for o in static.options] == [o.name for o in runtime.options]
     for s, r in zip(static.options, runtime.options):
         assert cli.spec_text(cli.json_part(s.spec)) == cli.spec_text(cli.json_part(r.spec)), s.name
@@ -154,13 +154,13 @@ def test_command_line_defaults_are_the_apis():
 
 
 def test_value_specs_and_conversions():
-    spec = cli._union(("type", "int"), ("lit", "auto"))
+    spec = _cli_catalog._union(("type", "int"), ("lit", "auto"))
     assert cli.spec_text(spec) == "int | 'auto'"
     assert [cli.coerce(spec, v) for v in (3, "auto")] == [3, "auto"]
-    assert all(cli.coerce(spec, v) is cli._NO for v in ("abc", 1.5, True, None, [3]))
-    assert cli.coerce(("type", "float"), 2) == 2.0 and cli.coerce(("type", "float"), True) is cli._NO
-    assert cli.coerce(("lit", 1), True) is cli._NO
+    assert all(cli.coerce(spec, v) is _cli_catalog._NO for v in ("abc", 1.5, True, None, [3]))
+    assert cli.coerce(("type", "float"), 2) == 2.0 and cli.coerce(("type", "float"), True) is _cli_catalog._NO
+    assert cli.coerce(("lit", 1), True) is _cli_catalog._NO
     heads = ("dict", ("type", "int"), ("list", ("type", "int")))
-    assert cli.coerce(heads, {"3": [1]}) == {3: [1]} and cli.coerce(heads, {"x": [1]}) is cli._NO
-    py = cli._union(("py", "torch.Generator"), cli._NONE)
-    assert cli.spec_text(py) == "torch.Generator | None" and cli.json_part(py) == cli._NONE
+    assert cli.coerce(heads, {"3": [1]}) == {3: [1]} and cli.coerce(heads, {"x": [1]}) is _cli_catalog._NO
+    py = _cli_catalog._union(("py", "torch.Generator"), _cli_catalog._NONE)
+    assert cli.spec_text(py) == "torch.Generator | None" and cli.json_part(py) == _cli_catalog._NONE

@@ -1,0 +1,149 @@
+"""The command line's chat, dataset and show flags: each reaches the function it stands for, the
+way a user runs it (one subprocess per command) and in process for the error paths."""
+
+import copy
+import json
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from fnattr import cli, dataset
+from fnattr.batch import prepare
+from fnattr.loading import load_model
+from fnattr.methods import saliency
+from fnattr.result import load
+from tests.test_cli import fnattr_run
+
+CHATML = ("{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
+          "{% if add_generation_prompt %}<s>assistant\n{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def chat_dir(tmp_path_factory, decoder_tokenizer):
+    """A tiny GPT2 whose tokenizer has a chat template."""
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(decoder_tokenizer), n_positions=64, n_embd=16,
+                                       n_layer=1, n_head=2, pad_token_id=0, bos_token_id=1, eos_token_id=2))
+    tok = copy.deepcopy(decoder_tokenizer)
+    tok.chat_template = CHATML
+    path = tmp_path_factory.mktemp("chat")
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    from tests.test_cli import Loaded
+
+    def load(*args, **kwargs):
+        raise Loaded
+    monkeypatch.setattr(cli, "load", load)
+    return Loaded
+
+
+def test_chat_flags_reach_prepare(chat_dir, tmp_path):
+    run = fnattr_run("attribute", "The cat sat", "--model", chat_dir, "--method", "saliency",
+                     "--target", " on the mat", "--chat", "--system", "Be brief.", "--save", "c.safetensors",
+                     "--quiet", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    out = load(tmp_path / "c.safetensors")
+    model, tok = load_model(chat_dir)
+    batch = prepare(model, tok, ["The cat sat"], [" on the mat"], chat=True, system="Be brief.")
+    assert out.source_tokens == batch.source_tokens  # the template (and its system turn) was applied
+    plain = prepare(model, tok, ["The cat sat"], [" on the mat"])
+    assert len(out.source_tokens[0]) > len(plain.source_tokens[0])
+    ref = saliency(model, batch)
+    torch.testing.assert_close(out.source, ref.source)
+    # the template's own tokens are not attributed (--keep-template would attribute them)
+    template = batch.source_template[0]
+    assert template.any() and (out.source[0][:, template] == 0).all()  # [steps, source, hidden]
+    assert (out.source[0][:, ~template & batch.source_mask[0]] != 0).any()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--system", "x"], "--system applies to chat prompts: add --chat"),
+    (["--keep-template"], "--keep-template applies to chat prompts: add --chat"),
+    (["--chat", "--target-fn", "contrast_prob_diff", "--contrast-source", "A dog"],
+     "--contrast-source with --chat"),
+])
+def test_chat_flag_errors_before_loading(args, message, tmp_path, monkeypatch, capsys, no_model):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["attribute", "The cat", "--no-save", *args])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def _rows(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+
+
+def test_dataset_flags_ids_skip_reduce_chat_then_show(chat_dir, tmp_path):
+    rows = [{"q": "The cat sat", "k": "a"}, {"q": "", "k": "b"}, {"q": "Rome is", "k": "c"},
+            "not json", {"q": "A dog ran", "k": "d"}]
+    _rows(tmp_path / "d.jsonl", rows)
+    args = ("attribute-dataset", "--model", chat_dir, "--method", "saliency", "--input", "d.jsonl",
+            "--text-field", "q", "--id-field", "k", "--out", "o", "--batch-size", "2",
+            "--max-new-tokens", "2", "--reduce", "sum", "--on-bad-row", "skip", "--chat")
+    run = fnattr_run(*args, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    assert "2 bad rows skipped" in run.stderr
+    shards = [load(p) for p in dataset.shards(tmp_path / "o")]
+    assert [i for s in shards for i in dataset.ids(s)] == ["a", "c", "d"]
+    assert all(s.source.dim() == 3 for s in shards)  # reduced to one score per token before saving
+    record = json.loads((tmp_path / "o" / dataset.RUN_FILE).read_text())
+    assert record["config"]["id_field"] == "k" and record["config"]["chat"] is True
+    assert "on_bad_row" not in record["config"]  # how bad rows are handled does not bind a resume
+    assert [b["line"] for b in record["skipped"]] == [2, 4]
+    model, tok = load_model(chat_dir)
+    batch = prepare(model, tok, ["The cat sat", "Rome is"], max_new_tokens=2, chat=True)
+    assert shards[0].source_tokens == batch.source_tokens
+    torch.testing.assert_close(shards[0].source, saliency(model, batch).source.sum(-1))
+
+    # the same run stopped by its first bad row names the file line and writes nothing
+    stop = fnattr_run(*[a for a in args if a not in ("--on-bad-row", "skip")][:-1], "--out", "p", cwd=tmp_path)
+    assert stop.returncode == 1 and "d.jsonl:2" in stop.stderr and "--on-bad-row skip" in stop.stderr
+    assert not (tmp_path / "p").exists() or not dataset.shards(tmp_path / "p")
+
+    # `fnattr show DIR`: the run's summary, then the first --limit examples
+    shown = fnattr_run("show", "o", "--limit", "1", cwd=tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    assert "3 examples in 2 shards" in shown.stdout and "id 'a'" in shown.stdout
+    assert "id 'c'" not in shown.stdout  # --limit 1
+
+
+def test_show_dir_refuses_html_and_png(tmp_path, capsys):
+    (tmp_path / "o").mkdir()
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["show", str(tmp_path / "o"), "--html", str(tmp_path / "a.html")])
+    assert exit_.value.code == 2 and "pass one of its shards" in capsys.readouterr().err
+
+
+def test_a_type_check_failure_is_one_line(monkeypatch, capsys, tmp_path):
+    from jaxtyping import Float
+    from torch import Tensor
+
+    from fnattr._check import typechecked
+
+    @typechecked
+    def method(x: Float[Tensor, "a b"], n: int) -> None:
+        """A method whose runtime check fails."""
+
+    def fail(args, rest):
+        method(torch.zeros(2, 2), "three")
+    monkeypatch.setattr(cli, "cmd_methods", fail)
+    parser = cli.build_parser
+    monkeypatch.setattr(cli, "build_parser", lambda: _with_run(parser(), fail))
+    assert cli.main(["methods"]) == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1
+    assert "parameter 'n'" in err and "'three'" in err and "--debug" in err
+
+
+def _with_run(parser, run):
+    parser.set_defaults(run=run)
+    for action in parser._subparsers._group_actions:
+        for sub in action.choices.values():
+            sub.set_defaults(run=run)
+    return parser
