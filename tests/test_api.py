@@ -56,3 +56,26 @@ def test_error_inside_a_method_restores_the_model(gpt2):
     with pytest.raises(RuntimeError, match="mid-attribution"):
         fnattr.methods.integrated_gradients(model, batch, broken_target)
     assert_unchanged(model, before)
+
+
+def test_attribute_chat_keywords_and_shared_defaults(gpt2):
+    import copy
+    import inspect
+
+    from fnattr import defaults, dataset
+    from tests.test_batch import CHATML
+
+    model, tok = gpt2
+    chat = copy.deepcopy(tok)
+    chat.chat_template = CHATML
+    out = fnattr.attribute(model, chat, ["The cat sat"], [" on the mat"], method="saliency",
+                           chat=True, system="Be brief.")
+    batch = fnattr.prepare(model, chat, ["The cat sat"], [" on the mat"], chat=True, system="Be brief.")
+    ref = fnattr.methods.saliency(model, batch)
+    assert out.source_tokens == batch.source_tokens
+    torch.testing.assert_close(out.source, ref.source)
+    with pytest.raises(ValueError, match="pass chat=True"):
+        fnattr.attribute(model, chat, ["The cat sat"], system="Be brief.")
+    # one default number of new tokens in prepare, attribute, dataset runs and the command line
+    for fn in (fnattr.prepare, fnattr.attribute, dataset.run):
+        assert inspect.signature(fn).parameters["max_new_tokens"].default == defaults.MAX_NEW_TOKENS
