@@ -93,7 +93,7 @@ def _logger(args: argparse.Namespace) -> Callable[[str], None]:
     return (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
 
 
-def load(model: str | None, *, dtype: str | None, device: str):
+def load(model: str | None, *, dtype: str | None, device: str, trust_remote_code: bool = False):
     """`fnattr.load_model`, with any failure turned into one clear line."""
     from transformers.utils import logging as hf_logging
 
@@ -101,7 +101,7 @@ def load(model: str | None, *, dtype: str | None, device: str):
 
     hf_logging.disable_progress_bar()
     try:
-        return load_model(model, dtype=dtype, device=device)
+        return load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     except Exception as error:  # every loading failure gets the same message shape
         what = "the default model" if model is None else f"--model {model!r}"
         raise RuntimeError(f"{what} could not be loaded: {error}") from error
@@ -160,7 +160,8 @@ def cmd_attribute(args: argparse.Namespace, rest: list[str]) -> int:
     from fnattr.methods import METHODS
 
     _check_device(args.device)
-    model, tokenizer = load(args.model, dtype=args.dtype, device=args.device)
+    model, tokenizer = load(args.model, dtype=args.dtype, device=args.device,
+                            trust_remote_code=args.trust_remote_code)
     batch = prepare(model, tokenizer, args.text, args.target, max_new_tokens=args.max_new_tokens,
                     **_prompt(args))
     contrast = None
@@ -242,7 +243,8 @@ def cmd_dataset(args: argparse.Namespace, rest: list[str]) -> int:
     total = dataset.count_examples(args.input, **fields)  # every row checked before loading
     _check_model(args.model)
     _check_device(args.device)
-    model, tokenizer = load(args.model, dtype=args.dtype, device=args.device)
+    model, tokenizer = load(args.model, dtype=args.dtype, device=args.device,
+                            trust_remote_code=args.trust_remote_code)
     # what the shards depend on (resume refuses a change); how bad rows are handled is not
     config = {"input": os.path.abspath(args.input), "text_field": args.text_field,
               "target_field": args.target_field, "model": args.model,
@@ -331,7 +333,8 @@ def cmd_evaluate(args: argparse.Namespace, rest: list[str]) -> int:
     _check_model(args.model)
     _check_device(args.device)
     log(f"loading {args.model or 'the default model'}")
-    model, tokenizer = load(args.model, dtype=args.dtype, device=args.device)
+    model, tokenizer = load(args.model, dtype=args.dtype, device=args.device,
+                            trust_remote_code=args.trust_remote_code)
     comparison = compare.compare_methods(
         model, tokenizer, examples, max_new_tokens=args.max_new_tokens, n_boot=args.n_boot,
         seed=args.seed, progress=not args.quiet, out_dir=args.out, overwrite=args.overwrite, **run)
@@ -389,6 +392,9 @@ def _model_options(p: argparse.ArgumentParser) -> None:
                    "(default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16, ... (default: as stored)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="run the model folder's or hub repository's own Python code (`auto_map` in "
+                        "its config); only for code you have read (default: refused)")
     p.add_argument("--quiet", action="store_true", help="no progress or status messages")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
 
@@ -566,7 +572,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def one_line(error: BaseException, limit: int = 300) -> str:
+def one_line(error: BaseException, limit: int = 600) -> str:
     """The first line of `error`'s message, at most `limit` characters (a runtime type-check
     failure is a 30-line report: its first line names the function and the argument)."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]

@@ -97,20 +97,38 @@ def _is_complete(folder: pathlib.Path) -> bool:
     return (folder / "config.json").is_file() and any(folder.glob("*.safetensors"))
 
 
-def _load_folder(name_or_path: str, *, dtype: torch.dtype | None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Hub id or local folder: Seq2SeqLM for encoder-decoder configs, else CausalLM."""
-    config = AutoConfig.from_pretrained(name_or_path)
-    auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
-    model = auto.from_pretrained(name_or_path, config=config, dtype=dtype if dtype is not None else "auto")
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+def _load_folder(
+    name_or_path: str, *, dtype: torch.dtype | None, trust_remote_code: bool = False,
+    placement: dict | None = None,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Hub id or local folder: Seq2SeqLM for encoder-decoder configs, else CausalLM.
+
+    `trust_remote_code` goes to every loader explicitly: left unset, transformers asks on stdin
+    whether to run a folder's own code, and a piped `y` would run it."""
+    trust = {"trust_remote_code": trust_remote_code}
+    try:
+        config = AutoConfig.from_pretrained(name_or_path, **trust)
+        auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+        model = auto.from_pretrained(name_or_path, config=config,
+                                     dtype=dtype if dtype is not None else "auto", **trust,
+                                     **(placement or {}))
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, **trust)
+    except ValueError as error:
+        if trust_remote_code or "trust_remote_code" not in str(error):
+            raise
+        raise ValueError(
+            f"name_or_path={name_or_path!r} comes with its own Python code (`auto_map` in its "
+            "config): fnattr does not run it. Read that code, then pass trust_remote_code=True "
+            "(command line: --trust-remote-code) to run it.") from None
     return model, tokenizer
 
 
 def _load_gguf_file(path: pathlib.Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Dequantize a GGUF file (slow) into a float32 model that `save_pretrained` accepts."""
     folder, name = str(path.parent), path.name
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, trust_remote_code=False)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32,
+                                                 trust_remote_code=False)
     # The weights are plain tensors after dequantization; drop the quantizer so the model saves.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
@@ -138,14 +156,18 @@ def _write_cache(
 
 
 def _load_gguf(
-    path: pathlib.Path, *, dtype: torch.dtype | None, cache_dir: str | os.PathLike | None
+    path: pathlib.Path, *, dtype: torch.dtype | None, cache_dir: str | os.PathLike | None,
+    placement: dict | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """From the safetensors cache when present; else convert the GGUF file and fill the cache."""
+    """From the safetensors cache when present; else convert the GGUF file and fill the cache
+    (a `placement` (device map) then loads from the cache it just wrote)."""
     cached = gguf_cache_path(path, cache_dir=cache_dir)
     if _is_complete(cached):
-        return _load_folder(str(cached), dtype=dtype)
+        return _load_folder(str(cached), dtype=dtype, placement=placement)
     model, tokenizer = _load_gguf_file(path)
     _write_cache(model, tokenizer, cached)
+    if placement:
+        return _load_folder(str(cached), dtype=dtype, placement=placement)
     return model, tokenizer
 
 
@@ -166,7 +188,8 @@ def _check_local(name_or_path: str | os.PathLike) -> pathlib.Path | None:
 def _finish(
     model: PreTrainedModel, *, name: str, dtype: torch.dtype | None, device: str | torch.device
 ) -> PreTrainedModel:
-    model = model.to(device=device, dtype=dtype) if dtype is not None else model.to(device=device)
+    if getattr(model, "hf_device_map", None) is None:  # a dispatched model stays where it was put
+        model = model.to(device=device, dtype=dtype) if dtype is not None else model.to(device=device)
     model.config.name_or_path = name
     return model.eval()
 
@@ -178,6 +201,9 @@ def load_model(
     dtype: torch.dtype | str | None = None,
     device: str | torch.device = "cpu",
     cache_dir: str | os.PathLike | None = None,
+    trust_remote_code: bool = False,
+    device_map: str | dict[str, int | str | torch.device] | None = None,
+    offload_folder: str | os.PathLike | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a model in eval mode and its tokenizer.
 
@@ -186,6 +212,11 @@ def load_model(
     `cache_dir` (default `$FNATTR_CACHE` or `~/.cache/fnattr`); later loads read the cache.
     `dtype`: a torch.dtype or a name ("float32", "bfloat16", ...); None keeps the stored dtype.
     The tokenizer is returned as loaded: without a pad token if it has none.
+    A model folder or hub repository that ships its own Python code (`auto_map`) is refused
+    unless `trust_remote_code=True`: nothing asks on stdin, and that code never runs by default.
+    `device_map` ("auto", "balanced", "sequential" or {module name: device}) spreads a model too
+    large for one device over the GPUs, then CPU, then disk (`offload_folder`) through accelerate;
+    `device` is then ignored, and every method runs on the model as placed.
 
     Returns:
         (model, tokenizer); `model.config.name_or_path` holds the hub id, folder, or GGUF stem.
@@ -194,6 +225,8 @@ def load_model(
         >>> model, tokenizer = load_model(dtype="float32")
     """
     resolved = _resolve_dtype(dtype)
+    placement = None if device_map is None else {
+        "device_map": device_map, **({} if offload_folder is None else {"offload_folder": os.fspath(offload_folder)})}
     if name_or_path is None:
         name_or_path = default_model_path()
     local = _check_local(name_or_path)
@@ -202,11 +235,13 @@ def load_model(
             raise ValueError(
                 f"name_or_path={os.fspath(name_or_path)!r} is a file but not .gguf; pass a .gguf file or a model folder"
             )
-        model, tokenizer = _load_gguf(local.resolve(), dtype=resolved, cache_dir=cache_dir)
+        model, tokenizer = _load_gguf(local.resolve(), dtype=resolved, cache_dir=cache_dir,
+                                      placement=placement)
         return _finish(model, name=local.stem, dtype=resolved, device=device), tokenizer
     name = str(local) if local is not None else os.fspath(name_or_path)
     try:
-        model, tokenizer = _load_folder(name, dtype=resolved)
+        model, tokenizer = _load_folder(name, dtype=resolved, trust_remote_code=trust_remote_code,
+                                        placement=placement)
     except OSError as error:
         if local is not None:
             raise

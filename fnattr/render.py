@@ -53,21 +53,58 @@ def _fmt(value: float, exponent: int) -> str:
     return "" if math.isnan(value) else f"{value / 10 ** exponent:.2f}"
 
 
+def _vmax(hm: Heatmap) -> float:
+    """The largest finite |score| (1 when there is none): an infinite score saturates its colour."""
+    finite = hm.values[hm.values.isfinite()].abs()
+    return float(finite.max()) if finite.numel() and float(finite.max()) > 0 else 1.0
+
+
+NAN_COLOUR = (255, 0, 255)  # a cell that is NaN although the step sees its token
+NAN_TIP = "NaN: not a number (the model or the method gave no score)"
+
+
+def hidden(out: AttributionTensors, hm: Heatmap, row: int = 0) -> torch.Tensor:
+    """Which cells of `hm` (batch row `row` of `out`) are blank because the step cannot see
+    that token (a later target token); any other NaN cell is a real NaN score."""
+    mask = torch.zeros(hm.values.shape, dtype=torch.bool)
+    if out.target is not None and len(hm.rows) > hm.n_source:
+        steps = out.steps[out.step_mask[row].nonzero().squeeze(1)]
+        seen = out.target_mask[row] & (torch.arange(out.target_mask.shape[1]) < int(steps.max()))
+        mask[hm.n_source:] = seen.nonzero().squeeze(1)[:, None] >= steps[None, :]
+    return mask
+
+
+def _nan_cells(hm: Heatmap, hide: torch.Tensor | None) -> torch.Tensor:
+    """NaN cells that are not hidden (without `hide`: NaN among the source rows only)."""
+    if hide is None:
+        hide = torch.zeros(hm.values.shape, dtype=torch.bool)
+        hide[hm.n_source:] = True
+    return hm.values.isnan() & ~hide
+
+
+def _nan_note(nan: torch.Tensor) -> list[str]:
+    n = int(nan.sum())
+    return [f"{FLAG} {n} cell{'s' * (n != 1)} NaN: not a number (the model or the method gave no "
+            "score), not hidden"] if n else []
+
+
 # ---- terminal ------------------------------------------------------------------------------
 
-def _caption(hm: Heatmap, exp: int) -> list[str]:
-    return [*hm.notes, *([f"cell values x 1e{exp}"] if exp else [])]
+def _caption(hm: Heatmap, exp: int, nan: torch.Tensor) -> list[str]:
+    return [*hm.notes, *_nan_note(nan), *([f"cell values x 1e{exp}"] if exp else [])]
 
 
-def table(hm: Heatmap):
+def table(hm: Heatmap, *, hide: torch.Tensor | None = None):
     """`hm` for rich: a Table of coloured score cells and one row per step score, then the caption
     lines (what a cell holds, baseline, completeness), wrapped to the console rather than to the
-    table. Every text is a rich `Text`, never markup."""
+    table. Every text is a rich `Text`, never markup. Cells in `hide` (`hidden(out, hm, row)`)
+    stay blank; any other NaN cell says NaN, in magenta."""
     from rich.console import Group
     from rich.table import Table
     from rich.text import Text
 
-    exp, vmax, signed = _scale(hm.vmax), hm.vmax, hm.signed
+    vmax, signed, nan = _vmax(hm), hm.signed, _nan_cells(hm, hide)
+    exp = _scale(vmax)
     grid = Table(title=Text(hm.title, style="bold"), show_lines=False, pad_edge=False)
     grid.add_column("", style="bold", no_wrap=True)
     for k in range(len(hm.cols)):
@@ -76,7 +113,10 @@ def table(hm: Heatmap):
                         justify="right", no_wrap=True)
     for i, name in enumerate(hm.rows):
         cells = []
-        for v in hm.values[i].tolist():
+        for k, v in enumerate(hm.values[i].tolist()):
+            if nan[i, k]:
+                cells.append(Text("NaN", style="bold white on rgb(255,0,255)"))
+                continue
             bg = rgb(v, vmax, signed=signed)
             style = "" if math.isnan(v) else f"{_ink(bg)} on rgb({bg[0]},{bg[1]},{bg[2]})"
             cells.append(Text(_fmt(v, exp), style=style))
@@ -88,7 +128,7 @@ def table(hm: Heatmap):
             Text(f"{v:.3g}", style="bold red" if marked and k in hm.flagged else "")
             for k, v in enumerate(scores.tolist())))
     return Group(grid, *(Text(line, style="red" if line.count(FLAG) else "dim")
-                         for line in _caption(hm, exp)))
+                         for line in _caption(hm, exp, nan)))
 
 
 def console(
@@ -103,8 +143,8 @@ def console(
     if width is None and not (hasattr(file, "isatty") and file.isatty()):
         width = 1000  # a pipe or file: never truncate cells to a guessed 80 columns
     con = Console(file=file, width=width)
-    for hm in heatmaps(out, reduction=reduction, normalize=normalize):
-        con.print(table(hm))
+    for row, hm in enumerate(heatmaps(out, reduction=reduction, normalize=normalize)):
+        con.print(table(hm, hide=hidden(out, hm, row)))
 
 
 # ---- HTML ----------------------------------------------------------------------------------
@@ -120,27 +160,29 @@ table.fa .flag{color:#c00;font-weight:bold}p.note{margin:2px 0;font-size:12px;co
 
 
 def _legend(hm: Heatmap) -> str:
-    lo, mid = (-hm.vmax, "#ffffff") if hm.signed else (0.0, "#ff8080")
+    lo, mid = (-_vmax(hm), "#ffffff") if hm.signed else (0.0, "#ff8080")
     start = "#0000ff" if hm.signed else "#ffffff"
     return (f'<div class="legend"><span>{lo:.3g}</span><span class="bar" style="background:'
-            f'linear-gradient(to right,{start},{mid},#ff0000)"></span><span>{hm.vmax:.3g}</span>'
+            f'linear-gradient(to right,{start},{mid},#ff0000)"></span><span>{_vmax(hm):.3g}</span>'
             "<span>score</span></div>")
 
 
-def _html_table(hm: Heatmap) -> str:
+def _html_table(hm: Heatmap, hide: torch.Tensor | None = None) -> str:
     e = _html.escape
-    exp = _scale(hm.vmax)
+    vmax, nan = _vmax(hm), _nan_cells(hm, hide)
+    exp = _scale(vmax)
     flag = lambda k: ' class="flag"' if k in hm.flagged else ""  # noqa: E731
     head = "".join(f"<th{flag(k)}>{e(hm.header(k))}</th>" for k in range(len(hm.cols)))
-    lines = [f"<h2>{e(hm.title)}</h2>", *(f'<p class="note">{e(n)}</p>' for n in hm.notes),
-             _legend(hm), '<table class="fa">', f"<thead><tr><th></th>{head}</tr></thead>", "<tbody>"]
+    lines = [f"<h2>{e(hm.title)}</h2>",
+             *(f'<p class="note">{e(n)}</p>' for n in (*hm.notes, *_nan_note(nan))), _legend(hm), '<table class="fa">', f"<thead><tr><th></th>{head}</tr></thead>", "<tbody>"]
     for i, name in enumerate(hm.rows):
         cells = []
         for k, v in enumerate(hm.values[i].tolist()):
-            colour = rgb(v, hm.vmax, signed=hm.signed)
-            tip = "not visible" if math.isnan(v) else f"{v:.6g}"
+            colour = NAN_COLOUR if nan[i, k] else rgb(v, vmax, signed=hm.signed)
+            tip = NAN_TIP if nan[i, k] else "not visible" if math.isnan(v) else f"{v:.6g}"
             cells.append(f'<td style="background:rgb{colour};color:{_ink(colour)}" '
-                         f'title="{e(name)} -&gt; {e(hm.cols[k])}: {tip}">{_fmt(v, exp)}</td>')
+                         f'title="{e(name)} -&gt; {e(hm.cols[k])}: {tip}">'
+                         f'{"NaN" if nan[i, k] else _fmt(v, exp)}</td>')
         kind = "src" if i < hm.n_source else "tgt"
         lines.append(f'<tr class="{kind}"><th class="row">{e(name)}</th>{"".join(cells)}</tr>')
     for name, scores in hm.step_scores.items():
@@ -166,8 +208,8 @@ def html(
     if max_rows is not None and max_rows < 1:
         raise ValueError(f"`max_rows`={max_rows}: draw at least 1 row, or None for all {n}.")
     shown = range(n if max_rows is None else min(n, max_rows))
-    body = "\n".join(_html_table(heatmap(out, row=r, reduction=reduction, normalize=normalize))
-                     for r in shown)
+    maps = [(r, heatmap(out, row=r, reduction=reduction, normalize=normalize)) for r in shown]
+    body = "\n".join(_html_table(hm, hidden(out, hm, r)) for r, hm in maps)
     if len(shown) < n:
         body += (f'\n<p class="note">rows 0-{len(shown) - 1} of {n} shown: '
                  "<code>fnattr.render.html(out)</code> draws them all, "
@@ -201,11 +243,20 @@ def png_size(n_rows: int, n_cols: int, *, n_scores: int = 0, n_notes: int = 0,
     return round(w * dpi), round(h * dpi)
 
 
+LABEL_CHARS = 40  # a token label on a PNG axis is cut to this many characters (the title to 4x)
+NOTE_LINES = 4  # caption lines a PNG shows per note
+
+
+def _short(text: str, chars: int = LABEL_CHARS) -> str:
+    return text if len(text) <= chars else text[:chars - 1] + "\u2026"
+
+
 def _wrap(notes: tuple[str, ...], inches: float) -> list[str]:
     import textwrap
 
     chars = max(30, int(inches / 0.075))  # about 0.075 inch per character at 8 pt
-    return [piece for n in notes for piece in textwrap.wrap(n, chars, break_on_hyphens=False) or [""]]
+    return [piece for n in notes for piece in textwrap.wrap(
+        _short(n, chars * NOTE_LINES), chars, break_on_hyphens=False) or [""]]
 
 
 def figure(out: AttributionTensors, *, row: int = 0, dpi: int = 100,
@@ -216,9 +267,10 @@ def figure(out: AttributionTensors, *, row: int = 0, dpi: int = 100,
     from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global figure state
 
     hm = heatmap(out, row=row, reduction=reduction, normalize=normalize)
+    nan, vmax = _nan_cells(hm, hidden(out, hm, row)), _vmax(hm)
     n_r, n_c, n_s = len(hm.rows), len(hm.cols), len(hm.step_scores)
     w_in = png_size(n_r, n_c, dpi=dpi)[0] / dpi
-    notes = _wrap(hm.notes, w_in - 0.4)
+    notes = _wrap((*hm.notes, *_nan_note(nan)), w_in - 0.4)
     w, h = png_size(n_r, n_c, n_scores=n_s, n_notes=len(notes), dpi=dpi)
     fig = Figure(figsize=(w / dpi, h / dpi), dpi=dpi)
     font, lit = 7 if max(n_r, n_c) > 20 else 9, {"parse_math": False}
@@ -229,16 +281,23 @@ def figure(out: AttributionTensors, *, row: int = 0, dpi: int = 100,
                             top=1 - 1.2 / (h / dpi), bottom=bottom / (h / dpi), hspace=0.05)
     ax = fig.add_subplot(grid[0, 0])
     cmap = matplotlib.colormaps["RdBu_r" if hm.signed else "Reds"].with_extremes(bad="#eeeeee")
-    lo = -hm.vmax if hm.signed else 0.0
-    image = ax.imshow(hm.values.numpy(), cmap=cmap, vmin=lo, vmax=hm.vmax, aspect="auto")
-    ax.set_yticks(range(n_r), hm.rows, fontsize=font, **lit)
-    ax.set_xticks(range(n_c), [hm.header(k) for k in range(n_c)], fontsize=font, rotation=90, **lit)
+    lo = -vmax if hm.signed else 0.0
+    image = ax.imshow(hm.values.numpy(), cmap=cmap, vmin=lo, vmax=vmax, aspect="auto")
+    if nan.any():  # NaN scores in magenta, marked; hidden cells stay grey
+        overlay = torch.zeros(*nan.shape, 4)
+        overlay[nan] = torch.tensor([*NAN_COLOUR, 255]) / 255
+        ax.imshow(overlay.numpy(), aspect="auto")
+        for i, k in nan.nonzero().tolist():
+            ax.text(k, i, "NaN", ha="center", va="center", fontsize=font - 3, color="white")
+    ax.set_yticks(range(n_r), [_short(r) for r in hm.rows], fontsize=font, **lit)
+    ax.set_xticks(range(n_c), [_short(hm.header(k)) for k in range(n_c)], fontsize=font,
+                  rotation=90, **lit)
     ax.xaxis.tick_top()
     for k in hm.flagged:
         ax.get_xticklabels()[k].set_color("#cc0000")
     if n_r > hm.n_source:
         ax.axhline(hm.n_source - 0.5, color="black", linewidth=0.8)
-    ax.set_title(hm.title, fontsize=font + 2, pad=4, **lit)
+    ax.set_title(_short(hm.title, LABEL_CHARS * 4), fontsize=font + 2, pad=4, **lit)
     fig.colorbar(image, cax=fig.add_subplot(grid[0, 1]))
     if n_s:
         sax = fig.add_subplot(grid[1, 0], sharex=ax)
@@ -290,7 +349,7 @@ def step_plot(out: AttributionTensors, path: str | os.PathLike | None = None, *,
                             right=1 - 0.3 / w, top=1 - 0.5 / h, bottom=bottom / h)
     ax = fig.add_subplot(grid[1, 0])
     ax.plot(range(n_c), ys.tolist(), marker="o", color="#1f4e9c")
-    ax.set_xticks(range(n_c), [hm.header(k) for k in range(n_c)], rotation=90 if rotate else 0,
+    ax.set_xticks(range(n_c), [_short(hm.header(k)) for k in range(n_c)], rotation=90 if rotate else 0,
                   fontsize=8, **lit)
     for k in hm.flagged:
         ax.get_xticklabels()[k].set_color("#cc0000")
@@ -300,10 +359,10 @@ def step_plot(out: AttributionTensors, path: str | os.PathLike | None = None, *,
     tax = fig.add_subplot(grid[0, 0], sharex=ax)
     tax.set_axis_off()
     for k, top in enumerate(tops):
-        text = "\n".join(f"{token} {value:+.2g}" for token, value in top)
+        text = "\n".join(f"{_short(token)} {value:+.2g}" for token, value in top)
         tax.text(k, 0.0, text, ha="center", va="bottom", fontsize=7, transform=tax.get_xaxis_transform(),
                  **lit)
-    fig.suptitle(hm.title, fontsize=10, **lit)
+    fig.suptitle(_short(hm.title, LABEL_CHARS * 4), fontsize=10, **lit)
     for i, line in enumerate(notes):
         fig.text(0.2 / w, (0.1 + (len(notes) - i - 0.5) * NOTE_INCHES) / h, line,
                  fontsize=8, va="center", ha="left", **lit)

@@ -3,10 +3,12 @@
 import dataclasses
 import json
 import os
+import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from jaxtyping import Bool, Float, Int
+import torch
+from jaxtyping import Bool, Float, Int, TypeCheckError
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
@@ -53,6 +55,12 @@ class AttributionTensors:
             raise ValueError(f"`extra_dims` names {len(self.extra_dims)} dims but scores have {extra}.")
         if self.target is not None and self.target.shape[3:] != self.source.shape[3:]:
             raise ValueError("`target` and `source` must share their extra dimensions.")
+        for side in ("source", "target"):  # a heatmap labels each id with its token
+            tokens, (rows, width) = getattr(self, f"{side}_tokens"), getattr(self, f"{side}_ids").shape
+            if len(tokens) != rows or any(len(row) != width for row in tokens):
+                raise ValueError(f"`{side}_tokens` has {len(tokens)} rows of "
+                                 f"{sorted({len(r) for r in tokens})[:4]} tokens but `{side}_ids` is "
+                                 f"{rows} x {width}: give one token per id.")
 
     @property
     def step_mask(self) -> Bool[Tensor, "batch step"]:
@@ -128,7 +136,21 @@ def save(result: AttributionTensors, path: str | os.PathLike) -> None:
     save_file(tensors, os.fspath(path), metadata=header)
 
 
-def _unreadable(path: str | os.PathLike, error: Exception) -> ValueError:
+# Limits on what a file's header may hold: beyond them it is refused on load, never drawn.
+MAX_TOKEN_CHARS = 10_000  # one token (a merged word or span)
+MAX_SHOWN_CHARS = 1_000  # a meta value drawn in a title or caption (`_SHOWN`)
+MAX_META_CHARS = 16 * 2**20  # any other meta value (JSON records such as `completeness`)
+MAX_JSON_DEPTH = 32  # nesting of any JSON text in the header
+_SHOWN = ("method", "target_fn", "model", "model_class", "baseline", "baseline_kind")
+_REQUIRED = ("source", "steps", "source_ids", "target_ids", "source_mask", "target_mask")
+_STRINGS = re.compile(r'"(?:[^"\\]|\\.)*"')
+
+
+class _Damaged(Exception):
+    """What is wrong with a file, in words; `load` names the file."""
+
+
+def _unreadable(path: str | os.PathLike, error: Exception | str) -> ValueError:
     return ValueError(f"{os.fspath(path)!r} is damaged or not an fnattr result ({error}).")
 
 
@@ -139,32 +161,133 @@ def _header(path: str | os.PathLike, f: Any) -> Mapping[str, str]:
     return header
 
 
+def _depth(text: str) -> int:
+    """How deeply the JSON `text` nests, counted without parsing it (no recursion)."""
+    depth = top = 0
+    for c in re.findall(r"[\[\]{}]", _STRINGS.sub("", text)):
+        depth += 1 if c in "[{" else -1
+        top = max(top, depth)
+    return top
+
+
+def _json(header: Mapping[str, str], field: str) -> Any:
+    if field not in header:
+        raise _Damaged(f"header field {field!r} is missing")
+    if _depth(header[field]) > MAX_JSON_DEPTH:
+        raise _Damaged(f"header field {field!r} nests deeper than {MAX_JSON_DEPTH} levels")
+    try:
+        return json.loads(header[field])
+    except json.JSONDecodeError as error:
+        raise _Damaged(f"header field {field!r} is not JSON: {error}") from None
+
+
+def _strings(value: Any, field: str, *, levels: int) -> Any:
+    """`value` checked to be a list of strings (`levels`=1) or of lists of strings (2)."""
+    rows = value if levels == 2 and isinstance(value, list) else [value]
+    if not all(isinstance(r, list) and all(isinstance(t, str) for t in r) for r in rows):
+        kind = "a list of lists of strings" if levels == 2 else "a list of strings"
+        raise _Damaged(f"header field {field!r} is not {kind}")
+    return value
+
+
+def _meta(header: Mapping[str, str]) -> dict[str, str]:
+    meta = _json(header, "meta")
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise _Damaged("header field 'meta' is not a JSON object of strings")
+    for key, value in meta.items():
+        limit = MAX_SHOWN_CHARS if key in _SHOWN else MAX_META_CHARS
+        if len(value) > limit:
+            raise _Damaged(f"meta[{key!r}] has {len(value)} characters, more than {limit}")
+        if value[:1] in ("[", "{") and _depth(value) > MAX_JSON_DEPTH:
+            raise _Damaged(f"meta[{key!r}] nests deeper than {MAX_JSON_DEPTH} levels")
+    return meta
+
+
+def _check_tensors(t: Mapping[str, Tensor], names: list[str]) -> None:
+    """Every tensor present, of its kind, and of the shape `source` implies."""
+    for name in _REQUIRED:
+        if name not in t:
+            raise _Damaged(f"tensor {name!r} is missing")
+    known = {*_TENSORS, *(f"step_scores.{n}" for n in names)}
+    for name in sorted(set(t) - known):
+        raise _Damaged(f"tensor {name!r} is not part of a result (nor in 'step_score_names')")
+    if t["source"].ndim < 3:
+        raise _Damaged(f"tensor 'source' has {t['source'].ndim} dims; it needs [batch step src ...]")
+    b, k, s = t["source"].shape[:3]
+    n_tgt = t["target_ids"].shape[-1] if t["target_ids"].ndim == 2 else -1
+    extra = tuple(t["source"].shape[3:])
+    shapes = {"steps": (k,), "source_ids": (b, s), "source_mask": (b, s), "target_ids": (b, n_tgt),
+              "target_mask": (b, n_tgt), "delta": (b, k), "target": (b, k, n_tgt, *extra),
+              **{f"step_scores.{n}": (b, k) for n in names}}
+    for name, shape in shapes.items():
+        if name in t and tuple(t[name].shape) != shape:
+            raise _Damaged(f"tensor {name!r} has shape {tuple(t[name].shape)}; 'source' "
+                           f"{tuple(t['source'].shape)} implies {shape}")
+    for name, x in t.items():
+        kind = ("bool" if name.endswith("_mask") else "integer" if name in ("steps", "source_ids",
+                "target_ids") else "floating point")
+        ok = {"bool": x.dtype == torch.bool, "floating point": x.is_floating_point(),
+              "integer": not x.is_floating_point() and not x.is_complex() and x.dtype != torch.bool}
+        if not ok[kind]:
+            raise _Damaged(f"tensor {name!r} is {str(x.dtype).removeprefix('torch.')}, not {kind}")
+    steps = t["steps"]
+    if steps.numel() and (int(steps.min()) < 0 or int(steps.max()) >= n_tgt):
+        raise _Damaged(f"tensor 'steps' holds {steps.tolist()[:8]}, outside the {n_tgt} target "
+                       "positions")
+    for name in ("source_ids", "target_ids"):
+        if t[name].numel() and int(t[name].min()) < 0:
+            raise _Damaged(f"tensor {name!r} holds negative token ids")
+
+
+def _parts(header: Mapping[str, str], tensors: Mapping[str, Tensor]) -> dict[str, Any]:
+    """The fields of the result in `header` and `tensors`, each checked against the others."""
+    names = _strings(_json(header, "step_score_names"), "step_score_names", levels=1)
+    if len(set(names)) != len(names):
+        raise _Damaged("header field 'step_score_names' repeats a name")
+    for n in names:
+        if f"step_scores.{n}" not in tensors:
+            raise _Damaged(f"step score {n!r} has no tensor 'step_scores.{n}'")
+    _check_tensors(tensors, names)
+    extra_dims = _strings(_json(header, "extra_dims"), "extra_dims", levels=1)
+    if len(extra_dims) != tensors["source"].ndim - 3:
+        raise _Damaged(f"header field 'extra_dims' names {len(extra_dims)} dims; 'source' has "
+                       f"{tensors['source'].ndim - 3}")
+    parts = {"step_scores": {n: tensors[f"step_scores.{n}"] for n in names},
+             "extra_dims": tuple(extra_dims), "meta": _meta(header)}
+    for side in ("source", "target"):
+        field, shape = f"{side}_tokens", tuple(tensors[f"{side}_ids"].shape)
+        rows = _strings(_json(header, field), field, levels=2)
+        if len(rows) != shape[0] or any(len(r) != shape[1] for r in rows):
+            raise _Damaged(f"header field {field!r} does not match tensor '{side}_ids' {shape}: "
+                           f"{len(rows)} rows of {sorted({len(r) for r in rows})[:4]} tokens")
+        if any(len(tok) > MAX_TOKEN_CHARS for r in rows for tok in r):
+            raise _Damaged(f"header field {field!r} has a token of more than {MAX_TOKEN_CHARS} characters")
+        parts[field] = tuple(tuple(r) for r in rows)
+    return parts
+
+
 def load_meta(path: str | os.PathLike) -> dict[str, str]:
     """The `meta` of the result saved in `path`, read from its header alone (no tensors)."""
     try:
         with safe_open(os.fspath(path), framework="pt") as f:
-            header = _header(path, f)
-        meta = json.loads(header["meta"])
-    except (SafetensorError, KeyError, json.JSONDecodeError) as error:
+            return _meta(_header(path, f))
+    except (SafetensorError, _Damaged) as error:
         raise _unreadable(path, error) from None
-    if not isinstance(meta, dict):
-        raise _unreadable(path, ValueError("its meta is not a JSON object"))
-    return meta
 
 
 def load(path: str | os.PathLike) -> AttributionTensors:
     """Read an `AttributionTensors` written by `save` (safetensors: never unpickles).
 
-    A damaged or truncated file raises a ValueError that names it."""
+    The whole header is checked against the tensors (fields, kinds, shapes, steps, and the
+    `MAX_*` limits above): a damaged, truncated or hostile file raises one ValueError that names
+    it and the field."""
     try:
         with safe_open(os.fspath(path), framework="pt") as f:
             header = _header(path, f)
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-        names = json.loads(header["step_score_names"])
-        tokens = {k: tuple(tuple(row) for row in json.loads(header[k]))
-                  for k in ("source_tokens", "target_tokens")}
-        parts = {"step_scores": {n: tensors[f"step_scores.{n}"] for n in names},
-                 "extra_dims": tuple(json.loads(header["extra_dims"])), "meta": json.loads(header["meta"])}
-    except (SafetensorError, KeyError, TypeError, json.JSONDecodeError) as error:
+        parts = _parts(header, tensors)
+        return AttributionTensors(**{k: tensors.get(k) for k in _TENSORS}, **parts)
+    except (SafetensorError, _Damaged) as error:
         raise _unreadable(path, error) from None
-    return AttributionTensors(**{k: tensors.get(k) for k in _TENSORS}, **parts, **tokens)
+    except (TypeCheckError, ValueError) as error:  # a case the checks above miss: its first line
+        raise _unreadable(path, str(error).strip().splitlines()[0]) from None

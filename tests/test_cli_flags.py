@@ -3,6 +3,9 @@ way a user runs it (one subprocess per command) and in process for the error pat
 
 import copy
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -14,6 +17,7 @@ from fnattr.loading import load_model
 from fnattr.methods import saliency
 from fnattr.result import load
 from tests.test_cli import fnattr_run
+from tests.test_robustness import evil_folders  # noqa: F401 - a fixture
 
 CHATML = ("{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
           "{% if add_generation_prompt %}<s>assistant\n{% endif %}")
@@ -147,3 +151,20 @@ def _with_run(parser, run):
         for sub in action.choices.values():
             sub.set_defaults(run=run)
     return parser
+
+
+def test_a_model_folders_code_runs_only_with_trust_remote_code(evil_folders, tmp_path):
+    from tests.test_cli import ROOT
+
+    folder, marker = evil_folders["config"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT),
+           "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    args = [sys.executable, "-m", "fnattr", "attribute", "Hi", "--model", str(folder), "--no-save",
+            "--method", "saliency", "--max-new-tokens", "1", "--quiet"]
+    refused = subprocess.run(args, input="y\n" * 10, capture_output=True, text=True, cwd=tmp_path,
+                             env=env, timeout=300)
+    assert refused.returncode == 1 and not marker.exists()
+    assert len(refused.stderr.strip().splitlines()) == 1 and "--trust-remote-code" in refused.stderr
+    subprocess.run([*args, "--trust-remote-code"], capture_output=True, text=True, cwd=tmp_path,
+                   env=env, timeout=300)
+    assert marker.exists()  # the opt-in runs it

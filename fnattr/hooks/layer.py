@@ -98,6 +98,21 @@ class LayerHandle:
         return _rebuild(output, new)
 
 
+def _check_not_output(model: nn.Module, modules: list[nn.Module]) -> None:
+    """Refuse the output layer: fnattr computes the logits only where it scores steps, so its
+    output does not cover every position (and holds logits, not activations)."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if head is None or not any(m is head or any(m is s for s in head.modules()) for m in modules):
+        return
+    name = next((n for n, m in model.named_modules() if m is head), type(head).__name__)
+    blocks = [n for n, m in model.named_modules() if isinstance(m, nn.ModuleList)]
+    example = f"'{blocks[-1]}.0' or a final norm" if blocks else "a module before it"
+    raise ValueError(f"`layer`={name!r} is the output layer (its logits are computed only at the "
+                     f"attributed steps): name a module whose output covers every position, e.g. "
+                     f"{example}.")
+
+
 @contextmanager
 def layer_hooks(model: nn.Module, layer: LayerSpec) -> Iterator[LayerHandle]:
     """Record (and optionally replace) the output of `layer` on each call; unhooked on exit.
@@ -113,6 +128,7 @@ def layer_hooks(model: nn.Module, layer: LayerSpec) -> Iterator[LayerHandle]:
     ...     model(input_ids=ids)
     """
     modules = resolve_layers(model, layer)  # validate before touching the model
+    _check_not_output(model, modules)
     handle = LayerHandle(modules)
     hooks = []
     try:
