@@ -2,7 +2,7 @@
 
 import functools
 import inspect
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -12,8 +12,8 @@ from transformers import PreTrainedTokenizerBase
 from fnattr import defaults
 from fnattr import targets as _targets
 from fnattr.batch import Batch, prepare
-from fnattr.contrast import Alignments, Contrast, prepare_contrast
-from fnattr.engine import score_steps
+from fnattr.contrast import Alignments, Contrast, force_inputs, prepare_contrast
+from fnattr.engine import score_steps, step_range
 from fnattr.methods import METHODS
 from fnattr.methods._common import (
     StepScoreSpec, attribution_context, clean_logits, resolve_step_scores,
@@ -88,7 +88,11 @@ def attribute(
     contrast_targets: str | Sequence[str] | None = None,
     contrast_sources: str | Sequence[str] | None = None,
     contrast_targets_alignments: Alignments = None,
+    contrast_force_inputs: bool = False,
     target_args: Mapping[str, Any] | None = None,
+    skip_special_tokens: bool = False,
+    include_eos_baseline: bool = False,
+    generate_from_target_prefix: bool = False,
     progress: bool = False,
     **method_args: Any,
 ) -> AttributionTensors:
@@ -106,6 +110,10 @@ def attribute(
     tokens out of the attributed source unless `keep_template=True` (see `prepare`).
     `progress=True` shows the generation and the
     method's progress on stderr (`fnattr.progress`); it does not change the result.
+    `contrast_force_inputs=True` attributes on the contrast's own inputs
+    (`fnattr.contrast.force_inputs`: the result's source and target are the contrast's).
+    `skip_special_tokens`, `include_eos_baseline` and `generate_from_target_prefix` go to
+    `prepare`.
 
     >>> out = attribute(model, tok, "The capital of France is", method="integrated_gradients",
     ...                 max_new_tokens=4, n_steps=32)
@@ -121,15 +129,23 @@ def attribute(
         raise ValueError("contrastive arguments and functions go together: pass `contrast_targets=` "
                          "(and optionally `contrast_sources=`, `contrast_targets_alignments=`) "
                          "with a contrastive `target_fn` or step score, e.g. 'contrast_prob_diff'.")
+    if contrast_force_inputs and not has_contrast:
+        raise ValueError("`contrast_force_inputs=True` attributes on the contrastive inputs: pass "
+                         "`contrast_targets=` and/or `contrast_sources=` with a contrastive target_fn.")
     with status(progress and targets is None, f"generating up to {max_new_tokens} tokens"):
         batch = prepare(model, tokenizer, sources, targets, chat=chat, system=system,
                         keep_template=keep_template, max_new_tokens=max_new_tokens,
+                        skip_special_tokens=skip_special_tokens,
+                        include_eos_baseline=include_eos_baseline,
+                        generate_from_target_prefix=generate_from_target_prefix,
                         **(generate_kwargs or {}))
     contrast = None
     if has_contrast:
         contrast = prepare_contrast(model, tokenizer, batch, contrast_targets=contrast_targets,
                                     contrast_sources=contrast_sources,
                                     contrast_targets_alignments=contrast_targets_alignments)
+        if contrast_force_inputs:
+            batch, contrast = force_inputs(model, batch, contrast)
     options, used = dict(target_args or {}), set()
     resolve = functools.partial(resolve_target, model=model, batch=batch, contrast=contrast,
                                 options=options, used=used)
@@ -141,6 +157,56 @@ def attribute(
     if progress:  # only when asked: a method of one's own need not take `progress`
         method_args["progress"] = True
     return fn(model, batch, target, **method_args)
+
+
+def step_slice(out: AttributionTensors, k: int) -> AttributionTensors:
+    """Attributed step `k` (an index into `out.steps`) of a result, as a result of that one step:
+    `source` [batch 1 src ...], `steps` [1], step scores and `delta` [batch 1]; `meta` as it was."""
+    n = len(out.steps)
+    if not -n <= k < n:
+        raise IndexError(f"step index {k} is outside the {n} attributed steps: use 0..{n - 1}.")
+    one = slice(k % n, k % n + 1)
+    cut = lambda t: None if t is None else t[:, one]  # noqa: E731
+    return out.replace(source=cut(out.source), target=cut(out.target), steps=out.steps[one],
+                       step_scores={name: v[:, one] for name, v in out.step_scores.items()},
+                       delta=cut(out.delta))
+
+
+def iter_steps(
+    model: Model, batch: Batch, method: str | Callable = defaults.METHOD,
+    target_fn: TargetFn | str = defaults.TARGET_FN, *, steps_per_pass: int | None = 1,
+    **method_args: Any,
+) -> Iterator[AttributionTensors]:
+    """Each attributed step's result (`step_slice`) as soon as it is computed, in step order:
+    inseq's `output_step_attributions`, for loops that act on a step before the next is done.
+
+    fnattr computes every step in one pass, so streaming has a price, and you choose it:
+    `steps_per_pass=n` runs the method on n steps at a time (`attr_pos_start`/`attr_pos_end`
+    windows over the range asked for, all of it by default) and yields those n steps before
+    computing the next ones, at up to (number of steps / n) times the cost of one pass;
+    `steps_per_pass=None` runs the single pass and then yields its steps (no extra cost, no
+    result before the end). Deterministic methods give every step the same scores either way
+    (a step reads only its prefix); sampling methods draw again in each pass (their seeds apply
+    per call). Each result's `meta` describes the pass that computed it.
+
+    >>> for out in iter_steps(model, batch, "saliency", steps_per_pass=1):
+    ...     print(int(out.steps[0]), out.source.sum())
+    """
+    if steps_per_pass is not None and (isinstance(steps_per_pass, bool) or steps_per_pass < 1):
+        raise ValueError(f"`steps_per_pass`={steps_per_pass!r}: pass an int >= 1 (that many steps "
+                         "per pass), or None (one pass, then each step).")
+    fn = get_method(method)
+    target = resolve_target(target_fn, model=model, batch=batch, contrast=None, options={},
+                            used=set())
+    start, end = method_args.pop("attr_pos_start", None), method_args.pop("attr_pos_end", None)
+    positions = step_range(batch, start, end).tolist()
+    size = steps_per_pass or len(positions)
+    for lo in range(0, len(positions), size):
+        window = positions[lo:lo + size]
+        out = fn(model, batch, target, attr_pos_start=window[0], attr_pos_end=window[-1] + 1,
+                 **method_args)
+        for k in range(len(window)):
+            yield step_slice(out, k)
 
 
 def compute_step_scores(

@@ -2,7 +2,7 @@
 
 import dataclasses
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence, Set
 from typing import Any
 
 import torch
@@ -12,6 +12,8 @@ from transformers import PreTrainedTokenizerBase
 
 from fnattr import defaults
 from fnattr._check import typechecked
+from fnattr.hooks.attention import eager_experts, finite_masks
+from fnattr.hooks.frozen import frozen
 from fnattr.types import Model
 
 
@@ -74,6 +76,9 @@ class Batch:
 
 
 def _as_texts(texts: str | Sequence[str], name: str) -> tuple[str, ...]:
+    if not isinstance(texts, str) and (isinstance(texts, (Mapping, Set, bytes, bytearray))
+                                       or not isinstance(texts, Iterable)):
+        raise TypeError(f"`{name}` is {type(texts).__name__}: pass a text (str) or a list of texts.")
     texts = (texts,) if isinstance(texts, str) else tuple(texts)
     if not texts:
         raise ValueError(f"`{name}` is empty: pass at least one text.")
@@ -175,13 +180,67 @@ def _special_tokens(tokenizer: PreTrainedTokenizerBase, model: Model) -> tuple[t
     return tuple((role, i, text if isinstance(text, str) else "") for (i, role), text in zip(ids, texts))
 
 
+def _generate_after(
+    model: Model, src_rows: Sequence[Sequence[int]], prefixes: Sequence[Sequence[int]],
+    start_id: int | None, pad_id: int, eos: set[int], max_new_tokens: int,
+    generate_kwargs: dict[str, Any],
+) -> list[list[int]]:
+    """Each forced target prefix followed by what the model generates after it, row by row
+    (prefixes differ in length, and a decoder cannot be left padded)."""
+    kwargs = {"do_sample": False, "pad_token_id": pad_id, **generate_kwargs}
+    out = []
+    for src, prefix in zip(src_rows, prefixes):
+        if model.config.is_encoder_decoder:
+            inputs = {"input_ids": torch.tensor([list(src)]),
+                      "decoder_input_ids": torch.tensor([[start_id, *prefix]])}
+        else:
+            inputs = {"input_ids": torch.tensor([[*src, *prefix]])}
+        cut = inputs.get("decoder_input_ids", inputs["input_ids"]).shape[1]
+        inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+        inputs = {k: v.to(model.device) for k, v in inputs.items()}
+        with torch.no_grad(), frozen(model):  # eval mode (no dropout), restored after
+            new = model.generate(**inputs, max_new_tokens=max_new_tokens, **kwargs).cpu()[:, cut:]
+        out.append(list(prefix) + _cut_at_eos(new, eos)[0])
+    return out
+
+
+def _prefixes(rows: list[list[int]], eos: set[int], enc_dec: bool) -> list[list[int]]:
+    """Forced target prefixes to continue: an encoder-decoder target's closing EOS removed."""
+    return [row[:-1] if enc_dec and len(row) > 1 and row[-1] in eos else row for row in rows]
+
+
+def _source_specials(
+    tokenizer: PreTrainedTokenizerBase, model: Model, ids: Tensor, mask: Tensor,
+    include_eos_baseline: bool,
+) -> Tensor:
+    """`Batch.source_special`; with `include_eos_baseline` an EOS in the source is an ordinary
+    token (replaced by the baseline, perturbed and attributed like the others)."""
+    special = _special(tokenizer, ids, mask)
+    if include_eos_baseline:
+        eos = torch.as_tensor(sorted(_eos_ids(tokenizer, model)), dtype=torch.long)
+        special = special & ~(torch.isin(ids, eos) & mask)
+    return special
+
+
+def _drop_added_specials(
+    tokenizer: PreTrainedTokenizerBase, sources: Sequence[str], rows: list[list[int]]
+) -> list[list[int]]:
+    """The sources without the special tokens the tokenizer adds (BOS, CLS, ...), except a
+    closing EOS, which encoders are trained to read; special tokens written in the text stay."""
+    plain = _tokenize(tokenizer, sources, "sources", mode="continuation")
+    eos = tokenizer.eos_token_id
+    return [p + [eos] if full and full[-1] == eos and (not p or p[-1] != eos) else p
+            for p, full in zip(plain, rows)]
+
+
 def _generate(
     model: Model, src_ids: Tensor, src_mask: Tensor, pad_id: int, eos: set[int],
     max_new_tokens: int, generate_kwargs: dict[str, Any],
 ) -> list[list[int]]:
     kwargs = {"do_sample": False, "pad_token_id": pad_id, **generate_kwargs}
     device = model.device
-    with torch.no_grad():
+    # eval mode (no dropout); float64: masks finite on padded rows, experts without grouped_mm; restored
+    with torch.no_grad(), frozen(model), finite_masks(model), eager_experts(model):
         out = model.generate(
             input_ids=src_ids.to(device), attention_mask=src_mask.to(device).long(),
             max_new_tokens=max_new_tokens, **kwargs,
@@ -197,7 +256,8 @@ def _decoder_start_id(model: Model) -> int | None:
         start = getattr(cfg, "decoder_start_token_id", None)
         if isinstance(start, int):
             return start
-    raise ValueError("the model's config has no `decoder_start_token_id`: set it on model.config.")
+    raise ValueError("neither the model's generation config nor its config has a `decoder_start_token_id`: "
+                     "set it on model.generation_config.")
 
 
 _MARK = "\ue000fnattr\ue000"  # private-use characters: a stand-in for the user's text
@@ -314,12 +374,17 @@ def _cap_new_tokens(model: Model, src_rows: Sequence[Sequence[int]], max_new_tok
 
 def _source_rows(
     tokenizer: PreTrainedTokenizerBase, sources: Sequence[str], *, chat: bool, keep_template: bool,
-    system: str | None,
+    system: str | None, skip_special_tokens: bool = False,
 ) -> tuple[list[list[int]], list[list[bool]] | None]:
     if not chat:
         if system is not None or keep_template:
             raise ValueError("`system` and `keep_template` apply to chat prompts: pass chat=True.")
-        return _tokenize(tokenizer, sources, "sources", mode="source"), None
+        rows = _tokenize(tokenizer, sources, "sources", mode="source")
+        return (_drop_added_specials(tokenizer, sources, rows) if skip_special_tokens else rows), None
+    if skip_special_tokens:
+        raise ValueError("`skip_special_tokens=True` removes the tokenizer's added tokens, but a chat "
+                         "prompt's come from its template: pass keep_template=False (the default) "
+                         "to leave the template's tokens unattributed instead.")
     return _chat_rows(tokenizer, sources, system)
 
 
@@ -333,12 +398,16 @@ def prepare(
     keep_template: bool = False,
     system: str | None = None,
     max_new_tokens: int = defaults.MAX_NEW_TOKENS,
+    skip_special_tokens: bool = False,
+    include_eos_baseline: bool = False,
+    generate_from_target_prefix: bool = False,
     **generate_kwargs: Any,
 ) -> Batch:
     """Tokenize `sources` and either force `targets` or generate them (greedy unless told).
 
     Targets are the continuation only: a forced target is never required to repeat the source.
-    Extra keyword arguments go to `model.generate` (e.g. `do_sample=True, top_p=0.9`).
+    Extra keyword arguments go to `model.generate` (e.g. `do_sample=True, top_p=0.9`). The model
+    generates in eval mode (no dropout: greedy means greedy), and gets its modes back after.
 
     `chat=True` (instruct models) renders each source as the user's message, after a `system`
     message if given, with the tokenizer's chat template and the assistant's turn opened; a forced
@@ -349,6 +418,15 @@ def prepare(
     A prompt (with its forced target) longer than the model's positions (`n_positions`, `n_ctx`,
     `max_position_embeddings`, ...) is refused; a `max_new_tokens` past them is capped, with a
     warning, so generation stops at the context length.
+
+    Options an inseq user knows (defaults differ on purpose where noted):
+    - `skip_special_tokens=True`: the source without the special tokens the tokenizer adds
+      (BOS, ...), except a closing EOS. The default keeps them in the input, where they are
+      special: held at their value (never perturbed), so perturbation methods score them 0.
+    - `include_eos_baseline=True`: an EOS in the source is an ordinary token, replaced by the
+      baseline and attributed; by default it is special, as inseq's default.
+    - `generate_from_target_prefix=True`: `targets` are prefixes that the model continues (up
+      to `max_new_tokens` more, greedy unless told); the target is prefix + continuation.
 
     >>> batch = prepare(model, tokenizer, ["The capital of France is"], max_new_tokens=4)
     >>> batch.target_tokens  # ((" Paris", ".", ...),)
@@ -364,10 +442,14 @@ def prepare(
             )
     if max_new_tokens < 1:
         raise ValueError(f"`max_new_tokens` is {max_new_tokens}: it must be at least 1.")
+    if generate_from_target_prefix and targets is None:
+        raise ValueError("`generate_from_target_prefix=True` continues the given `targets`: pass "
+                         "the target prefixes, or leave it False to generate from the source.")
     enc_dec = bool(model.config.is_encoder_decoder)
     pad_id = _pad_id(tokenizer, model)
     src_rows, template_rows = _source_rows(tokenizer, sources, chat=chat,
-                                           keep_template=keep_template, system=system)
+                                           keep_template=keep_template, system=system,
+                                           skip_special_tokens=skip_special_tokens)
     _check_sources(model, src_rows, generating=targets is None, chat=chat)
     src_ids, src_mask = _pad(src_rows, pad_id, left=not enc_dec)
     if targets is None:
@@ -377,11 +459,19 @@ def prepare(
     else:
         tgt_rows = _tokenize(tokenizer, targets, "targets", mode="decoder" if enc_dec else "continuation")
         _check_targets(model, src_rows, tgt_rows)
+        if generate_from_target_prefix:
+            eos = _eos_ids(tokenizer, model)
+            prefixes = _prefixes(tgt_rows, eos, enc_dec)
+            room = _cap_new_tokens(model, [s + p for s, p in zip(src_rows, prefixes)], max_new_tokens)
+            if enc_dec and (limit := _context(model)[1]) is not None:  # after start + prefix
+                room = min(room, limit[0] - 1 - max(len(p) for p in prefixes))
+            tgt_rows = (_generate_after(model, src_rows, prefixes, _decoder_start_id(model), pad_id,
+                                        eos, room, generate_kwargs) if room > 0 else prefixes)
     for i, row in enumerate(tgt_rows):
         if not row:
             raise ValueError(f"generation for `sources[{i}]` produced no token: raise max_new_tokens.")
     tgt_ids, tgt_mask = _pad(tgt_rows, pad_id, left=False)
-    src_special = _special(tokenizer, src_ids, src_mask)
+    src_special = _source_specials(tokenizer, model, src_ids, src_mask, include_eos_baseline)
     template = None
     if template_rows is not None:
         template = _pad([[int(t) for t in row] for row in template_rows], 0, left=not enc_dec)[0].bool()

@@ -53,6 +53,9 @@ class Contrast:
     embedded: Embedded | None = None
     index: Int[Tensor, "batch tgt"] | None = None
     shared: Literal["source", "target"] | None = None
+    # `force_inputs`: the attributed input is the contrast's and `batch` the original's, so the
+    # target functions swap their two terms back (the expression stays p - p', not p' - p)
+    swapped: bool = False
 
 
 def align_tokens(target: Sequence[int], contrast: Sequence[int]) -> list[tuple[int, int]]:
@@ -179,15 +182,51 @@ def prepare_contrast(
     for row, (spec, n_t, n_c) in enumerate(zip(specs, *lengths)):
         tgt, con = batch.target_ids[row, :n_t].tolist(), cb.target_ids[row, :n_c].tolist()
         index[row, :n_t] = torch.as_tensor(_positions(spec, tgt, con, row))
-    cb, index = cb.to(model.device), index.to(model.device)
-    with torch.no_grad(), frozen(model), embedding_hooks(model) as handle:
-        emb = embed(handle, cb)
-        logits = forward(model, cb, handle, emb.source, emb.target, emb.start)
-    pairs = tuple(tuple((t, int(index[r, t])) for t in range(n)) for r, n in enumerate(lengths[0]))
     shared = "target" if contrast_targets is None else "source" if contrast_sources is None else None
-    return Contrast(logits=_aligned(logits, index), ids=cb.target_ids.gather(1, index),
-                    target_ids=batch.target_ids.to(model.device), alignments=pairs,
-                    batch=cb, embedded=emb, index=index, shared=shared)
+    return _run_other(model, cb, batch, index, lengths[0], shared, swapped=False)
+
+
+def _run_other(model: Model, other: Batch, attributed: Batch, index: Tensor, lengths: Sequence[int],
+               shared: Literal["source", "target"] | None, *, swapped: bool) -> Contrast:
+    """The `Contrast` of `other` (run once, no grad) for the attributed batch `attributed`:
+    `index[b, t]` is the position of `other` aligned with the attributed target position t."""
+    other, index = other.to(model.device), index.to(model.device)
+    with torch.no_grad(), frozen(model), embedding_hooks(model) as handle:
+        emb = embed(handle, other)
+        logits = forward(model, other, handle, emb.source, emb.target, emb.start)
+    pairs = tuple(tuple((t, int(index[r, t])) for t in range(n)) for r, n in enumerate(lengths))
+    return Contrast(logits=_aligned(logits, index), ids=other.target_ids.gather(1, index),
+                    target_ids=attributed.target_ids.to(model.device), alignments=pairs,
+                    batch=other, embedded=emb, index=index, shared=shared, swapped=swapped)
+
+
+def force_inputs(model: Model, batch: Batch, contrast: Contrast) -> tuple[Batch, Contrast]:
+    """Attribute on the contrast's own inputs (inseq's `contrast_force_inputs`): returns the
+    contrast batch, to attribute, and a `Contrast` holding `batch`, the original input.
+
+    The contrastive target functions built on it score the same expression as before
+    (`contrast_prob_diff`: p(y | x) - p'(y' | x')), now as a function of the contrastive input
+    x' / y': its terms carry the gradient, and the original's terms are rerun where it shares a
+    side with it, constant where not. The alignment must pair every target position with a
+    distinct contrast position and leave none out (e.g. equal lengths, no alignment given).
+
+    >>> c_batch, forced = force_inputs(model, batch, prepare_contrast(model, tok, batch, ...))
+    >>> out = saliency(model, c_batch, fnattr.targets.contrast_prob_diff(forced))
+    """
+    if contrast.batch is None or contrast.index is None or contrast.swapped:
+        raise ValueError("`contrast` must come from prepare_contrast() (and not be forced already).")
+    cb = contrast.batch
+    n_t, n_c = batch.target_mask.sum(1).tolist(), cb.target_mask.sum(1).tolist()
+    inverse = torch.zeros_like(cb.target_ids, device="cpu")
+    for row, (a, b) in enumerate(zip(n_t, n_c)):
+        index = contrast.index[row, :a].cpu()
+        if a != b or not torch.equal(index.sort().values, torch.arange(b)):
+            raise ValueError(f"`contrast_force_inputs`: row {row} aligns its {a} target positions with "
+                             f"{b} contrast positions, not one to one, so the contrast's steps have no "
+                             "single original step each: use contrast targets of the same length "
+                             "with contrast_targets_alignments=None, or one-to-one pairs.")
+        inverse[row, index] = torch.arange(a, dtype=inverse.dtype)
+    return cb, _run_other(model, batch, cb, inverse, n_c, contrast.shared, swapped=True)
 
 
 def _aligned(logits: Tensor, index: Tensor) -> Tensor:

@@ -22,7 +22,7 @@ from fnattr._check import typechecked
 from fnattr.batch import Batch
 from fnattr.contrast import Contrast
 from fnattr.engine import embed, forward
-from fnattr.hooks.dropout import dropout_modules, enable_dropout
+from fnattr.hooks.dropout import enable_dropout, has_dropout
 from fnattr.hooks.embedding import embedding_hooks
 from fnattr.hooks.frozen import frozen
 from fnattr.types import Logits, Model, StepScores, TargetFn, TargetIds
@@ -156,6 +156,12 @@ def _contrast_prob(logits: Logits, target_ids: TargetIds, c_logits: Logits,
 
 
 @typechecked
+def _contrast_logprob(logits: Logits, target_ids: TargetIds, c_logits: Logits,
+                      c_ids: TargetIds) -> StepScores:
+    return _attached(logits, _pick(c_logits.log_softmax(-1), c_ids))
+
+
+@typechecked
 def _logit_diff(logits: Logits, target_ids: TargetIds, c_logits: Logits,
                 c_ids: TargetIds) -> StepScores:
     return _pick(logits, target_ids) - _pick(c_logits, c_ids)
@@ -168,10 +174,22 @@ def _prob_diff(logits: Logits, target_ids: TargetIds, c_logits: Logits,
 
 
 @typechecked
+def _logprob_diff(logits: Logits, target_ids: TargetIds, c_logits: Logits,
+                  c_ids: TargetIds) -> StepScores:
+    return _pick(logits.log_softmax(-1), target_ids) - _pick(c_logits.log_softmax(-1), c_ids)
+
+
+@typechecked
 def _log2_ratio(logits: Logits, target_ids: TargetIds, c_logits: Logits,
                 c_ids: TargetIds) -> StepScores:
     c_logp = _pick(c_logits.log_softmax(-1), c_ids)
     return (_pick(logits.log_softmax(-1), target_ids) - c_logp) / math.log(2)
+
+
+def _swapped(score: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    def swapped(logits: Logits, target_ids: TargetIds, c_logits: Logits, c_ids: TargetIds) -> StepScores:
+        return score(c_logits.to(logits.dtype), c_ids, logits, target_ids)
+    return swapped
 
 
 def _contrast(name: str, score: Callable[..., Tensor], contrast: Contrast) -> TargetFn:
@@ -181,6 +199,8 @@ def _contrast(name: str, score: Callable[..., Tensor], contrast: Contrast) -> Ta
     reruns the contrast at a perturbed input (`fnattr.contrast.rerun`) scores with those
     logits instead, so the contrastive term depends on the attributed input as it should.
     """
+    if contrast.swapped:  # attributed input = the contrast's: the terms change places back
+        score = _swapped(score)
     fn = bind(name, score, contrast.target_ids, contrast.logits, contrast.ids)
 
     def with_contrast(c_logits: Tensor, rows: Tensor | None) -> TargetFn:
@@ -203,11 +223,13 @@ def contrast_logits(contrast: Contrast) -> TargetFn:
     return _contrast("contrast_logits", _contrast_logit, contrast)
 
 
-def contrast_prob(contrast: Contrast) -> TargetFn:
-    """Probability of the contrast token under the contrastive input: `p'_t(y'_t)`.
+def contrast_prob(contrast: Contrast, *, logprob: bool = False) -> TargetFn:
+    """Probability of the contrast token under the contrastive input: `p'_t(y'_t)`
+    (`logprob=True`: `log p'_t(y'_t)`, in nats, as inseq's `logprob` option).
 
     {gradient}"""
-    return _contrast("contrast_prob", _contrast_prob, contrast)
+    _check_flag("logprob", logprob)
+    return _contrast("contrast_prob", _contrast_logprob if logprob else _contrast_prob, contrast)
 
 
 def contrast_logits_diff(contrast: Contrast) -> TargetFn:
@@ -217,11 +239,18 @@ def contrast_logits_diff(contrast: Contrast) -> TargetFn:
     return _contrast("contrast_logits_diff", _logit_diff, contrast)
 
 
-def contrast_prob_diff(contrast: Contrast) -> TargetFn:
-    """Contrastive probability difference (Yin & Neubig 2022): `p_t(y_t) - p'_t(y'_t)`.
+def contrast_prob_diff(contrast: Contrast, *, logprob: bool = False) -> TargetFn:
+    """Contrastive probability difference (Yin & Neubig 2022): `p_t(y_t) - p'_t(y'_t)`
+    (`logprob=True`: `log p_t(y_t) - log p'_t(y'_t)`, in nats).
 
     {gradient}"""
-    return _contrast("contrast_prob_diff", _prob_diff, contrast)
+    _check_flag("logprob", logprob)
+    return _contrast("contrast_prob_diff", _logprob_diff if logprob else _prob_diff, contrast)
+
+
+def _check_flag(name: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"`{name}`={value!r}: pass True or False.")
 
 
 def pcxmi(contrast: Contrast) -> TargetFn:
@@ -246,21 +275,46 @@ def in_context_pvi(contrast: Contrast) -> TargetFn:
     return _contrast("in_context_pvi", _log2_ratio, contrast)
 
 
-def kl_divergence(contrast: Contrast, *, top_k: int = 0, top_p: float = 1.0) -> TargetFn:
+def _top_k_top_p(probs: Tensor, top_k: int, top_p: float, min_keep: int) -> Tensor:
+    """True at the tokens that top-k then top-p (nucleus over the renormalised top k) filtering
+    keeps, as `transformers`' TopK/TopP warpers do: each keeps at least `min_keep` tokens."""
+    n = probs.shape[-1]
+    values, order = probs.sort(-1, descending=True)
+    rank = torch.arange(n, device=probs.device)
+    keep = rank < max(top_k, min_keep) if top_k > 0 else torch.ones_like(rank, dtype=torch.bool)
+    keep = keep.expand_as(values)
+    if top_p < 1.0:
+        kept = values * keep
+        mass = kept.cumsum(-1) - kept  # mass before the token, of the renormalised top k
+        keep = keep & ((mass < top_p * kept.sum(-1, keepdim=True)) | (rank < min_keep))
+    return torch.zeros_like(keep).scatter(-1, order, keep)
+
+
+def kl_divergence(contrast: Contrast, *, top_k: int = 0, top_p: float = 1.0,
+                  min_tokens_to_keep: int = 1) -> TargetFn:
     """KL divergence of the contrastive from the attributed next-token distribution (Sarti et
     al. 2023, PECoRe, arXiv:2310.01188): `KL_t = sum_{v in V_t} q_t(v) log(q_t(v) / q'_t(v))`,
-    in nats, where V_t holds the `top_k` (0: all) most likely tokens of p_t of cumulative mass
-    `top_p`, and q_t, q'_t are p_t, p'_t restricted to V_t and renormalised.
+    in nats. V_t is the union of the tokens that top-k / top-p filtering keeps in p_t and in
+    p'_t (the merged distributions, as inseq filters them): `top_k` most likely tokens (0: all),
+    then the nucleus of mass `top_p` among them, each set at least `min_tokens_to_keep` tokens.
+    q_t, q'_t are p_t, p'_t restricted to V_t and renormalised. Unlike inseq, which returns NaN
+    once filtering is on, this is finite: the tokens outside V_t weigh exactly 0.
 
     {gradient}"""
-    _nucleus(torch.ones(1, 1, 1), top_k, top_p)  # validate now, not at the first step
+    if top_k < 0 or not 0.0 < top_p <= 1.0 or min_tokens_to_keep < 1:
+        raise ValueError(f"`top_k`={top_k}, `top_p`={top_p}, `min_tokens_to_keep`={min_tokens_to_keep}:"
+                         " need top_k >= 0 (0: no top-k), 0 < top_p <= 1 and min_tokens_to_keep >= 1.")
 
     @typechecked
     def _kl(logits: Logits, target_ids: TargetIds, c_logits: Logits, c_ids: TargetIds) -> StepScores:
-        keep = _nucleus(logits.detach().softmax(-1), top_k, top_p)
+        c_logits = c_logits.to(logits.dtype)
+        keep = torch.ones_like(logits, dtype=torch.bool)
+        if top_k > 0 or top_p < 1.0:
+            keep = (_top_k_top_p(logits.detach().softmax(-1), top_k, top_p, min_tokens_to_keep)
+                    | _top_k_top_p(c_logits.detach().softmax(-1), top_k, top_p, min_tokens_to_keep))
         low = torch.finfo(logits.dtype).min  # masked tokens get probability 0, finite logs
         logq = logits.masked_fill(~keep, low).log_softmax(-1)
-        logq_c = c_logits.to(logits.dtype).masked_fill(~keep, low).log_softmax(-1)
+        logq_c = c_logits.masked_fill(~keep, low).log_softmax(-1)
         return torch.where(keep, logq.exp() * (logq - logq_c), 0).sum(-1)
 
     return _contrast("kl_divergence", _kl, contrast)
@@ -272,6 +326,10 @@ def _seeded(device: torch.device):
     return torch.random.fork_rng(devices=[device], device_type=device.type)
 
 
+def _pick_logprob(logits: Logits, target_ids: TargetIds) -> StepScores:
+    return logprob(logits, target_ids)
+
+
 @typechecked
 def _constant(logits: Logits, target_ids: TargetIds, values: StepScores) -> StepScores:
     return _attached(logits, values)
@@ -279,25 +337,30 @@ def _constant(logits: Logits, target_ids: TargetIds, values: StepScores) -> Step
 
 def mc_dropout_prob_avg(
     model: Model, batch: Batch, *, n_mcd_steps: int = 10, seed: int = 0,
-    internal_batch_size: int = 64,
+    internal_batch_size: int = 64, logprob: bool = False,
 ) -> TargetFn:
     """Monte-Carlo dropout average probability (Gal & Ghahramani 2016, arXiv:1506.02142):
-    `(1/K) sum_{k=1..K} p^(k)_t(y_t)`, with K = `n_mcd_steps` forwards whose dropout masks differ.
+    `(1/K) sum_{k=1..K} p^(k)_t(y_t)`, with K = `n_mcd_steps` forwards whose dropout masks differ
+    (`logprob=True`: the mean of the log-probabilities, `(1/K) sum_k log p^(k)_t(y_t)`).
 
     The K samples run as copies of the batch in one no-grad pass (chunks of at most
-    `internal_batch_size` rows), with only the dropout modules in training mode
-    (`fnattr.hooks.enable_dropout`, restored after). Seeded by `seed` without touching the
-    global RNG. A constant of the attributed input: use it as a step score.
+    `internal_batch_size` rows), with only the dropout in training mode: `torch.nn` dropout
+    modules and modules calling dropout functionally with a positive rate, e.g. Bart or Marian
+    layers (`fnattr.hooks.enable_dropout`, restored after). Seeded by `seed` without touching
+    the global RNG. A constant of the attributed input: use it as a step score.
     """
     if n_mcd_steps < 1 or internal_batch_size < 1:
         raise ValueError(f"`n_mcd_steps`={n_mcd_steps}, `internal_batch_size`={internal_batch_size}: "
                          "both must be at least 1.")
+    _check_flag("logprob", logprob)
     if bool(model.config.is_encoder_decoder) != batch.is_encoder_decoder:
         raise ValueError("`batch` was prepared for another kind of model: call prepare() with this model.")
-    if not any(getattr(m, "p", 0) > 0 for m in dropout_modules(model)):
-        raise ValueError(f"{type(model).__name__} has no torch.nn dropout module with p > 0 (dropout "
-                         "called functionally inside layers cannot be enabled alone): MC dropout "
-                         "would equal `probability`. Use a model with nn.Dropout modules.")
+    if not has_dropout(model):
+        raise ValueError(f"{type(model).__name__} has no dropout with a rate above 0 (no torch.nn "
+                         "dropout module with p > 0, no module with a positive `*dropout` rate): MC "
+                         "dropout would equal `probability`. Set e.g. `model.config.dropout` before "
+                         "loading, or use a model trained with dropout.")
+    score = _pick_logprob if logprob else probability
     batch = batch.to(model.device)
     total = torch.zeros(batch.target_ids.shape, dtype=model.dtype, device=model.device)
     copies = torch.arange(len(batch), device=model.device).repeat(n_mcd_steps)
@@ -307,7 +370,7 @@ def mc_dropout_prob_avg(
         emb = embed(handle, batch)
         for rows in copies.split(internal_batch_size):
             logits = forward(model, batch, handle, emb.source[rows], emb.target[rows], emb.start, rows)
-            total.index_add_(0, rows, probability(logits, batch.target_ids[rows]).to(total.dtype))
+            total.index_add_(0, rows, score(logits, batch.target_ids[rows]).to(total.dtype))
     return bind("mc_dropout_prob_avg", _constant, batch.target_ids, total / n_mcd_steps)
 
 

@@ -121,28 +121,42 @@ def test_contrast_functions_equal_hand_reference():
         torch.testing.assert_close(fn(logits, ids), expected[name], msg=name)
 
 
-def _filtered_kl(z, z_c, top_k, top_p):
-    p, q = _softmax(z).tolist(), _softmax(z_c).tolist()
-    order = sorted(range(V), key=lambda v: -p[v])[: top_k or V]
-    keep, mass = [], 0.0
-    for v in order:
-        if mass >= top_p:
+def _kept(p, top_k, top_p, min_keep):
+    """transformers' TopK then TopP warpers, by hand: the tokens of `p` they keep."""
+    order = sorted(range(V), key=lambda v: -p[v])
+    if top_k:
+        order = order[: max(top_k, min_keep)]
+    total, keep, mass = sum(p[v] for v in order), [], 0.0
+    for i, v in enumerate(order):
+        if mass / total >= top_p and i >= min_keep:
             break
         keep.append(v)
         mass += p[v]
+    return set(keep)
+
+
+def _filtered_kl(z, z_c, top_k, top_p, min_keep=1):
+    """KL over the union of the tokens kept in p and in p' (inseq filters the merged pair)."""
+    p, q = _softmax(z).tolist(), _softmax(z_c).tolist()
+    keep = _kept(p, top_k, top_p, min_keep) | _kept(q, top_k, top_p, min_keep)
     sp, sq = sum(p[v] for v in keep), sum(q[v] for v in keep)
     return sum(p[v] / sp * math.log((p[v] / sp) / (q[v] / sq)) for v in keep)
 
 
-@pytest.mark.parametrize(("top_k", "top_p"), [(3, 1.0), (0, 0.8), (4, 0.5), (1, 1.0)])
-def test_kl_divergence_filtering_equals_hand_reference(top_k, top_p):
+@pytest.mark.parametrize(("top_k", "top_p", "min_keep"),
+                         [(3, 1.0, 1), (0, 0.8, 1), (4, 0.5, 1), (1, 1.0, 1), (0, 0.05, 1),
+                          (0, 0.05, 3), (2, 0.3, 4)])
+def test_kl_divergence_filtering_equals_hand_reference(top_k, top_p, min_keep):
     c, logits, ids = _contrast(), _logits(), _ids()
-    got = targets.kl_divergence(c, top_k=top_k, top_p=top_p)(logits, ids)
-    want = torch.tensor([[_filtered_kl(logits[b, t], c.logits[b, t], top_k, top_p)
+    got = targets.kl_divergence(c, top_k=top_k, top_p=top_p, min_tokens_to_keep=min_keep)(logits, ids)
+    want = torch.tensor([[_filtered_kl(logits[b, t], c.logits[b, t], top_k, top_p, min_keep)
                           for t in range(T)] for b in range(B)], dtype=torch.float64)
     torch.testing.assert_close(got, want)
-    if top_k == 1:
-        assert torch.all(got == 0)  # one token left: both distributions are the same point mass
+    assert torch.isfinite(got).all() and (got >= -1e-12).all()
+    if (top_k, top_p, min_keep) == (1, 1.0, 1):  # one token per side: differs from p alone
+        alone = torch.tensor([[_filtered_kl(logits[b, t], logits[b, t], 1, 1.0) for t in range(T)]
+                              for b in range(B)])
+        assert torch.all(alone == 0) and got.abs().max() > 0.01
 
 
 def test_kl_divergence_gradient_is_finite_with_filtering():
@@ -188,6 +202,10 @@ def test_tables_are_read_only_and_validate_options():
         targets.TARGETS["mine"] = targets.logit
     with pytest.raises(ValueError, match="top_k"):
         targets.kl_divergence(_contrast(), top_k=-1)
+    with pytest.raises(ValueError, match="min_tokens_to_keep"):
+        targets.kl_divergence(_contrast(), min_tokens_to_keep=0)
+    with pytest.raises(TypeError, match="logprob"):
+        targets.contrast_prob_diff(_contrast(), logprob="yes")
 
 
 @pytest.mark.parametrize("scale", [0.1, 2.0, 8.0], ids=["flat", "mid", "peaked"])

@@ -2,6 +2,7 @@
 
 import dataclasses
 import hashlib
+import math
 from collections.abc import Sequence
 
 import torch
@@ -65,9 +66,9 @@ def draws(ctx: Context, n_samples: int, n_baselines: int, stdevs: float, seed: i
     return Draws(*(torch.stack(parts, 1).to(dev) for parts in zip(*rows)))
 
 
-def _grads(ctx, target_fn, x, bases, dr: Draws, n_samples, chunk, bar: Reporter):
-    """mean_s grad f_step(b_s + a_s (x + e_s - b_s)) * (x + e_s - b_s), chunked over rows;
-    the forwards (one per sample and row) counted on `bar`."""
+def _grads(ctx, target_fn, x, bases, dr: Draws, n_samples, chunk, bar: Reporter, times: bool = True):
+    """mean_s grad f_step(b_s + a_s (x + e_s - b_s)) * (x + e_s - b_s) (without the factor when
+    not `times`), chunked over rows; the forwards (one per sample and row) counted on `bar`."""
     n_rows = len(ctx.batch)
     sides = [0, 1] if ctx.attribute_target else [0]
     acc = [torch.zeros(n_rows, len(ctx.steps), *x[i].shape[1:], dtype=x[i].dtype, device=x[i].device)
@@ -87,7 +88,7 @@ def _grads(ctx, target_fn, x, bases, dr: Draws, n_samples, chunk, bar: Reporter)
         grads = step_gradients(scores, [point[i] for i in sides], out.at(ctx.steps))
         del out, scores  # this chunk's graph goes before the next forward
         for total, g, i in zip(acc, grads, sides):
-            total.index_add_(0, rows, g * diff[i][:, None] / n_samples)
+            total.index_add_(0, rows, (g * diff[i][:, None] if times else g) / n_samples)
         bar.advance(len(rows))
     return acc
 
@@ -120,7 +121,8 @@ def gradient_shap(
     n_samples: int = 32, stdevs: float = 0.0,
     baseline: Baseline | Sequence[Baseline] = "auto",
     seed: int = 0, generator: torch.Generator | None = None,
-    internal_batch_size: int = 64, attribute_target: bool | None = None,
+    internal_batch_size: int = 64, multiply_by_inputs: bool = True,
+    attribute_target: bool | None = None,
     attr_pos_start: int | None = None, attr_pos_end: int | None = None,
     step_scores: StepScoreSpec = (), progress: bool = False,
 ) -> AttributionTensors:
@@ -143,20 +145,26 @@ def gradient_shap(
     records it relative to that sample mean, against the path methods' 5% tolerance, with
     "points" = `n_samples`. `progress=True` shows the forwards done on stderr.
 
+    `multiply_by_inputs=False` (captum's "local" attribution) returns the mean gradient
+    mean_s grad f(b_s + a_s (x + e_s - b_s)) itself, without the factor (x + e_s - b_s); it
+    has no completeness, so `delta` is None and no record is made.
+
     Returns `source` [batch step src hidden] (and `target` [batch step tgt hidden]) and `delta`
     [batch step].
 
     >>> out = gradient_shap(model, batch, n_samples=64, baseline=("unk", "zeros"), seed=1)
     """
-    if n_samples < 1 or internal_batch_size < 1 or stdevs < 0:
+    if n_samples < 1 or internal_batch_size < 1 or not 0 <= stdevs < math.inf:
         raise ValueError(f"`n_samples`={n_samples}, `internal_batch_size`={internal_batch_size} "
-                         f"and `stdevs`={stdevs}: use n_samples, internal_batch_size >= 1, stdevs >= 0.")
+                         f"and `stdevs`={stdevs}: use n_samples, internal_batch_size >= 1, "
+                         "a finite stdevs >= 0.")
     specs = list(baseline) if isinstance(baseline, (list, tuple)) else [baseline]
     if not specs:
         raise ValueError("`baseline` is an empty sequence: pass at least one baseline.")
     args = {"n_samples": n_samples, "stdevs": stdevs, "baseline": baseline, "seed": seed,
             "generator": "given" if generator is not None else None,
-            "internal_batch_size": internal_batch_size, "attribute_target": attribute_target,
+            "internal_batch_size": internal_batch_size, "multiply_by_inputs": multiply_by_inputs,
+            "attribute_target": attribute_target,
             "attr_pos_start": attr_pos_start, "attr_pos_end": attr_pos_end}
     with (report(progress, "gradient_shap", unit="forwards") as bar,
           attribution_context(model, batch, attribute_target=attribute_target,
@@ -164,13 +172,17 @@ def gradient_shap(
         b, x = ctx.batch, (ctx.embedded.source, ctx.embedded.target)
         bases = [baselines(ctx, spec) for spec in specs]
         dr = draws(ctx, n_samples, len(bases), stdevs, seed, generator)
-        attr = _grads(ctx, target_fn, x, bases, dr, n_samples, internal_batch_size, bar)
-        f_x, f_base = _expected(ctx, target_fn, x, bases, dr, n_samples, internal_batch_size, bar)
+        attr = _grads(ctx, target_fn, x, bases, dr, n_samples, internal_batch_size, bar,
+                      times=multiply_by_inputs)
         attr = [attr[0], attr[1] if ctx.attribute_target else None]
+        clean = logit_step_scores(ctx, clean_logits(ctx), target_fn, step_scores)
+        if not multiply_by_inputs:
+            return finish(ctx, method="gradient_shap", args=args, target_fn=target_fn,
+                          source=attr[0], target=attr[1], step_scores=clean)
+        f_x, f_base = _expected(ctx, target_fn, x, bases, dr, n_samples, internal_batch_size, bar)
         delta = (_converge.step_sums(ctx, attr) - (f_x - f_base)) * b.target_mask[:, ctx.steps]
         record = _converge.record(ctx, delta, f_x - f_base, f_x, f_base, _converge.TOLERANCE,
                                   n_samples)
         out = finish(ctx, method="gradient_shap", args=args, target_fn=target_fn, source=attr[0],
-                     target=attr[1], step_scores=logit_step_scores(ctx, clean_logits(ctx), target_fn,
-                                                                   step_scores))
+                     target=attr[1], step_scores=clean)
         return out.replace(delta=delta.cpu(), meta={**out.meta, **record})

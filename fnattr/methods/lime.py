@@ -4,6 +4,10 @@ A mask keeps or occludes every ordinary token; one forward of the masked input s
 (causal masking), and each step fits its own surrogate over the tokens it can see.
 """
 
+import functools
+import math
+from collections.abc import Callable
+
 import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
@@ -61,6 +65,29 @@ def fit_surrogates(
     return coef[..., 1:].to(visible.device) * visible
 
 
+PerturbFn = Callable[..., Tensor]      # (n_samples, n_features, *, seed) -> keep [n f] bool
+SimilarityFn = Callable[[Tensor, Tensor], Tensor]  # (keep [*b n f], visible [*b f]) -> [*b n]
+SurrogateFn = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]  # (keep, y, w, visible) -> [*b f]
+
+
+def _user_masks(perturb_fn: PerturbFn, n_samples: int, n: int, seed: int) -> Tensor:
+    keep = perturb_fn(n_samples, n, seed=seed)
+    if not (isinstance(keep, Tensor) and keep.dtype == torch.bool and keep.shape == (n_samples, n)):
+        got = (f"{keep.dtype} {tuple(keep.shape)}" if isinstance(keep, Tensor)
+               else type(keep).__name__)
+        raise ValueError(f"`perturb_fn` returned {got} for {n_samples} samples of {n} features: "
+                         f"return a bool tensor [{n_samples}, {n}] (True keeps a token).")
+    return keep.cpu()
+
+
+def _checked(name: str, value: Tensor, shape: tuple[int, ...], like: Tensor) -> Tensor:
+    if not isinstance(value, Tensor) or tuple(value.shape) != shape:
+        got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+        raise ValueError(f"`{name}` returned {got}: it must return a tensor of shape {shape} "
+                         "(see `lime`'s docstring).")
+    return value.to(like)
+
+
 def _features(ctx: Context):
     """Per row: side (0 source, 1 target) and position of each feature, and which are real."""
     src, tgt = occludable(ctx)
@@ -101,7 +128,9 @@ def lime(
     model: Model, batch: Batch, target_fn: TargetFn = probability, *,
     n_samples: int = 200, kernel_width: float = 0.25, keep_prob: float = 0.5,
     alpha: float = 1.0, seed: int | None = None, baseline: Fill = "auto",
-    internal_batch_size: int = 32, attribute_target: bool | None = None,
+    internal_batch_size: int = 32, perturb_fn: PerturbFn | None = None,
+    similarity_fn: SimilarityFn | None = None, surrogate_fn: SurrogateFn | None = None,
+    attribute_target: bool | None = None,
     attr_pos_start: int | None = None, attr_pos_end: int | None = None,
     step_scores: StepScoreSpec = (), progress: bool = False,
 ) -> AttributionTensors:
@@ -112,8 +141,19 @@ def lime(
     weighted least squares surrogate over the tokens it can see, with LIME's text kernel
     exp(-d^2 / kernel_width^2) on the cosine distance d to the input. Masks depend only on
     `seed` and a row's token count (so batched equals unbatched); `seed=None` draws one from
-    torch's global generator (recorded in `meta["args"]`). Special tokens score 0.
-    `progress=True` shows the masked copies done on stderr.
+    the operating system (recorded in `meta["args"]`; torch's global generator is left as it
+    was). Special tokens score 0. `progress=True` shows the masked copies done on stderr.
+
+    Your own parts, plain callables (inseq/captum's `perturb_func`, `similarity_func`,
+    `interpretable_model`); each replaces the built-in one and its options:
+    - `perturb_fn(n_samples, n_features, *, seed) -> keep [n_samples n_features]` (bool, True
+      keeps a token), called per row with the row's token count; default `sample_masks` with
+      `keep_prob`.
+    - `similarity_fn(keep [rows step n f], visible [rows step f]) -> weights [rows step n]`
+      (float 0/1 masks); default `kernel_weights` with `kernel_width`.
+    - `surrogate_fn(keep, scores [rows step n], weights, visible) -> coef [rows step f]`: the
+      attribution of each feature; default `fit_surrogates` with `alpha`. Features a step
+      cannot see (`visible` 0) are zeroed after it.
 
     Returns `source` [batch step src] and `target` [batch step tgt]: the surrogate's
     coefficients (`extra_dims` ()), and the step scores of the unmasked input.
@@ -124,14 +164,15 @@ def lime(
         raise ValueError(f"`n_samples`={n_samples}: it must be at least 2 (sample 0 is the input).")
     if internal_batch_size < 1:
         raise ValueError(f"`internal_batch_size`={internal_batch_size}: it must be at least 1.")
-    if not 0 < keep_prob < 1 or kernel_width <= 0 or alpha < 0:
+    if not 0 < keep_prob < 1 or not 0 < kernel_width < math.inf or not 0 <= alpha < math.inf:
         raise ValueError(f"`keep_prob`={keep_prob} must be in (0, 1), `kernel_width`={kernel_width} "
-                         f"positive and `alpha`={alpha} non-negative.")
-    if seed is None:
-        seed = int(torch.randint(0, 2**62, (1,)))
+                         f"positive, `alpha`={alpha} non-negative, both finite.")
+    if seed is None:  # from the OS: torch's global generator stays as it was
+        seed = torch.Generator().seed() % 2**62
     args = {"n_samples": n_samples, "kernel_width": kernel_width, "keep_prob": keep_prob,
             "alpha": alpha, "seed": seed, "baseline": baseline,
-            "internal_batch_size": internal_batch_size, "attribute_target": attribute_target,
+            "internal_batch_size": internal_batch_size, "perturb_fn": perturb_fn,
+            "similarity_fn": similarity_fn, "surrogate_fn": surrogate_fn, "attribute_target": attribute_target,
             "attr_pos_start": attr_pos_start, "attr_pos_end": attr_pos_end}
     with (report(progress, "lime", unit="perturbations") as bar,
           attribution_context(model, batch, attribute_target=attribute_target,
@@ -141,7 +182,8 @@ def lime(
         side, pos, real, counts = _features(ctx)
         keep = torch.zeros(len(counts), n_samples, side.shape[1], dtype=torch.bool)
         for b, n in enumerate(counts):
-            keep[b, :, :n] = sample_masks(n_samples, n, seed=seed, keep_prob=keep_prob)
+            keep[b, :, :n] = (sample_masks(n_samples, n, seed=seed, keep_prob=keep_prob)
+                              if perturb_fn is None else _user_masks(perturb_fn, n_samples, n, seed))
         rows = torch.arange(len(counts), device=emb.source.device).repeat_interleave(n_samples)
         y = perturbed_scores(ctx, target_fn, rows, _masks(ctx, side, pos, real, keep),
                              baselines(ctx, baseline), internal_batch_size, bar=bar)
@@ -150,7 +192,10 @@ def lime(
         visible = real[:, None, :] & ((side == 0)[:, None, :] | (pos[:, None, :] < steps[None, :, None]))
         vis, z = visible.to(y), keep[:, None].to(y).expand(-1, len(steps), -1, -1)
         bar.update(detail="fitting surrogates")
-        coef = fit_surrogates(z, y, kernel_weights(z, vis, kernel_width), vis, alpha)
+        similarity = similarity_fn or functools.partial(kernel_weights, kernel_width=kernel_width)
+        surrogate = surrogate_fn or functools.partial(fit_surrogates, alpha=alpha)
+        weights = _checked("similarity_fn", similarity(z, vis), tuple(y.shape), y)
+        coef = _checked("surrogate_fn", surrogate(z, y, weights, vis), tuple(vis.shape), y) * vis
         src, tgt = _to_positions(ctx, coef, side, pos, real)
         return finish(ctx, method="lime", args=args, target_fn=target_fn, source=src,
                       target=tgt if ctx.attribute_target else None,

@@ -19,6 +19,8 @@ from fnattr.engine import for_rows, forward
 from fnattr.methods._common import (
     Context, StepScoreSpec, at_input, attribution_context, clean_logits, finish, logit_step_scores,
 )
+from fnattr.methods._pos import PosTags, pos_proposals
+from fnattr.methods._pos import pos_tags as _pos_tags
 from fnattr.progress import Reporter, report
 from fnattr.result import AttributionTensors
 from fnattr.targets import probability
@@ -62,6 +64,9 @@ def proposals(ctx: Context, clean_logits: Tensor, replacing_model) -> Float[Tens
     probs = probs[..., :vocab].scatter(-1, ids[..., None], 0.0)
     total = probs.sum(-1, keepdim=True)
     return torch.where(total > 0, probs / total.clamp(min=1e-30), 1 / vocab)
+
+
+pos_tags = _pos_tags  # re-exported: `from fnattr.methods.reagent import pos_tags`
 
 
 def _sample(probs: Tensor, n: int, generator: torch.Generator) -> Tensor:
@@ -196,6 +201,7 @@ def reagent(
     keep_top_n: int | None = 3, keep_ratio: float | None = None, invert_keep: bool = False,
     stopping_condition_top_k: int = 3, replacing_ratio: float = 0.3, max_probe_steps: int = 3000,
     num_probes: int = 16, replacing_model: nn.Module | None = None,
+    pos_tags: PosTags | None = None,
     generator: torch.Generator | int = 0, internal_batch_size: int = 64,
     attribute_target: bool | None = None,
     attr_pos_start: int | None = None, attr_pos_end: int | None = None,
@@ -210,6 +216,9 @@ def reagent(
     step. A step stops once keeping only its `keep_top_n` (or `keep_ratio`) most important tokens,
     the rest replaced, puts the target in the top `stopping_condition_top_k` (with `invert_keep`:
     replacing those tokens pushes it out), or after `max_probe_steps`. `generator` seeds it all.
+    `pos_tags` (built by `pos_tags(tokenizer, tag_fn)` from a tag function of your own: fnattr
+    ships no tagger) samples each replacement uniformly among the vocabulary tokens with the
+    replaced token's part of speech instead (`pos_proposals`), as ReAGent's POS sampler does.
     `progress=True` shows the probe rounds and the steps still running on stderr (the total is
     the `max_probe_steps` cap, so its ETA is an upper bound).
 
@@ -225,6 +234,7 @@ def reagent(
             "stopping_condition_top_k": stopping_condition_top_k, "replacing_ratio": replacing_ratio,
             "max_probe_steps": max_probe_steps, "num_probes": num_probes,
             "replacing_model": None if replacing_model is None else type(replacing_model).__name__,
+            "pos_tags": None if pos_tags is None else list(pos_tags.names),
             "generator": generator if isinstance(generator, int) else "torch.Generator",
             "internal_batch_size": internal_batch_size, "attribute_target": attribute_target,
             "attr_pos_start": attr_pos_start, "attr_pos_end": attr_pos_end}
@@ -239,6 +249,8 @@ def reagent(
         logits = clean_logits(ctx)
         with torch.no_grad():
             probs = proposals(ctx, logits, replacing_model).cpu()
+            if pos_tags is not None:
+                probs = pos_proposals(ctx, probs, pos_tags)
         importance, converged, used = _probe(ctx, target_fn, probs, opts, g, bar)
         scores = logit_step_scores(ctx, logits, target_fn, step_scores)
         step_mask = ctx.batch.target_mask[:, ctx.steps]

@@ -5,7 +5,7 @@ import torch
 
 from fnattr import prepare, targets
 from fnattr.hooks import enable_dropout, frozen
-from fnattr.hooks.dropout import DROPOUT_TYPES
+from fnattr.hooks.dropout import DROPOUT_TYPES, functional_dropout_modules
 from fnattr.methods import saliency
 from tests.state import assert_unchanged, snapshot
 
@@ -22,11 +22,18 @@ def test_enables_dropout_modules_only_and_restores(any_model):
     try:
         before = _modes(model)
         with frozen(model), enable_dropout(model) as modules:
-            # Bart and Llama call functional dropout only: they have no module to enable
-            assert bool(modules) == (model.config.model_type in ("gpt2", "t5"))
-            assert all(isinstance(m, DROPOUT_TYPES) for m in modules)
+            # Llama's attention dropout rate is 0: nothing to enable. Bart calls dropout only
+            # functionally, T5's attention too, GPT2's SDPA attention passes its module's rate:
+            # their layers with a positive rate (or a dropout module) are switched.
+            assert bool(modules) == (model.config.model_type != "llama")
+            functional = functional_dropout_modules(model)
+            assert bool(functional) == (model.config.model_type != "llama")
             for name, m in model.named_modules():
-                assert m.training == isinstance(m, DROPOUT_TYPES), name
+                assert m.training == (isinstance(m, DROPOUT_TYPES) or m in functional), name
+                rates = {k: v for k, v in vars(m).items() if "dropout" in k and isinstance(v, float)}
+                owns = any(isinstance(c, DROPOUT_TYPES) and c.p > 0 for c in m.children())
+                assert (m in functional) == (not isinstance(m, DROPOUT_TYPES) and (
+                    owns or any(v > 0 for v in rates.values()))), name
         assert _modes(model) == before
     finally:
         model.eval()
@@ -55,8 +62,8 @@ def test_dropout_changes_the_forward_only_inside(gpt2):
 def test_mc_dropout_is_seeded_and_leaves_model_and_rng_alone(any_model):
     model, tok = any_model
     batch = prepare(model, tok, SOURCES, TARGETS)
-    if model.config.model_type in ("llama", "bart"):  # functional dropout only: a clear error
-        with pytest.raises(ValueError, match="no torch.nn dropout module with p > 0"):
+    if model.config.model_type == "llama":  # attention dropout rate 0, no module: a clear error
+        with pytest.raises(ValueError, match="no dropout with a rate above 0"):
             targets.mc_dropout_prob_avg(model, batch)
         return
     before, rng = snapshot(model), torch.get_rng_state()
@@ -96,3 +103,19 @@ def test_mc_dropout_as_step_score_and_target(gpt2):
     assert torch.all(out.source == 0)  # a constant of the input has no gradient
     with pytest.raises(ValueError, match="n_mcd_steps"):
         targets.mc_dropout_prob_avg(model, batch, n_mcd_steps=0)
+
+
+def test_layerdrop_is_held_at_zero_and_restored(request):
+    from tests.conftest import _get
+    model, _ = _get(request, "bart")
+    enc = model.get_encoder()
+    enc.layerdrop = 0.5
+    try:
+        before = snapshot(model)
+        with pytest.raises(RuntimeError, match="inside"), enable_dropout(model):
+            assert enc.training and enc.layerdrop == 0.0
+            raise RuntimeError("inside")
+        assert enc.layerdrop == 0.5
+        assert_unchanged(model, before)
+    finally:
+        enc.layerdrop = 0.0
