@@ -13,6 +13,7 @@ from torch import Tensor
 
 from fnattr.batch import Batch
 from fnattr.engine import score_steps
+from fnattr.methods import _prefix
 from fnattr.methods._common import (
     Context, StepScoreSpec, attribution_context, clean_logits, finish, logit_step_scores, run_scored,
 )
@@ -49,47 +50,65 @@ def windows(n: int, window: int, stride: int) -> list[range]:
 
 def perturbed_scores(
     ctx: Context, target_fn: TargetFn, rows: Int[Tensor, " n"],
-    masks: tuple[Bool[Tensor, "n src"], Bool[Tensor, "n tgt"]],
+    masks: tuple[Bool[Tensor, "n src *d"], Bool[Tensor, "n tgt *d"]],
     fills: tuple[Tensor, Tensor], chunk: int, *, bar: Reporter = OFF,
+    clean: _prefix.Prefix | None | Literal["auto"] = "auto",
 ) -> Float[Tensor, "n step"]:
-    """Every step's score for copies of batch `rows` whose masked tokens read the `fills`
-    embeddings; at most `chunk` copies per forward, each counted on `bar`."""
+    """Every step's score for copies of batch `rows` whose masked tokens (or, with masks
+    [n pos d], masked embedding coordinates) read the `fills` embeddings; at most `chunk` copies
+    per forward, each counted on `bar`. Decoder-only copies run from their first changed
+    position on the clean input's key/value cache where that is exact (`_prefix`; `clean`: that
+    cache if the caller has it, "auto" to make it here)."""
+    if isinstance(clean, str):  # "auto"
+        clean = _prefix.prefix(ctx, target_fn)
+    if clean is not None:
+        return _prefix.perturbed_scores(ctx, clean, target_fn, rows, masks, fills, chunk, bar=bar)
     emb = ctx.embedded
     out = [emb.source.new_zeros(0, len(ctx.steps))]
     bar.expect(len(rows))
     with torch.no_grad():
         for lo in range(0, len(rows), chunk):
             r = rows[lo:lo + chunk]
-            inputs = [torch.where(m[lo:lo + chunk, :, None], f[r], x[r])
+            inputs = [torch.where(m[lo:lo + chunk] if m.dim() == 3 else m[lo:lo + chunk, :, None],
+                                  f[r], x[r])
                       for m, f, x in zip(masks, fills, (emb.source, emb.target))]
             out.append(run_scored(ctx, target_fn, *inputs, r)[1])
             bar.advance(len(r))
     return torch.cat(out)
 
 
-def _occlusions(ctx: Context, window: int, stride: int):
-    """(row, source mask, target mask) of every window to occlude, as tensors."""
+def _occlusions(ctx: Context, window: int, stride: int, dims: tuple[int, int] | None = None):
+    """(row, source mask, target mask) of every window to occlude, as tensors: masks [n pos], or
+    [n pos d] with `dims` = (window, stride) over the embedding dimensions."""
     sides = occludable(ctx)
+    d = ctx.embedded.source.shape[-1]
+    blocks = [None] if dims is None else [slice(r.start, r.stop) for r in windows(d, *dims)]
     rows, masks = [], ([], [])
     for b in range(len(ctx.batch)):
         for side, can in enumerate(sides):
             positions = can[b].nonzero().squeeze(1)
             for w in windows(len(positions), window, stride):
-                mask = [torch.zeros_like(s[b]) for s in sides]
-                mask[side][positions[w.start:w.stop]] = True
-                rows.append(b)
-                for m, keep in zip(masks, mask):
-                    m.append(keep)
+                for block in blocks:
+                    shape = () if block is None else (d,)
+                    mask = [s.new_zeros(s.shape[1], *shape) for s in sides]
+                    cols = positions[w.start:w.stop]
+                    mask[side][(cols,) if block is None else (cols, block)] = True
+                    rows.append(b)
+                    for m, keep in zip(masks, mask):
+                        m.append(keep)
     device = ctx.batch.source_ids.device
     if not rows:
+        extra = () if dims is None else (d,)
         return (torch.zeros(0, dtype=torch.long, device=device),
-                tuple(torch.zeros(0, s.shape[1], dtype=torch.bool, device=device) for s in sides))
+                tuple(torch.zeros(0, s.shape[1], *extra, dtype=torch.bool, device=device)
+                      for s in sides))
     return torch.tensor(rows, device=device), tuple(torch.stack(m) for m in masks)
 
 
 def occlusion(
     model: Model, batch: Batch, target_fn: TargetFn = probability, *,
-    window: int = 1, stride: int = 1, baseline: Fill = "auto", internal_batch_size: int = 32,
+    window: int = 1, stride: int = 1, hidden_window: int | None = None,
+    hidden_stride: int | None = None, baseline: Fill = "auto", internal_batch_size: int = 32,
     attribute_target: bool | None = None,
     attr_pos_start: int | None = None, attr_pos_end: int | None = None,
     step_scores: StepScoreSpec = (), progress: bool = False,
@@ -104,35 +123,49 @@ def occlusion(
     `internal_batch_size` windows run per forward. `progress=True` shows the occluded copies
     done on stderr.
 
-    Returns `source` [batch step src] and `target` [batch step tgt] (`extra_dims` ()), and the
-    step scores of the unoccluded input.
+    `hidden_window=h` (captum's `sliding_window_shapes=(window, h)`) occludes blocks of h
+    embedding coordinates of `window` tokens, every `hidden_stride` (default h) coordinates; a
+    coordinate's score is the mean drop of the blocks that cover it.
+
+    Returns `source` [batch step src] and `target` [batch step tgt] (`extra_dims` ()), or
+    [batch step src hidden] (`extra_dims` ("hidden",)) with `hidden_window`, and the step
+    scores of the unoccluded input.
 
     >>> out = occlusion(model, batch, window=2)
+    >>> out = occlusion(model, batch, hidden_window=64)  # 64 coordinates of a token at a time
     """
-    for name, value in (("window", window), ("stride", stride),
+    if hidden_stride is not None and hidden_window is None:
+        raise ValueError(f"`hidden_stride`={hidden_stride} without `hidden_window`: pass "
+                         "hidden_window=N to slide over embedding dimensions too.")
+    for name, value in (("window", window), ("stride", stride), ("hidden_window", hidden_window),
+                        ("hidden_stride", hidden_stride),
                         ("internal_batch_size", internal_batch_size)):
-        if value < 1:
+        if value is not None and value < 1:
             raise ValueError(f"`{name}`={value}: it must be at least 1.")
+    dims = None if hidden_window is None else (hidden_window, hidden_stride or hidden_window)
     if baseline not in ("auto", "unk", "pad", "zeros"):
         raise ValueError(f"`baseline`={baseline!r}: use 'auto', 'unk', 'pad' or 'zeros'.")
-    args = {"window": window, "stride": stride, "baseline": baseline,
+    args = {"window": window, "stride": stride, "hidden_window": hidden_window,
+            "hidden_stride": hidden_stride, "baseline": baseline,
             "internal_batch_size": internal_batch_size, "attribute_target": attribute_target,
             "attr_pos_start": attr_pos_start, "attr_pos_end": attr_pos_end}
     with (report(progress, "occlusion", unit="perturbations") as bar,
           attribution_context(model, batch, attribute_target=attribute_target,
                               attr_pos_start=attr_pos_start, attr_pos_end=attr_pos_end) as ctx):
-        logits = clean_logits(ctx)
+        clean = _prefix.prefix(ctx, target_fn)  # the clean forward, with its cache where it serves
+        logits = clean_logits(ctx) if clean is None else clean.logits
         f_x = score_steps(target_fn, logits, ctx.batch, ctx.steps)
-        rows, masks = _occlusions(ctx, window, stride)
+        rows, masks = _occlusions(ctx, window, stride, dims)
         drop = f_x[rows] - perturbed_scores(ctx, target_fn, rows, masks, baselines(ctx, baseline),
-                                            internal_batch_size, bar=bar)
+                                            internal_batch_size, bar=bar, clean=clean)
         scores = []
         for mask in masks:
-            total = f_x.new_zeros(len(ctx.batch), len(ctx.steps), mask.shape[1])
-            total.index_add_(0, rows, drop[:, :, None] * mask[:, None, :])
-            count = f_x.new_zeros(len(ctx.batch), mask.shape[1]).index_add_(0, rows, mask.to(f_x))
-            scores.append(total / count.clamp(min=1)[:, None, :])
+            extra = (None,) * (mask.dim() - 2)
+            total = f_x.new_zeros(len(ctx.batch), len(ctx.steps), *mask.shape[1:])
+            total.index_add_(0, rows, drop[(..., None, *extra)] * mask[:, None])
+            count = f_x.new_zeros(len(ctx.batch), *mask.shape[1:]).index_add_(0, rows, mask.to(f_x))
+            scores.append(total / count.clamp(min=1)[:, None])
         return finish(ctx, method="occlusion", args=args, target_fn=target_fn, source=scores[0],
                       target=scores[1] if ctx.attribute_target else None,
                       step_scores=logit_step_scores(ctx, logits, target_fn, step_scores),
-                      extra_dims=())
+                      extra_dims=() if dims is None else ("hidden",))

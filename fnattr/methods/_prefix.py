@@ -1,0 +1,124 @@
+"""Perturbed copies of a decoder-only batch that share their clean prefix: the key/value cache of
+the unperturbed input is computed once, and each copy runs only from its first changed position.
+
+Replacing source token i leaves every position before i as it was (causal attention), so its
+keys, values and logits are those of the clean forward. Copies are sorted by their first changed
+position and run in chunks that start where the chunk's earliest change is; a chunk's logits
+before that position are the clean ones. The work of a perturbation forward drops from L
+positions to L - i (about half, on average, for occlusion).
+
+Used where it is exact: decoder-only models whose cache is a plain, croppable `DynamicCache`
+(no sliding window, no recurrent state), target functions that read only the logits (a
+contrast rerun needs the whole forward), and forwards that take `past_key_values`,
+`position_ids` and `logits_to_keep`. Elsewhere `prefix` is None and callers run whole forwards.
+"""
+
+import dataclasses
+
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+
+from fnattr.engine import _accepts, score_steps
+from fnattr.methods._common import Context
+from fnattr.progress import OFF, Reporter
+from fnattr.types import TargetFn
+
+
+@dataclasses.dataclass(frozen=True)
+class Prefix:
+    """The clean forward of a batch: its inputs, the logits of every step, and its cache."""
+
+    ids: Int[Tensor, "batch seq"]
+    mask: Int[Tensor, "batch seq"]
+    positions: Int[Tensor, "batch seq"]
+    logits: Float[Tensor, "batch tgt vocab"]
+    keys: tuple[Tensor, ...]  # per layer [batch heads seq head_dim]
+    values: tuple[Tensor, ...]
+
+
+def prefix(ctx: Context, target_fn: TargetFn) -> Prefix | None:
+    """The clean forward of `ctx.batch` with its key/value cache, where copies of the batch can
+    run from their first changed position exactly (see the module docstring); else None."""
+    from transformers import DynamicCache
+
+    cls = type(ctx.model)
+    if (ctx.batch.is_encoder_decoder or getattr(target_fn, "contrast", None) is not None
+            or not all(_accepts(cls, name) for name in ("past_key_values", "position_ids",
+                                                         "logits_to_keep"))):
+        return None
+    batch, emb = ctx.batch, ctx.embedded
+    ids = torch.cat([batch.source_ids, batch.target_ids[:, :-1]], 1)
+    mask = torch.cat([batch.source_mask, batch.target_mask[:, :-1]], 1).long()
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    n_tgt = batch.target_ids.shape[1]
+    ctx.handle.replace(source=torch.cat([emb.source, emb.target[:, :-1]], 1))
+    with torch.no_grad():
+        out = ctx.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                        past_key_values=DynamicCache(config=ctx.model.config), use_cache=True,
+                        logits_to_keep=n_tgt)
+    ctx.handle.check_used()
+    cache = out.past_key_values
+    layers = getattr(cache, "layers", None)
+    plain = (type(cache) is DynamicCache and layers
+             and all(type(layer).__name__ == "DynamicLayer" for layer in layers)
+             and all(layer.keys is not None and layer.keys.shape[-2] == ids.shape[1] for layer in layers))
+    if not plain:
+        return None
+    return Prefix(ids, mask, positions, out.logits, tuple(layer.keys for layer in layers),
+                  tuple(layer.values for layer in layers))
+
+
+def first_changed(masks: tuple[Bool[Tensor, "n src *d"], Bool[Tensor, "n tgt *d"]]) -> Int[Tensor, " n"]:
+    """The first position of the model's input (source, then target tokens) that a copy
+    changes (masks [n pos], or [n pos d] over embedding coordinates); the input's length where
+    it changes none."""
+    src, tgt = (m.flatten(2).any(-1) if m.dim() > 2 else m for m in masks)
+    seq = torch.cat([src, tgt[:, :-1]], 1)
+    idx = torch.arange(seq.shape[1], device=seq.device).expand_as(seq)
+    return torch.where(seq, idx, seq.shape[1]).amin(1)
+
+
+def _run(ctx: Context, clean: Prefix, rows: Tensor, embeds: Tensor, start: int) -> Tensor:
+    """Logits of every step `[n, tgt, vocab]` of copies of `rows` that read `embeds` from
+    input position `start` on (their earlier positions are the clean batch's)."""
+    from transformers import DynamicCache
+
+    n_seq, n_tgt = clean.ids.shape[1], clean.logits.shape[1]
+    logits = clean.logits[rows].clone()
+    if start >= n_seq:
+        return logits
+    keep = min(n_seq - start, n_tgt)  # the steps whose logits read a changed position
+    cache = DynamicCache([(k[rows, :, :start], v[rows, :, :start])
+                          for k, v in zip(clean.keys, clean.values)], config=ctx.model.config)
+    ctx.handle.replace(source=embeds[:, start:])
+    out = ctx.model(input_ids=clean.ids[rows, start:], attention_mask=clean.mask[rows],
+                    position_ids=clean.positions[rows, start:], past_key_values=cache,
+                    use_cache=True, logits_to_keep=keep)
+    ctx.handle.check_used()
+    logits[:, n_tgt - keep:] = out.logits.to(logits.dtype)
+    return logits
+
+
+def perturbed_scores(
+    ctx: Context, clean: Prefix, target_fn: TargetFn, rows: Int[Tensor, " n"],
+    masks: tuple[Bool[Tensor, "n src *d"], Bool[Tensor, "n tgt *d"]],
+    fills: tuple[Tensor, Tensor], chunk: int, *, bar: Reporter = OFF,
+) -> Float[Tensor, "n step"]:
+    """`occlusion.perturbed_scores` from the clean prefix `clean` (`prefix(ctx, target_fn)`):
+    copies sorted by first changed position, `chunk` per forward, results in the given order."""
+    emb = ctx.embedded
+    starts = first_changed(masks)
+    order = torch.argsort(starts, stable=True)
+    out = emb.source.new_zeros(len(rows), len(ctx.steps))
+    bar.expect(len(rows))
+    with torch.no_grad():
+        for lo in range(0, len(rows), chunk):
+            pick = order[lo:lo + chunk]
+            r = rows[pick]
+            src, tgt = [torch.where(m[pick] if m.dim() == 3 else m[pick, :, None], f[r], x[r])
+                        for m, f, x in zip(masks, fills, (emb.source, emb.target))]
+            logits = _run(ctx, clean, r, torch.cat([src, tgt[:, :-1]], 1), int(starts[pick].min()))
+            out[pick] = score_steps(target_fn, logits, ctx.batch, ctx.steps, r)
+            bar.advance(len(r))
+    return out

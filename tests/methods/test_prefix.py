@@ -1,0 +1,106 @@
+"""Perturbations that run from their first changed position on the clean key/value cache
+(`fnattr.methods._prefix`): the same scores as whole forwards, for less work."""
+
+import pytest
+import torch
+
+from fnattr import prepare
+from fnattr.contrast import prepare_contrast
+from fnattr.evaluate import faithfulness
+from fnattr.methods import _prefix, lime, occlusion, saliency
+from fnattr.methods._common import attribution_context
+from fnattr.targets import contrast_prob_diff, logprob, probability
+from tests.state import assert_unchanged, snapshot
+
+SOURCES, TARGETS = ["The capital of France is", "A dog"], [" Paris is a", " ran in the park"]
+LONG = ["The quick brown fox jumps over the lazy dog. The cat sat on the mat. Rome is a city in",
+        "Language models predict the next token. Paris is a city in"]
+
+
+@pytest.fixture
+def whole_forwards(monkeypatch):
+    """Turn the prefix cache off: every perturbation runs the whole input."""
+    monkeypatch.setattr(_prefix, "prefix", lambda ctx, target_fn: None)
+
+
+class Positions:
+    """Counts the input positions the model embeds (a proxy for forward work)."""
+
+    def __init__(self, model):
+        self.total = 0
+        self.handle = model.get_input_embeddings().register_forward_hook(self._count)
+
+    def _count(self, module, args, output):
+        self.total += output.shape[0] * output.shape[1]
+
+
+def _both(monkeypatch, model, run):
+    """`run()` with the prefix cache, then with whole forwards; and the positions each embedded."""
+    counter = Positions(model)
+    try:
+        fast = run()
+        fast_positions, counter.total = counter.total, 0
+        with monkeypatch.context() as m:
+            m.setattr(_prefix, "prefix", lambda ctx, target_fn: None)
+            slow = run()
+        return fast, slow, fast_positions, counter.total
+    finally:
+        counter.handle.remove()
+
+
+@pytest.mark.parametrize("opts", [{}, {"window": 2, "attribute_target": True},
+                                  {"window": 3, "stride": 2, "attribute_target": True}])
+def test_occlusion_equals_whole_forwards_for_less_work(decoder_model, monkeypatch, opts):
+    model, tok = decoder_model
+    batch = prepare(model, tok, LONG, [" Italy.", " France."])  # left-padded second row
+    before = snapshot(model)
+    fast, slow, fast_pos, slow_pos = _both(monkeypatch, model, lambda: occlusion(
+        model, batch, logprob, internal_batch_size=4, **opts))
+    torch.testing.assert_close(fast.source, slow.source, rtol=0, atol=1e-12)
+    if slow.target is not None:
+        torch.testing.assert_close(fast.target, slow.target, rtol=0, atol=1e-12)
+    assert slow.source.abs().max() > 0
+    # each copy runs from its first changed position: about half the positions, plus one
+    # clean forward with its cache, and chunks that start at their earliest change
+    assert fast_pos < 0.7 * slow_pos
+    assert_unchanged(model, before)
+
+
+def test_lime_and_faithfulness_equal_whole_forwards(gpt2, monkeypatch):
+    model, tok = gpt2
+    batch = prepare(model, tok, SOURCES, TARGETS)
+    fast, slow, fast_pos, slow_pos = _both(monkeypatch, model, lambda: lime(
+        model, batch, n_samples=24, seed=3, internal_batch_size=8))
+    torch.testing.assert_close(fast.source, slow.source, rtol=0, atol=1e-10)
+    assert fast_pos < slow_pos
+    out = saliency(model, batch)
+    fast, slow, *_ = _both(monkeypatch, model, lambda: faithfulness(
+        model, batch, out, removal="unk", n_random=0, curve_levels=4))
+    for name in ("comprehensiveness", "sufficiency"):
+        torch.testing.assert_close(getattr(fast, name), getattr(slow, name), rtol=0, atol=1e-12)
+
+
+def test_whole_forwards_where_the_cache_cannot_serve(seq2seq_model, gpt2):
+    model, tok = seq2seq_model
+    batch = prepare(model, tok, SOURCES, TARGETS)
+    with attribution_context(model, batch, attribute_target=None, attr_pos_start=None,
+                             attr_pos_end=None) as ctx:
+        assert _prefix.prefix(ctx, probability) is None  # encoder-decoder: the encoder sees all
+    model, tok = gpt2
+    batch = prepare(model, tok, SOURCES, TARGETS)
+    contrast = prepare_contrast(model, tok, batch, contrast_targets=[" Rome is a", " sat on the mat"])
+    target = contrast_prob_diff(contrast)
+    with attribution_context(model, batch, attribute_target=None, attr_pos_start=None,
+                             attr_pos_end=None) as ctx:
+        assert _prefix.prefix(ctx, target) is None  # the contrast reruns at each copy
+        assert _prefix.prefix(ctx, probability) is not None
+
+
+def test_first_changed_position():
+    src = torch.tensor([[0, 1, 0], [0, 0, 0], [0, 0, 0]], dtype=torch.bool)
+    tgt = torch.tensor([[1, 0, 0], [0, 1, 0], [0, 0, 0]], dtype=torch.bool)
+    # input = source, then target tokens but the last: positions 0..4
+    assert _prefix.first_changed((src, tgt)).tolist() == [1, 4, 5]
+    dims = src[:, :, None].expand(3, 3, 2).clone()
+    dims[0, 1, 0] = False  # one coordinate of a position still changes it
+    assert _prefix.first_changed((dims, tgt[:, :, None].expand(3, 3, 2))).tolist() == [1, 4, 5]
