@@ -8,6 +8,7 @@ from torch import Tensor
 
 from fnattr.batch import Batch
 from fnattr.engine import step_gradients
+from fnattr.hooks.checkpoint import is_checkpointed
 from fnattr.hooks.layer import LayerSpec, layer_hooks
 from fnattr.methods import _converge, _layers
 from fnattr.methods._common import (
@@ -30,6 +31,13 @@ RULES_DOC = """Multipliers (see `fnattr.methods._deeplift_rules`): the Rescale r
     decomposed into these, so they are exact too. Any other nonlinear op falls back to its
     gradient, and `delta` shows the error it causes. Models that compute norms in float32 (Llama,
     T5) sum to delta within float32 rounding."""
+
+
+def _not_checkpointed(model: Model, name: str) -> None:
+    if is_checkpointed(model):
+        raise ValueError(f"{name} cannot run inside `checkpointed(model)`: its rules record each "
+                         "block's forward once, and a checkpointed block runs twice. Call it "
+                         "outside the `with` block (it needs one forward, little memory).")
 
 
 def _stacked(ctx: Context, baseline: Baseline) -> tuple[Tensor, Tensor, Tensor]:
@@ -70,6 +78,7 @@ def deeplift(
     args = {"baseline": baseline, "multiply_by_inputs": multiply_by_inputs,
             "attribute_target": attribute_target, "attr_pos_start": attr_pos_start,
             "attr_pos_end": attr_pos_end}
+    _not_checkpointed(model, "deeplift")
     with ExitStack() as stack:
         bar = stack.enter_context(report(progress, "deeplift", unit="forwards"))
         ctx = stack.enter_context(attribution_context(
@@ -131,6 +140,7 @@ def layer_deeplift(
     args = {"layer": layer, "baseline": baseline, "multiply_by_inputs": multiply_by_inputs,
             "attribute_target": attribute_target, "attr_pos_start": attr_pos_start,
             "attr_pos_end": attr_pos_end}
+    _not_checkpointed(model, "layer_deeplift")
     with ExitStack() as stack:
         bar = stack.enter_context(report(progress, "layer_deeplift", unit="forwards"))
         ctx = stack.enter_context(attribution_context(

@@ -1,0 +1,58 @@
+"""`checkpointed`: trade compute for memory in gradient methods, restored on exit.
+
+Inside the block each transformer block of the model keeps only its inputs during the forward
+and recomputes its activations when the backward reaches it (`torch.utils.checkpoint`,
+non-reentrant, so it composes with the engine's batched backward). A long prompt's activations
+then cost one block's worth instead of every block's; the backward runs each block's forward
+once more. Scores are unchanged: the recomputation is the same arithmetic. DeepLIFT's rules
+record each block's forward once and refuse to run inside it.
+"""
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from fnattr.hooks.randomized import layer_stack
+from fnattr.types import Model
+
+
+def _wrapped(forward):
+    def run(*args, **kwargs):
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+    run.__wrapped__ = forward
+    run.fnattr_checkpointed = True
+    return run
+
+
+def is_checkpointed(model: Model) -> bool:
+    """Whether some block of `model` runs inside `checkpointed`."""
+    return any(getattr(vars(m).get("forward"), "fnattr_checkpointed", False) for m in model.modules())
+
+
+@contextmanager
+def checkpointed(model: Model, layers: Sequence[str] | None = None) -> Iterator[None]:
+    """Recompute each block's activations in the backward instead of keeping them (`layers`:
+    module names; default every transformer block, `randomized.layer_stack`). The model's own
+    `forward` methods are back on exit, also on error.
+
+    >>> with checkpointed(model):
+    ...     out = integrated_gradients(model, batch)   # same scores, less activation memory
+    """
+    names = layer_stack(model) if layers is None else tuple(layers)
+    modules = dict(model.named_modules())
+    if missing := [n for n in names if n not in modules]:
+        raise ValueError(f"`layers`: {missing[:3]} are not modules of {type(model).__name__}; "
+                         "use names from model.named_modules(), e.g. 'model.layers.0'.")
+    blocks: list[nn.Module] = [modules[n] for n in names]
+    if any("forward" in vars(b) for b in blocks):
+        raise RuntimeError("a block's forward is already replaced (nested `checkpointed`, or "
+                           "another patch): leave that block first.")
+    try:
+        for block in blocks:
+            block.forward = _wrapped(block.forward)
+        yield
+    finally:
+        for block in blocks:
+            vars(block).pop("forward", None)
