@@ -123,6 +123,11 @@ def _text_checks(args: argparse.Namespace, contrastive: set[str]) -> None:
         if texts is not None and len(texts) != len(args.text):
             raise UsageError(f"{len(texts)} {flag} for {len(args.text)} texts: give one {flag} per "
                              "text" + (", or none to generate." if flag == "--target" else "."))
+    if args.contrast_force_inputs and not given:
+        raise UsageError("--contrast-force-inputs attributes on the contrastive inputs: add "
+                         "--contrast-target and/or --contrast-source with a contrastive --target-fn.")
+    if args.generate_from_target_prefix and not args.target:
+        raise UsageError("--generate-from-target-prefix continues each --target: add --target TEXT.")
     if args.contrast_alignments is not None:
         if not args.contrast_target:
             raise UsageError("--contrast-alignments aligns --contrast-target texts: add them.")
@@ -171,6 +176,10 @@ def cmd_attribute(args: argparse.Namespace, rest: list[str]) -> int:
         contrast = prepare_contrast(model, tokenizer, batch, contrast_targets=args.contrast_target,
                                     contrast_sources=args.contrast_source,
                                     contrast_targets_alignments=args.contrast_alignments)
+        if args.contrast_force_inputs:
+            from fnattr.contrast import force_inputs
+
+            batch, contrast = force_inputs(model, batch, contrast)
     resolve = functools.partial(resolve_target, model=model, batch=batch, contrast=contrast,
                                 options={}, used=set())
     out = METHODS[args.method](model, batch, resolve(args.target_fn),
@@ -253,7 +262,7 @@ def cmd_dataset(args: argparse.Namespace, rest: list[str]) -> int:
                        target_fn=TARGETS[args.target_fn], batch_size=args.batch_size,
                        max_new_tokens=args.max_new_tokens, step_scores=tuple(args.step_scores),
                        method_args=opts, config=config, total=total, progress=not args.quiet,
-                       reduce=args.reduce, **_prompt(args))
+                       reduce=args.reduce, **_chat(args))
     log(f"{done} examples in {args.out}" + (f"; {len(examples.skipped)} bad rows skipped "
                                              f"(listed in {os.path.join(args.out, dataset.RUN_FILE)})"
                                              if examples.skipped else ""))
@@ -430,6 +439,15 @@ def _chat_options(p: argparse.ArgumentParser) -> None:
                    help="with --chat: attribute the template's tokens (role headers, markers) too")
 
 
+def _source_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--skip-special-tokens", action="store_true",
+                   help="leave the special tokens the tokenizer adds (BOS, ...) out of the source, "
+                        "keeping a closing EOS")
+    p.add_argument("--include-eos-baseline", action="store_true",
+                   help="attribute a source EOS as an ordinary token (default: it keeps its "
+                        "embedding and scores 0)")
+
+
 def _check_chat(args: argparse.Namespace) -> None:
     if not args.chat and (args.system is not None or args.keep_template):
         flag = "--system" if args.system is not None else "--keep-template"
@@ -439,9 +457,16 @@ def _check_chat(args: argparse.Namespace) -> None:
                          "the chat template; render both prompts yourself and drop --chat.")
 
 
-def _prompt(args: argparse.Namespace) -> dict[str, Any]:
+def _chat(args: argparse.Namespace) -> dict[str, Any]:
     """`prepare`'s chat keywords from the command line."""
     return {"chat": args.chat, "system": args.system, "keep_template": args.keep_template}
+
+
+def _prompt(args: argparse.Namespace) -> dict[str, Any]:
+    """All of `prepare`'s prompt keywords that `fnattr attribute` takes."""
+    return {**_chat(args), "skip_special_tokens": args.skip_special_tokens,
+            "include_eos_baseline": args.include_eos_baseline,
+            "generate_from_target_prefix": args.generate_from_target_prefix}
 
 
 def _view_options(p: argparse.ArgumentParser) -> None:
@@ -474,11 +499,18 @@ def _attribute_parser(sub) -> None:
                           "with a contrastive --target-fn such as contrast_prob_diff")
     att.add_argument("--contrast-source", nargs="+", action="extend", default=None, metavar="TEXT",
                      help="contrastive sources, one per text, with a contrastive --target-fn")
+    att.add_argument("--contrast-force-inputs", action="store_true",
+                     help="attribute on the contrastive inputs (--contrast-target/--contrast-source) "
+                          "instead of the original ones")
+    att.add_argument("--generate-from-target-prefix", action="store_true",
+                     help="treat each --target as a prefix and let the model continue it "
+                          "(up to --max-new-tokens)")
     att.add_argument("--contrast-alignments", default=None, metavar="auto|JSON",
                      help="align target with --contrast-target positions: auto (by tokens) or "
                           "[[target position, contrast position], ...] (default: position by position)")
     _method_options(att, contrast=True)
     _chat_options(att)
+    _source_options(att)
     att.add_argument("--save", default=None, metavar="PATH",
                      help="result file (default: a new " + SAVE_PATTERN.format(stamp="YYYYmmdd-HHMMSS")
                           + " in the current folder)")

@@ -168,3 +168,45 @@ def test_a_model_folders_code_runs_only_with_trust_remote_code(evil_folders, tmp
     subprocess.run([*args, "--trust-remote-code"], capture_output=True, text=True, cwd=tmp_path,
                    env=env, timeout=300)
     assert marker.exists()  # the opt-in runs it
+
+
+def test_source_and_generation_flags_reach_prepare(chat_dir, tmp_path):
+    run = fnattr_run("attribute", "The cat sat", "--model", chat_dir, "--method", "saliency",
+                     "--target", " on", "--generate-from-target-prefix", "--max-new-tokens", "2",
+                     "--skip-special-tokens", "--save", "s.safetensors", "--quiet", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr
+    out = load(tmp_path / "s.safetensors")
+    model, tok = load_model(chat_dir)
+    batch = prepare(model, tok, ["The cat sat"], [" on"], max_new_tokens=2, skip_special_tokens=True,
+                    generate_from_target_prefix=True)
+    assert out.source_tokens == batch.source_tokens and "<s>" not in out.source_tokens[0]
+    assert out.target_tokens == batch.target_tokens and len(batch.target_tokens[0]) > 1
+    torch.testing.assert_close(out.source, saliency(model, batch).source)
+
+
+def test_contrast_force_inputs_equals_the_api(chat_dir, tmp_path, monkeypatch):
+    import fnattr
+
+    monkeypatch.chdir(tmp_path)
+    args = ["attribute", "The cat sat", "--model", chat_dir, "--method", "saliency", "--target",
+            " on the mat", "--target-fn", "contrast_prob_diff", "--contrast-target", " in the park",
+            "--save", "f.safetensors", "--quiet", "--no-table"]
+    assert cli.main([*args, "--contrast-force-inputs"]) == 0
+    model, tok = load_model(chat_dir)
+    ref = fnattr.attribute(model, tok, ["The cat sat"], [" on the mat"], method="saliency",
+                           target_fn="contrast_prob_diff", contrast_targets=[" in the park"],
+                           contrast_force_inputs=True)
+    out = load(tmp_path / "f.safetensors")
+    assert out.target_tokens == ref.target_tokens != [[" on", " the", " mat"]]
+    torch.testing.assert_close(out.source, ref.source)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--contrast-force-inputs"], "--contrast-force-inputs attributes on the contrastive inputs"),
+    (["--generate-from-target-prefix"], "--generate-from-target-prefix continues each --target"),
+])
+def test_source_flag_errors_before_loading(args, message, tmp_path, monkeypatch, capsys, no_model):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["attribute", "The cat", "--no-save", *args])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
