@@ -3,6 +3,8 @@
 from fnattr.hooks.attention import AttentionCapture as AttentionCapture
 from fnattr.hooks.attention import capture_attention as capture_attention
 from fnattr.hooks.attention import eager_attention as eager_attention
+from fnattr.hooks.attention import eager_experts as eager_experts
+from fnattr.hooks.attention import finite_masks as finite_masks
 from fnattr.hooks.checkpoint import checkpointed as checkpointed
 from fnattr.hooks.dropout import enable_dropout as enable_dropout
 from fnattr.hooks.embedding import EmbeddingHandle as EmbeddingHandle
@@ -18,6 +20,6 @@ from fnattr.hooks.value_zeroing import value_zeroing as value_zeroing
 
 __all__ = [
     "AttentionCapture", "EmbeddingHandle", "LayerHandle", "ValueZeroingHandle",
-    "capture_attention", "checkpointed", "eager_attention", "embedding_hooks", "embedding_modules",
-    "enable_dropout", "frozen", "layer_hooks", "layer_stack", "randomized", "value_zeroing",
+    "capture_attention", "checkpointed", "eager_attention", "eager_experts", "embedding_hooks", "embedding_modules",
+    "enable_dropout", "finite_masks", "frozen", "layer_hooks", "layer_stack", "randomized", "value_zeroing",
 ]

@@ -5,7 +5,15 @@ attention: `eager_attention` switches every (sub-)config of the model to "eager"
 each one's own setting on exit, also after an error. `capture_attention` reads the weights with
 forward hooks on the modules that the model itself declares as attention outputs
 (`_can_record_outputs` in transformers 5), so `output_attentions=True` is never needed (it would
-leave transformers' own recording hooks installed on the model).
+leave transformers' own recording hooks installed on the model). Models that declare none (GPT-J,
+Bloom, Falcon: attention outside transformers' attention interface) return their weights second
+from each layer's attention module, which is found by its class name (`layer_attention`).
+
+`finite_masks` keeps float64 models finite on padded rows: eager kernels that take the softmax
+in float32 turn a float64 mask's minimum into -inf, so a padding query whose keys are all masked
+gets NaN weights, and its NaN value reaches real positions as 0 * NaN (Bloom, Gemma2, Llama's
+eager kernel). Masks are clamped to float32's minimum, which leaves every real row's weights
+exactly as they were (masked keys still get weight 0).
 """
 
 import dataclasses
@@ -13,8 +21,11 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Literal
 
+import torch
 from torch import Tensor, nn
 from transformers import PretrainedConfig, PreTrainedModel
+
+from fnattr.hooks.value_zeroing import layer_attention, uses_attention_interface
 from fnattr.types import Model
 
 Kind = Literal["self", "cross", "encoder"]
@@ -42,6 +53,8 @@ def eager_attention(model: Model) -> Iterator[PreTrainedModel]:
 
     Uses `PreTrainedModel.set_attn_implementation("eager")`; on exit each config's own
     `_attn_implementation` (and any module attribute of that name) gets its old value back.
+    Models outside transformers' attention interface (Falcon) cannot switch; their configs are
+    set to "eager" directly, which they read at each forward.
 
     >>> with eager_attention(model):
     ...     out = model(input_ids=ids, output_attentions=True)   # weights are not None
@@ -53,16 +66,40 @@ def eager_attention(model: Model) -> Iterator[PreTrainedModel]:
     attrs = [(m, vars(m)["_attn_implementation"]) for m in model.modules()
              if "_attn_implementation" in vars(m)]
     try:
-        if any(impl != "eager" for _, impl in configs):
+        if uses_attention_interface(model) and any(impl != "eager" for _, impl in configs):
             model.set_attn_implementation("eager")
             for module, _ in attrs:
                 module._attn_implementation = "eager"
+        elif any(impl != "eager" for _, impl in configs):  # Falcon: no switch, reads it at each call
+            for cfg, _ in configs:
+                cfg._attn_implementation_internal = "eager"
         yield model
     finally:
         for module, impl in reversed(attrs):
             module._attn_implementation = impl
         for cfg, impl in reversed(configs):
             cfg._attn_implementation_internal = impl
+
+
+@contextmanager
+def eager_experts(model: Model) -> Iterator[None]:
+    """Inside the block, a float64 mixture-of-experts model runs its experts with transformers'
+    eager loop instead of `grouped_mm`, which has no float64 kernel; every config's own
+    `_experts_implementation` is restored on exit. Other models and dtypes are left alone.
+
+    >>> with eager_experts(model):          # a float64 Mixtral
+    ...     logits = model(input_ids=ids).logits
+    """
+    float64 = any(p.dtype == torch.float64 for p in model.parameters())
+    configs = [c for c in _configs(model) if float64
+               and getattr(c, "_experts_implementation_internal", None) == "grouped_mm"]
+    try:
+        for cfg in configs:
+            cfg._experts_implementation_internal = "eager"
+        yield
+    finally:
+        for cfg in reversed(configs):
+            cfg._experts_implementation_internal = "grouped_mm"
 
 
 def _specs(module: nn.Module) -> list[tuple[str, type | None, str | None, str | None, int]]:
@@ -103,6 +140,8 @@ def attention_modules(model: Model) -> dict[str, list[tuple[nn.Module, int]]]:
     """
     found: list = []
     _walk(model, "", _specs(model), found)
+    if not found:
+        found = _by_layer(model)
     encoder = model.get_encoder() if model.config.is_encoder_decoder else None
     in_encoder = set() if encoder is None else {id(m) for m in encoder.modules()}
     out: dict[str, list[tuple[nn.Module, int]]] = {k: [] for k in KINDS}
@@ -114,9 +153,54 @@ def attention_modules(model: Model) -> dict[str, list[tuple[nn.Module, int]]]:
         kind = "encoder" if id(module) in in_encoder and kind == "self" else kind
         out[kind].append((module, index))
     if not any(out.values()):
-        raise ValueError(f"{type(model).__name__} declares no attention modules (`_can_record_outputs`): "
-                         "attention weights need a transformers model that records `attentions`.")
+        raise ValueError(f"{type(model).__name__} declares no attention modules (`_can_record_outputs`) "
+                         "and its layers hold no module whose class name ends in 'Attention'.")
     return out
+
+
+def _by_layer(model: Model) -> list[tuple[str, nn.Module, int]]:
+    """(kind, module, index) from each layer's attention modules, for models that declare none:
+    the first is self-attention, a second one cross-attention; weights come second in the output."""
+    try:
+        stacks = layer_attention(model)
+    except ValueError:  # no list of layers either
+        return []
+    return [(("self", "cross")[slot], module, 1) for layers in stacks.values() for modules in layers
+            for slot, module in enumerate(modules[:2])]
+
+
+_MASK_KWARGS = ("attention_mask", "mask")
+
+
+@contextmanager
+def finite_masks(model: Model) -> Iterator[None]:
+    """Inside the block, float64 attention masks reach the attention modules clamped to float32's
+    minimum (see the module docstring); nothing changes for other dtypes. Hooks removed on exit.
+
+    >>> with finite_masks(model):            # a float64 Bloom or Gemma2, left-padded rows
+    ...     logits = model(input_ids=ids, attention_mask=mask).logits   # finite
+    """
+    try:
+        modules = [m for kind in attention_modules(model).values() for m, _ in kind]
+    except (ValueError, AttributeError):  # nothing to clamp where no attention module is known
+        modules = []
+    low = torch.finfo(torch.float32).min
+
+    def clamp(module: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
+        names = [k for k in _MASK_KWARGS
+                 if isinstance(kwargs.get(k), Tensor) and kwargs[k].dtype == torch.float64]
+        if not names:
+            return None
+        return args, {**kwargs, **{k: kwargs[k].clamp(min=low) for k in names}}
+
+    handles = []
+    try:
+        for module in modules:
+            handles.append(module.register_forward_pre_hook(clamp, with_kwargs=True))
+        yield
+    finally:
+        for handle in reversed(handles):
+            handle.remove()
 
 
 @dataclasses.dataclass

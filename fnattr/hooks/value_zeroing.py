@@ -7,6 +7,11 @@ chosen layers' attention modules only, the value tensor `[rows, heads, seq, head
 chosen tokens and heads set to 0 before the kernel runs. No per-model table of module names.
 The lookup is replaced process-wide while the context is open (other models' attention passes
 through unchanged); nested contexts must exit in LIFO order, so do not share one across threads.
+
+Models whose attention does not go through that interface (GPT-J, Bloom, Falcon: no
+`_can_record_outputs`) are zeroed at the projection that produces the values instead: a forward
+hook on `v_proj`, or on the fused `query_key_value` (Bloom and Falcon layouts), sets the chosen
+tokens' and heads' value slices to 0 (`_value_layout`).
 """
 
 import collections
@@ -15,8 +20,10 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, Literal
 
+import torch
 from jaxtyping import Bool
 from torch import Tensor, nn
+from transformers import PreTrainedModel
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from fnattr.types import Model
 
@@ -103,6 +110,61 @@ class ValueZeroingHandle:
         return value.masked_fill(tokens[:, None, :, None] & head_mask[None, :, None, None], 0)
 
 
+def uses_attention_interface(model: Model) -> bool:
+    """Whether the model declares its attention outputs (`_can_record_outputs`, transformers 5),
+    which marks attention that runs through `ALL_ATTENTION_FUNCTIONS`."""
+    return any(getattr(m, "_can_record_outputs", None) for m in model.modules()
+               if isinstance(m, PreTrainedModel))
+
+
+def layer_attention(model: Model) -> dict[str, list[list[nn.Module]]]:
+    """The attention modules of every layer, by stack: each layer's shallowest modules whose class
+    name ends in "Attention", in registration order (self-attention, then cross-attention)."""
+    out: dict[str, list[list[nn.Module]]] = {}
+    for side, layers in layer_stacks(model).items():
+        out[side] = []
+        for block in layers:
+            found = [(name.count("."), m) for name, m in block.named_modules()
+                     if name and type(m).__name__.lower().endswith("attention")]
+            depth = min((d for d, _ in found), default=None)
+            out[side].append([m for d, m in found if d == depth])
+    return out
+
+
+def _value_layout(attn: nn.Module) -> tuple[nn.Linear, int, int]:
+    """(projection, value heads G, head_dim) of an attention module outside the interface: the
+    projection's output `[rows, seq, G * P * head_dim]` viewed `[rows, seq, G, P, head_dim]` holds
+    value head g at `[..., g, P - 1, :]` (`v_proj`: P = 1; Bloom and Falcon's fused
+    `query_key_value`: the value slot comes last in each head or key-value group)."""
+    head_dim = getattr(attn, "head_dim", None)
+    v_proj, fused = getattr(attn, "v_proj", None), getattr(attn, "query_key_value", None)
+    if isinstance(head_dim, int) and isinstance(v_proj, nn.Linear):
+        return v_proj, v_proj.out_features // head_dim, head_dim
+    if isinstance(head_dim, int) and isinstance(fused, nn.Linear):
+        if getattr(attn, "new_decoder_architecture", False):
+            groups = attn.num_kv_heads
+        else:
+            groups = 1 if getattr(attn, "multi_query", False) else attn.num_heads
+        if fused.out_features % (groups * head_dim) == 0:
+            return fused, groups, head_dim
+    raise ValueError(f"{type(attn).__name__} does not use transformers' attention interface and has no "
+                     "value projection that value zeroing knows (`v_proj`, or a Bloom/Falcon-style "
+                     "`query_key_value`): this model cannot be value-zeroed.")
+
+
+def _projection_hook(handle: "ValueZeroingHandle", layer: int, groups: int, head_dim: int) -> Callable:
+    def hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor | None:
+        rows, seq, width = output.shape
+        parts = output.view(rows, seq, groups, width // (groups * head_dim), head_dim)
+        value = parts[..., -1, :].transpose(1, 2)  # [rows, groups, seq, head_dim], as the kernels see it
+        zeroed = handle._apply(layer, value)
+        if zeroed is value:
+            return None
+        return torch.cat([parts[..., :-1, :], zeroed.transpose(1, 2)[..., None, :]], 3).reshape(
+            rows, seq, width)
+    return hook
+
+
 def _owners(stacks: Mapping[str, nn.ModuleList]) -> dict[int, tuple[str, int]]:
     return {id(m): (side, layer) for side, layers in stacks.items()
             for layer, block in enumerate(layers) for m in block.modules()}
@@ -163,21 +225,41 @@ def value_zeroing(
             return kernel(module, query, key, value, *args, **kwargs)
         return zeroing_kernel
 
+    projections = None if uses_attention_interface(model) else _projections(model, attention, chosen)
     previous = ALL_ATTENTION_FUNCTIONS.__dict__.get("get_interface")
     lookup = ALL_ATTENTION_FUNCTIONS.get_interface
     hooks = []
     try:
-        for block in stacks["decoder"]:
-            hooks.append(block.register_forward_pre_hook(reset))
-        ALL_ATTENTION_FUNCTIONS.get_interface = lambda impl, default: wrap(lookup(impl, default))
+        if projections is None:
+            for block in stacks["decoder"]:
+                hooks.append(block.register_forward_pre_hook(reset))
+            ALL_ATTENTION_FUNCTIONS.get_interface = lambda impl, default: wrap(lookup(impl, default))
+        else:  # attention outside the interface: zero at the value projection
+            for layer, (proj, groups, head_dim) in projections.items():
+                hooks.append(proj.register_forward_hook(_projection_hook(handle, layer, groups, head_dim)))
         yield handle
     finally:
-        if previous is None:
-            ALL_ATTENTION_FUNCTIONS.__dict__.pop("get_interface", None)
-        else:
-            ALL_ATTENTION_FUNCTIONS.get_interface = previous
+        if projections is None:
+            if previous is None:
+                ALL_ATTENTION_FUNCTIONS.__dict__.pop("get_interface", None)
+            else:
+                ALL_ATTENTION_FUNCTIONS.get_interface = previous
         for h in reversed(hooks):
             h.remove()
+
+
+def _projections(model: Model, attention: str, layers: Iterable[int]) -> dict[int, tuple[nn.Linear, int, int]]:
+    """`_value_layout` of the `attention` module of each of `layers` (models outside the interface)."""
+    side = "encoder" if attention == "encoder" else "decoder"
+    slot = 1 if attention == "cross" else 0
+    stack, out = layer_attention(model)[side], {}
+    for layer in layers:
+        modules = stack[layer]
+        if len(modules) <= slot:
+            raise ValueError(f"found no {attention} attention module in layer {layer} of the {side} of "
+                             f"{type(model).__name__} (a module whose class name ends in 'Attention').")
+        out[layer] = _value_layout(modules[slot])
+    return out
 
 
 @dataclasses.dataclass

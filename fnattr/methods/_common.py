@@ -14,6 +14,7 @@ from fnattr import targets as _targets
 from fnattr.batch import Batch
 from fnattr.contrast import rerun
 from fnattr.engine import Embedded, Output, causal_target_mask, embed, forward, run, score_steps, step_range
+from fnattr.hooks.attention import eager_experts, finite_masks
 from fnattr.hooks.embedding import EmbeddingHandle, embedding_hooks
 from fnattr.hooks.frozen import frozen
 from fnattr.result import AttributionTensors
@@ -66,6 +67,9 @@ def attribution_context(
     batch = batch.to(model.device)
     with ExitStack() as stack:
         stack.enter_context(frozen(model))
+        if any(p.dtype == torch.float64 for p in model.parameters()):  # padded rows stay finite,
+            stack.enter_context(finite_masks(model))                   # experts run without grouped_mm
+            stack.enter_context(eager_experts(model))
         handle = stack.enter_context(embedding_hooks(model))
         yield Context(model, batch, handle, embed(handle, batch), steps.to(model.device),
                       attribute_target)
@@ -149,6 +153,30 @@ def baseline_meta(batch: Batch, args: Mapping[str, Any], *, attribute_target: bo
     return baselines.baseline_meta(batch, args["baseline"], attribute_target=attribute_target)
 
 
+def check_finite(ctx: Context, method: str, parts: Mapping[str, Tensor | None]) -> None:
+    """Raise if any result `[batch, step, ...]` is NaN or infinite at a real step, naming the rows
+    and the steps, and whether the model's own output (a step score) is already non-finite there."""
+    real = ctx.batch.target_mask[:, ctx.steps]
+    bad = {name: ~torch.isfinite(t.flatten(2) if t.ndim > 2 else t[..., None]).all(-1) & real
+           for name, t in parts.items() if t is not None and t.ndim >= 2}
+    rows = sorted({int(r) for b in bad.values() for r in b.any(1).nonzero().flatten()})
+    if not rows:
+        return
+    where = "; ".join(f"row {r} at steps {ctx.steps[torch.stack(list(bad.values())).any(0)[r]].tolist()}"
+                      for r in rows)
+    fields = sorted(name for name, b in bad.items() if b.any())
+    scored = [name for name in fields if name not in ("source", "target", "delta")]
+    cause = (f"the model's own output is not finite there (step score {scored[0]!r}): a NaN or "
+             "infinite weight, or an overflow in this dtype" if scored else
+             "the model's output is finite there, so they arise in the method's own forwards or "
+             "gradients")
+    padded = [r for r in rows if not (ctx.batch.source_mask[r].all() and ctx.batch.target_mask[r].all())]
+    hint = (f"; rows {padded} are padded: if a row is finite alone (`batch.select([{padded[0]}])`), "
+            "padding is the cause" if padded else "")
+    raise FloatingPointError(f"`{method}` gave non-finite values (NaN or inf) in {', '.join(fields)}: "
+                             f"{where}. {cause[0].upper()}{cause[1:]}{hint}.")
+
+
 def finish(
     ctx: Context, *, method: str, args: Mapping[str, Any], target_fn: TargetFn,
     source: Tensor, target: Tensor | None, step_scores: dict[str, Tensor],
@@ -160,9 +188,10 @@ def finish(
     scored = batch.source_mask
     if batch.source_template is not None:  # chat-template tokens not attributed (prepare(chat=True))
         scored = scored & ~(batch.source_template & batch.source_special)
-    source = source * (step_mask[:, :, None] & scored[:, None, :])[(..., *extra)]
+    source = source.where((step_mask[:, :, None] & scored[:, None, :])[(..., *extra)], 0)
     if target is not None:
-        target = target * (step_mask[:, :, None] & causal_target_mask(batch, ctx.steps))[(..., *extra)]
+        target = target.where((step_mask[:, :, None] & causal_target_mask(batch, ctx.steps))[(..., *extra)], 0)
+    check_finite(ctx, method, {"source": source, "target": target, "delta": delta, **step_scores})
     meta = {
         "method": method,
         "args": json.dumps({k: _jsonable(v) for k, v in args.items()}),

@@ -6,6 +6,7 @@ is replayed alone on its captured clean inputs: one replay row per zeroed token 
 many zeroed tokens run in one call.
 """
 
+import warnings
 from typing import Literal
 
 import torch
@@ -28,6 +29,8 @@ from fnattr.targets import probability
 from fnattr.types import Model, TargetFn
 
 Similarity = Literal["cosine", "euclidean"]
+Output = Literal["decoder", "encoder_self", "encoder_to_decoder", "encoder"]
+OUTPUTS = ("decoder", "encoder_self", "encoder_to_decoder")
 
 
 def distance(a: Float[Tensor, "*n d"], b: Float[Tensor, "*n d"], similarity: Similarity) -> Tensor:
@@ -41,6 +44,10 @@ def distance(a: Float[Tensor, "*n d"], b: Float[Tensor, "*n d"], similarity: Sim
     return out.to(a.dtype)
 
 
+# layer inputs whose first dim is batch x heads, batch-major (Bloom's alibi)
+_BATCH_TIMES_HEADS = ("alibi",)
+
+
 def _take(x, rows: Tensor, n: int):
     """Rows `rows` of every batch-shaped tensor in a layer's inputs; others (masks of batch 1) as is."""
     if isinstance(x, Tensor):
@@ -52,7 +59,9 @@ def _take(x, rows: Tensor, n: int):
 
 def replay(layer: nn.Module, call: LayerCall, rows: Tensor, n: int) -> Tensor:
     """Run `layer` again on the inputs of its captured call, for batch rows `rows`."""
-    out = layer(*_take(call.args, rows, n), **{k: _take(v, rows, n) for k, v in call.kwargs.items()})
+    kwargs = {k: _take(v, rows, n) if k not in _BATCH_TIMES_HEADS or not isinstance(v, Tensor)
+              else v.unflatten(0, (n, -1))[rows].flatten(0, 1) for k, v in call.kwargs.items()}
+    out = layer(*_take(call.args, rows, n), **kwargs)
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
@@ -90,7 +99,7 @@ def zeroing_scores(
 
 def _self_scores(ctx, kind, heads, zero, queries, similarity, chunk, bar: Reporter):
     """Clean forward capturing the stack's layers, then replay each layer with tokens zeroed."""
-    layers = layer_stacks(ctx.model)["decoder"]
+    layers = layer_stacks(ctx.model)["encoder" if kind == "encoder" else "decoder"]
     with capture_layers(layers) as calls:
         logits = clean_logits(ctx)
     bar.update(detail=f"{kind} attention")
@@ -98,7 +107,7 @@ def _self_scores(ctx, kind, heads, zero, queries, similarity, chunk, bar: Report
         return logits, zeroing_scores(layers, calls, vz, zero, queries, similarity, chunk, bar=bar)
 
 
-def _encoder_scores(ctx, heads, similarity, chunk, bar: Reporter) -> Float[Tensor, "batch layer src step"]:
+def _encoder_to_decoder(ctx, heads, similarity, chunk, bar: Reporter) -> Float[Tensor, "batch layer src step"]:
     """Zero source token i in encoder layer l; distance of the decoder's last-layer state at each step."""
     stacks = layer_stacks(ctx.model)
     last, emb, batch = stacks["decoder"][-1:], ctx.embedded, ctx.batch
@@ -145,12 +154,16 @@ def _decoder_only(ctx: Context, heads, similarity, chunk, bar: Reporter):
 
 def _encoder_decoder(ctx: Context, heads_by_kind, output, similarity, chunk, bar: Reporter):
     batch, steps = ctx.batch, ctx.steps
-    if output == "encoder":
-        if ctx.attribute_target:
-            raise ValueError("`output`='encoder' scores source tokens only: pass attribute_target=False.")
+    if output == "encoder_to_decoder":
         emb = ctx.embedded
         logits = forward(ctx.model, batch, ctx.handle, emb.source, emb.target, emb.start)
-        return logits, _encoder_scores(ctx, heads_by_kind["encoder"], similarity, chunk, bar), None
+        return logits, _encoder_to_decoder(ctx, heads_by_kind["encoder"], similarity, chunk, bar), None
+    if output == "encoder_self":
+        queries = torch.arange(batch.source_ids.shape[1], device=steps.device)
+        logits, d = _self_scores(ctx, "encoder", heads_by_kind["encoder"], batch.source_mask, queries,
+                                 similarity, chunk, bar)  # [batch layer key query]
+        d = d * batch.source_mask[:, None, None, :]  # padding queries score 0
+        return logits, d.permute(0, 2, 1, 3)[:, None].expand(-1, len(steps), -1, -1, -1), None
     logits, source = _self_scores(ctx, "cross", heads_by_kind["cross"], batch.source_mask, steps,
                                   similarity, chunk, bar)
     target = None
@@ -165,7 +178,7 @@ def _encoder_decoder(ctx: Context, heads_by_kind, output, similarity, chunk, bar
 
 def value_zeroing(
     model: Model, batch: Batch, target_fn: TargetFn = probability, *,
-    similarity: Similarity = "cosine", output: Literal["decoder", "encoder"] = "decoder",
+    similarity: Similarity = "cosine", output: Output = "decoder",
     decoder_heads: HeadSpec = None, encoder_heads: HeadSpec = None, cross_heads: HeadSpec = None,
     internal_batch_size: int = 256, attribute_target: bool | None = None,
     attr_pos_start: int | None = None, attr_pos_end: int | None = None,
@@ -177,24 +190,38 @@ def value_zeroing(
 
     Decoder-only models and `output="decoder"` of encoder-decoder models score the decoder's
     layers: source tokens through self-attention (decoder-only) or cross-attention, earlier target
-    tokens through self-attention. `output="encoder"` zeroes source token i in encoder layer l and
-    measures the decoder's last-layer state at each step. `*_heads` choose the zeroed value heads
+    tokens through self-attention. Two outputs score the encoder (source tokens only):
+    `output="encoder_self"` is the encoder's own value zeroing (inseq's
+    `output_encoder_self_scores`): source token i zeroed in encoder layer l, measured at encoder
+    layer l's state of each source position q, the same for every step. `"encoder_to_decoder"`
+    zeroes source token i in encoder layer l and measures the decoder's last-layer state at each
+    step. (`"encoder"`, which named the latter, is deprecated: it warns and runs
+    "encoder_to_decoder".) `*_heads` choose the zeroed value heads
     per attention kind: an int, a range, a list, or a dict {layer: heads} (omitted layers score 0);
     None zeroes all heads. `internal_batch_size` bounds the zeroed copies run in one call.
     `progress=True` shows the layers done on stderr.
 
     Returns `source` [batch step src layer] and `target` [batch step tgt layer] (`extra_dims`
-    ("layer",)); the target function only gives the step scores.
+    ("layer",)); with `output="encoder_self"`, `source` [batch step src layer query] (`extra_dims`
+    ("layer", "query"); `source[b, k, i, l, q]`: zeroing key i, measured at query q). The target
+    function only gives the step scores.
 
     >>> out = value_zeroing(model, prepare(model, tok, "The capital of France is"))
     >>> out.source[0, 0, :, -1]   # last layer, first step
     """
     if similarity not in ("cosine", "euclidean"):
         raise ValueError(f"`similarity`={similarity!r}: use 'cosine' or 'euclidean'.")
-    if output not in ("decoder", "encoder"):
-        raise ValueError(f"`output`={output!r}: use 'decoder' or 'encoder'.")
-    if output == "encoder" and not model.config.is_encoder_decoder:
-        raise ValueError("`output`='encoder' needs an encoder-decoder model: use 'decoder'.")
+    if output not in (*OUTPUTS, "encoder"):
+        raise ValueError(f"`output`={output!r}: use one of {list(OUTPUTS)}.")
+    if output != "decoder" and not model.config.is_encoder_decoder:
+        raise ValueError(f"`output`={output!r} needs an encoder-decoder model: use 'decoder'.")
+    if output != "decoder" and attribute_target:
+        raise ValueError(f"`output`={output!r} scores source tokens only: pass attribute_target=False.")
+    if output == "encoder":
+        warnings.warn("value_zeroing(output='encoder') is deprecated: it is 'encoder_to_decoder' (the "
+                      "decoder's last-layer state); 'encoder_self' gives the encoder's own scores.",
+                      FutureWarning, stacklevel=2)
+        output = "encoder_to_decoder"
     if internal_batch_size < 1:
         raise ValueError(f"`internal_batch_size`={internal_batch_size}: it must be at least 1.")
     args = {"similarity": similarity, "output": output, "decoder_heads": decoder_heads,
@@ -218,7 +245,8 @@ def value_zeroing(
                 logits, src, tgt = _decoder_only(ctx, decoder_heads, similarity, internal_batch_size,
                                                  bar)
         perm = lambda x: None if x is None else x.permute(0, 3, 2, 1)  # noqa: E731
+        dims = ("layer", "query") if output == "encoder_self" else ("layer",)
         return finish(ctx, method="value_zeroing", args=args, target_fn=target_fn,
-                      source=perm(src), target=perm(tgt),
+                      source=src if output == "encoder_self" else perm(src), target=perm(tgt),
                       step_scores=logit_step_scores(ctx, logits, target_fn, step_scores),
-                      extra_dims=("layer",))
+                      extra_dims=dims)

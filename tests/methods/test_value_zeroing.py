@@ -55,7 +55,7 @@ def _reference(model, batch, b, k, similarity, output="decoder"):
         return d[:len(src)], d[len(src):]
     inputs = {"input_ids": src[None],
               "decoder_input_ids": torch.cat([torch.tensor([batch.decoder_start_id]), tgt[:k]])[None]}
-    if output == "encoder":
+    if output == "encoder_to_decoder":
         enc = stacks["encoder"]
         return torch.stack([torch.stack([_zeroed(model, enc, l, "encoder", i, len(src), inputs, dec[-1],
                                                  similarity) for l in range(len(enc))])
@@ -97,14 +97,58 @@ def test_one_pass_equals_per_step_loop(any_model, similarity):
     _check_against_reference(model, batch, out, similarity)
 
 
-def test_encoder_output_equals_per_step_loop(seq2seq_model):
+def test_encoder_to_decoder_output_equals_per_step_loop(seq2seq_model):
     model, tok = seq2seq_model
     batch = prepare(model, tok, SOURCES, TARGETS)
-    out = value_zeroing(model, batch, output="encoder")
+    out = value_zeroing(model, batch, output="encoder_to_decoder")
     assert out.target is None
     assert out.source.shape[-1] == len(layer_stacks(model)["encoder"])
     assert out.source.abs().sum() > 0
-    _check_against_reference(model, batch, out, "cosine", output="encoder")
+    _check_against_reference(model, batch, out, "cosine", output="encoder_to_decoder")
+    with pytest.warns(FutureWarning, match="encoder_to_decoder"):  # the old name still runs it
+        old = value_zeroing(model, batch, output="encoder")
+    torch.testing.assert_close(old.source, out.source, rtol=0, atol=0)
+
+
+def _encoder_states(model, layer, src):
+    seen = []
+    handle = layer.register_forward_hook(lambda m, a, out: seen.append(out[0] if isinstance(out, tuple) else out))
+    try:
+        with torch.no_grad():
+            model.get_encoder()(input_ids=src[None])
+    finally:
+        handle.remove()
+    return seen[0][0]
+
+
+def test_encoder_self_equals_full_encoder_forwards(seq2seq_model):
+    """Encoder self scores (inseq's output_encoder_self_scores): zero source token i in encoder
+    layer l, measure encoder layer l at every source position q; one unpadded encoder forward
+    per (row, layer, token) as the reference."""
+    model, tok = seq2seq_model
+    batch = prepare(model, tok, SOURCES, TARGETS)
+    out = value_zeroing(model, batch, output="encoder_self")
+    enc = layer_stacks(model)["encoder"]
+    n_steps, n_src = batch.target_ids.shape[1], batch.source_ids.shape[1]
+    assert out.extra_dims == ("layer", "query") and out.target is None
+    assert out.source.shape == (len(batch), n_steps, n_src, len(enc), n_src)
+    for b in range(len(batch)):
+        cols = batch.source_mask[b]
+        src = batch.source_ids[b][cols]
+        for l, layer in enumerate(enc):
+            clean = _encoder_states(model, layer, src)
+            for i in range(len(src)):
+                with zeroed_values(model, [l], None, attention="encoder") as vz:
+                    vz.zero(F.one_hot(torch.tensor([i]), len(src)).bool())
+                    want = _dist(_encoder_states(model, layer, src), clean, "cosine")
+                got = out.source[b, 0, cols.nonzero()[i, 0], l][cols]
+                torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-12)
+        assert torch.all(out.source[b][..., ~cols] == 0)  # padding queries
+        n_tgt = int(batch.target_mask[b].sum())
+        assert torch.equal(out.source[b, :n_tgt], out.source[b, :1].expand(n_tgt, -1, -1, -1))
+    assert out.source.abs().sum() > 0
+    with pytest.raises(ValueError, match="attribute_target"):
+        value_zeroing(model, batch, output="encoder_self", attribute_target=True)
 
 
 @pytest.mark.parametrize("name", ["gpt2", "llama", "bart", "t5"])
@@ -115,9 +159,9 @@ def test_sdpa_and_eager_agree(decoder_tokenizer, seq2seq_tokenizer, name):
         model = _build(name, len(tok))
         model.set_attn_implementation(impl)
         assert model.config._attn_implementation == impl
-        # one row: Llama's eager kernel takes a float32 softmax of float64 masks, so a fully
-        # padded query row turns into NaN inside the model itself (not an fnattr issue)
-        batch = prepare(model, tok, SOURCES[:1], TARGETS[:1])
+        # both rows: Llama's eager kernel takes a float32 softmax of float64 masks, which turns
+        # a padded row into NaN inside the model itself unless the masks stay finite (finite_masks)
+        batch = prepare(model, tok, SOURCES, TARGETS)
         before = snapshot(model)
         results.append(value_zeroing(model, batch, attribute_target=True))
         assert_unchanged(model, before)
@@ -219,5 +263,6 @@ def test_model_unchanged_after_error(any_model):
     with pytest.raises((ValueError, TypeError), match="similarity"):  # TypeError under jaxtyping
         value_zeroing(model, batch, similarity="dot")
     if not model.config.is_encoder_decoder:
-        with pytest.raises(ValueError, match="encoder-decoder"):
-            value_zeroing(model, batch, output="encoder")
+        for output in ("encoder", "encoder_self", "encoder_to_decoder"):
+            with pytest.raises(ValueError, match="encoder-decoder"):
+                value_zeroing(model, batch, output=output)
