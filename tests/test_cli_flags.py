@@ -210,3 +210,17 @@ def test_source_flag_errors_before_loading(args, message, tmp_path, monkeypatch,
     with pytest.raises(SystemExit) as exit_:
         cli.main(["attribute", "The cat", "--no-save", *args])
     assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--gpus-per-worker", "1"], "size Ray workers: add --workers N"),
+    (["--workers", "0"], "--workers 0: it must be at least 1"),
+    (["--device-map", "[1, 2]"], "--device-map '[1, 2]'"),
+])
+def test_dataset_ray_and_device_flags_fail_before_loading(args, message, tmp_path, monkeypatch, capsys,
+                                                         no_model):
+    monkeypatch.chdir(tmp_path)
+    _rows(tmp_path / "d.jsonl", [{"q": "The cat"}])
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["attribute-dataset", "--input", "d.jsonl", "--text-field", "q", "--out", "o", *args])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err

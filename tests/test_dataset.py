@@ -110,7 +110,7 @@ def test_read_jsonl_and_csv_with_fields(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         dataset.read_examples(tmp_path / "none.jsonl", text_field="q")
     (tmp_path / "d.txt").write_text("x")
-    with pytest.raises(ValueError, match="neither .jsonl nor .csv"):
+    with pytest.raises(ValueError, match=r"is not \.jsonl, \.csv, \.parquet"):
         dataset.read_examples(tmp_path / "d.txt", text_field="q")
 
 
