@@ -67,7 +67,7 @@ def cpu_timed(fn):
 def whole_forwards(fn):
     """`fn()` with the prefix cache off: every perturbed copy runs the whole input (as before)."""
     saved = _prefix.prefix
-    _prefix.prefix = lambda ctx, target_fn: None
+    _prefix.prefix = lambda ctx, target_fn, masks=None: None
     try:
         return fn()
     finally:

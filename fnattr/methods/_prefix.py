@@ -37,12 +37,31 @@ class Prefix:
     values: tuple[Tensor, ...]
 
 
-def prefix(ctx: Context, target_fn: TargetFn) -> Prefix | None:
+# below this share of positions saved (copies that change early, e.g. LIME's random masks),
+# whole forwards are run: the clean forward with its cache would cost more than it saves
+MIN_SAVING = 0.1
+# what one more forward call costs beyond its positions, in positions (a 1-row, 1-position
+# forward of SmolLM2-135M took as long as ~30 positions of a large batch on a CPU)
+CALL_COST = 32
+
+
+def saving(masks: tuple[Tensor, Tensor]) -> float:
+    """The share of input positions that copies changed by `masks` need not run."""
+    starts = first_changed(masks)
+    n_seq = masks[0].shape[1] + masks[1].shape[1] - 1
+    return float(starts.sum()) / max(len(starts) * n_seq, 1)
+
+
+def prefix(ctx: Context, target_fn: TargetFn, masks: tuple[Tensor, Tensor] | None = None
+           ) -> Prefix | None:
     """The clean forward of `ctx.batch` with its key/value cache, where copies of the batch can
-    run from their first changed position exactly (see the module docstring); else None."""
+    run from their first changed position exactly (see the module docstring) and, given the
+    copies' `masks`, where that saves at least `MIN_SAVING` of their positions; else None."""
     from transformers import DynamicCache
 
     cls = type(ctx.model)
+    if masks is not None and (not len(masks[0]) or saving(masks) < MIN_SAVING):
+        return None
     if (ctx.batch.is_encoder_decoder or getattr(target_fn, "contrast", None) is not None
             or not all(_accepts(cls, name) for name in ("past_key_values", "position_ids",
                                                          "logits_to_keep"))):
@@ -79,6 +98,24 @@ def first_changed(masks: tuple[Bool[Tensor, "n src *d"], Bool[Tensor, "n tgt *d"
     return torch.where(seq, idx, seq.shape[1]).amin(1)
 
 
+def chunks(starts: list[int], n_seq: int, size: int) -> list[slice]:
+    """Consecutive runs of copies sorted by first changed position (`starts`), at most `size`
+    each, that cost least: a run of n copies from start s costs n * (n_seq - s) positions plus
+    `CALL_COST` (dynamic programming over the split points)."""
+    n = len(starts)
+    best, cut = [0.0] + [float("inf")] * n, [0] * (n + 1)
+    for j in range(1, n + 1):
+        for i in range(max(0, j - size), j):
+            cost = best[i] + CALL_COST + (j - i) * (n_seq - starts[i])
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    out, j = [], n
+    while j > 0:
+        out.append(slice(cut[j], j))
+        j = cut[j]
+    return out[::-1]
+
+
 def _run(ctx: Context, clean: Prefix, rows: Tensor, embeds: Tensor, start: int) -> Tensor:
     """Logits of every step `[n, tgt, vocab]` of copies of `rows` that read `embeds` from
     input position `start` on (their earlier positions are the clean batch's)."""
@@ -106,15 +143,16 @@ def perturbed_scores(
     fills: tuple[Tensor, Tensor], chunk: int, *, bar: Reporter = OFF,
 ) -> Float[Tensor, "n step"]:
     """`occlusion.perturbed_scores` from the clean prefix `clean` (`prefix(ctx, target_fn)`):
-    copies sorted by first changed position, `chunk` per forward, results in the given order."""
+    copies sorted by first changed position, at most `chunk` per forward (`chunks`), results in
+    the given order."""
     emb = ctx.embedded
     starts = first_changed(masks)
     order = torch.argsort(starts, stable=True)
     out = emb.source.new_zeros(len(rows), len(ctx.steps))
     bar.expect(len(rows))
     with torch.no_grad():
-        for lo in range(0, len(rows), chunk):
-            pick = order[lo:lo + chunk]
+        for part in chunks(starts[order].tolist(), clean.ids.shape[1], chunk):
+            pick = order[part]
             r = rows[pick]
             src, tgt = [torch.where(m[pick] if m.dim() == 3 else m[pick, :, None], f[r], x[r])
                         for m, f, x in zip(masks, fills, (emb.source, emb.target))]

@@ -60,7 +60,7 @@ def perturbed_scores(
     position on the clean input's key/value cache where that is exact (`_prefix`; `clean`: that
     cache if the caller has it, "auto" to make it here)."""
     if isinstance(clean, str):  # "auto"
-        clean = _prefix.prefix(ctx, target_fn)
+        clean = _prefix.prefix(ctx, target_fn, masks)
     if clean is not None:
         return _prefix.perturbed_scores(ctx, clean, target_fn, rows, masks, fills, chunk, bar=bar)
     emb = ctx.embedded
@@ -152,10 +152,10 @@ def occlusion(
     with (report(progress, "occlusion", unit="perturbations") as bar,
           attribution_context(model, batch, attribute_target=attribute_target,
                               attr_pos_start=attr_pos_start, attr_pos_end=attr_pos_end) as ctx):
-        clean = _prefix.prefix(ctx, target_fn)  # the clean forward, with its cache where it serves
+        rows, masks = _occlusions(ctx, window, stride, dims)
+        clean = _prefix.prefix(ctx, target_fn, masks)  # the clean forward, with its cache if it pays
         logits = clean_logits(ctx) if clean is None else clean.logits
         f_x = score_steps(target_fn, logits, ctx.batch, ctx.steps)
-        rows, masks = _occlusions(ctx, window, stride, dims)
         drop = f_x[rows] - perturbed_scores(ctx, target_fn, rows, masks, baselines(ctx, baseline),
                                             internal_batch_size, bar=bar, clean=clean)
         scores = []

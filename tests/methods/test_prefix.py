@@ -20,7 +20,7 @@ LONG = ["The quick brown fox jumps over the lazy dog. The cat sat on the mat. Ro
 @pytest.fixture
 def whole_forwards(monkeypatch):
     """Turn the prefix cache off: every perturbation runs the whole input."""
-    monkeypatch.setattr(_prefix, "prefix", lambda ctx, target_fn: None)
+    monkeypatch.setattr(_prefix, "prefix", lambda ctx, target_fn, masks=None: None)
 
 
 class Positions:
@@ -41,7 +41,7 @@ def _both(monkeypatch, model, run):
         fast = run()
         fast_positions, counter.total = counter.total, 0
         with monkeypatch.context() as m:
-            m.setattr(_prefix, "prefix", lambda ctx, target_fn: None)
+            m.setattr(_prefix, "prefix", lambda ctx, target_fn, masks=None: None)
             slow = run()
         return fast, slow, fast_positions, counter.total
     finally:
@@ -69,10 +69,10 @@ def test_occlusion_equals_whole_forwards_for_less_work(decoder_model, monkeypatc
 def test_lime_and_faithfulness_equal_whole_forwards(gpt2, monkeypatch):
     model, tok = gpt2
     batch = prepare(model, tok, SOURCES, TARGETS)
+    monkeypatch.setattr(_prefix, "MIN_SAVING", 0.0)  # LIME's random masks change early: force it
     fast, slow, fast_pos, slow_pos = _both(monkeypatch, model, lambda: lime(
         model, batch, n_samples=24, seed=3, internal_batch_size=8))
     torch.testing.assert_close(fast.source, slow.source, rtol=0, atol=1e-10)
-    assert fast_pos < slow_pos
     out = saliency(model, batch)
     fast, slow, *_ = _both(monkeypatch, model, lambda: faithfulness(
         model, batch, out, removal="unk", n_random=0, curve_levels=4))
@@ -94,6 +94,41 @@ def test_whole_forwards_where_the_cache_cannot_serve(seq2seq_model, gpt2):
                              attr_pos_end=None) as ctx:
         assert _prefix.prefix(ctx, target) is None  # the contrast reruns at each copy
         assert _prefix.prefix(ctx, probability) is not None
+
+
+def test_lime_masks_save_too_little_to_pay_for_the_cache(gpt2):
+    model, tok = gpt2
+    batch = prepare(model, tok, LONG, [" Italy.", " France."])
+    g = torch.Generator().manual_seed(0)
+    src = torch.rand(64, batch.source_ids.shape[1], generator=g) < 0.5  # LIME: keep_prob 0.5
+    tgt = torch.zeros(64, batch.target_ids.shape[1], dtype=torch.bool)
+    assert _prefix.saving((src, tgt)) < _prefix.MIN_SAVING
+    with attribution_context(model, batch, attribute_target=None, attr_pos_start=None,
+                             attr_pos_end=None) as ctx:
+        assert _prefix.prefix(ctx, probability, (src, tgt)) is None
+
+
+def test_chunks_cost_least(monkeypatch):
+    import itertools
+
+    monkeypatch.setattr(_prefix, "CALL_COST", 3)
+
+    def cost(parts, starts, n_seq):
+        return sum(3 + (p.stop - p.start) * (n_seq - starts[p.start]) for p in parts)
+
+    starts, n_seq = [0, 1, 2, 2, 5, 8, 9, 9], 10
+    got = _prefix.chunks(starts, n_seq, 4)
+    assert [i for p in got for i in range(p.start, p.stop)] == list(range(len(starts)))
+    assert all(p.stop - p.start <= 4 for p in got)
+    every = []  # every split into consecutive runs of at most 4: none costs less
+    for cuts in itertools.product([0, 1], repeat=len(starts) - 1):
+        bounds = [0, *[i + 1 for i, c in enumerate(cuts) if c], len(starts)]
+        parts = [slice(a, b) for a, b in zip(bounds, bounds[1:])]
+        if all(p.stop - p.start <= 4 for p in parts):
+            every.append(cost(parts, starts, n_seq))
+    assert cost(got, starts, n_seq) == min(every)
+    assert _prefix.chunks([0] * 5, 10, 2) == [slice(0, 1), slice(1, 3), slice(3, 5)]
+    assert _prefix.chunks([], 10, 4) == []
 
 
 def test_first_changed_position():
