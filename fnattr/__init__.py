@@ -14,7 +14,8 @@ _EXPORTS = {
     "dataset": "fnattr.dataset", "evaluate": "fnattr.evaluate", "hooks": "fnattr.hooks",
     "methods": "fnattr.methods", "render": "fnattr.render", "sanity": "fnattr.sanity",
     "targets": "fnattr.targets",
-    "attribute": "fnattr.api", "compute_step_scores": "fnattr.api",
+    "attribute": "fnattr.api", "compute_step_scores": "fnattr.api", "iter_steps": "fnattr.api",
+    "step_slice": "fnattr.api",
     "Batch": "fnattr.batch", "prepare": "fnattr.batch",
     "Comparison": "fnattr.compare", "compare_methods": "fnattr.compare",
     "Faithfulness": "fnattr.evaluate", "faithfulness": "fnattr.evaluate",
@@ -25,8 +26,8 @@ _EXPORTS = {
 __all__ = [
     "AttributionTensors", "Batch", "Comparison", "Faithfulness", "aggregate", "attribute",
     "compare", "compare_methods", "compute_step_scores",
-    "contrast", "dataset", "default_model_path", "evaluate", "faithfulness", "hooks", "load",
-    "load_model", "methods", "prepare", "render", "sanity", "save", "targets",
+    "contrast", "dataset", "default_model_path", "evaluate", "faithfulness", "hooks", "iter_steps",
+    "load", "load_model", "methods", "prepare", "render", "sanity", "save", "step_slice", "targets",
 ]
 
 
@@ -58,6 +59,8 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from fnattr import sanity as sanity
     from fnattr import targets as targets
     from fnattr.api import attribute as attribute
+    from fnattr.api import iter_steps as iter_steps
+    from fnattr.api import step_slice as step_slice
     from fnattr.api import compute_step_scores as compute_step_scores
     from fnattr.batch import Batch as Batch
     from fnattr.batch import prepare as prepare
