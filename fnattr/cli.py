@@ -89,6 +89,13 @@ def _device_map(value: str | None) -> str | dict | None:
     return parsed
 
 
+def _check_loading(args: argparse.Namespace) -> None:
+    """The model options every command that loads a model takes: --dtype, --model, --device-map."""
+    _check_dtype(args.dtype)
+    _check_model(args.model)
+    _device_map(args.device_map)
+
+
 def _check_device(device: str) -> None:
     """After torch is imported, before the model loads."""
     import torch
@@ -160,8 +167,7 @@ def _attribute_checks(args: argparse.Namespace, rest: list[str]) -> dict[str, An
     _text_checks(args, _check_target_fns(args.target_fn, args.step_scores, contrast=True))
     _check_positive(max_new_tokens=args.max_new_tokens)
     _check_chat(args)
-    _check_dtype(args.dtype)
-    _check_model(args.model)
+    _check_loading(args)
     if args.save is None and not args.no_save:
         args.save = default_save()
     outputs = [("--save", args.save)] if args.save and not args.no_save else []
@@ -286,10 +292,8 @@ def cmd_dataset(args: argparse.Namespace, rest: list[str]) -> int:
     if not _on_ray(args) and (args.gpus_per_worker or args.cpus_per_worker != 1):
         raise UsageError("--gpus-per-worker/--cpus-per-worker size Ray workers: add --workers N.")
     _check_chat(args)
-    _check_dtype(args.dtype)
-    _device_map(args.device_map)
+    _check_loading(args)
     _check_input(args.input)
-    _check_model(args.model)
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise FileExistsError(f"--out {args.out!r} is a file: name a folder for the shards.")
     log = _logger(args)
@@ -365,7 +369,7 @@ def _evaluate_checks(args: argparse.Namespace, rest: list[str]) -> dict[str, Any
     if args.png is not None and not args.png.lower().endswith(".png"):
         raise UsageError(f"--png {args.png!r}: name a .png file.")
     _check_target_fns(args.target_fn, (), contrast=False)
-    _check_dtype(args.dtype)
+    _check_loading(args)
     _check_input(args.input)
     return {"methods": names, "method_options": options, "target_fn": args.target_fn,
             "fractions": fractions, "removal": args.removal, "n_random": args.n_random,
@@ -392,7 +396,6 @@ def cmd_evaluate(args: argparse.Namespace, rest: list[str]) -> int:
         log(f"skipped {len(rows.skipped)} bad rows: "
             + ", ".join(f"line {b.line}" for b in rows.skipped[:10]) + (" ..." if len(rows.skipped) > 10 else ""))
     start = time.perf_counter()
-    _check_model(args.model)
     _check_device(args.device)
     log(f"loading {args.model or 'the default model'}")
     model, tokenizer = load(args.model, **_loading(args))

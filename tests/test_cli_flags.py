@@ -44,6 +44,7 @@ def no_model(monkeypatch):
     def load(*args, **kwargs):
         raise Loaded
     monkeypatch.setattr(cli, "load", load)
+    monkeypatch.setattr(cli, "_check_device", load)  # the first step that imports torch
     return Loaded
 
 
@@ -71,6 +72,7 @@ def test_chat_flags_reach_prepare(chat_dir, tmp_path):
     (["--keep-template"], "--keep-template applies to chat prompts: add --chat"),
     (["--chat", "--target-fn", "contrast_prob_diff", "--contrast-source", "A dog"],
      "--contrast-source with --chat"),
+    (["--device-map", "[1]"], "--device-map '[1]'"),  # model options are checked before loading too
 ])
 def test_chat_flag_errors_before_loading(args, message, tmp_path, monkeypatch, capsys, no_model):
     monkeypatch.chdir(tmp_path)
