@@ -90,9 +90,9 @@ def _device_map(value: str | None) -> str | dict | None:
 
 
 def _check_loading(args: argparse.Namespace) -> None:
-    """The model options every command that loads a model takes: --dtype, --model, --device-map."""
+    """How every command that loads a model loads it: --dtype and --device-map (the --model
+    path is checked by `_check_model`, each command at its own place)."""
     _check_dtype(args.dtype)
-    _check_model(args.model)
     _device_map(args.device_map)
 
 
@@ -168,6 +168,7 @@ def _attribute_checks(args: argparse.Namespace, rest: list[str]) -> dict[str, An
     _check_positive(max_new_tokens=args.max_new_tokens)
     _check_chat(args)
     _check_loading(args)
+    _check_model(args.model)
     if args.save is None and not args.no_save:
         args.save = default_save()
     outputs = [("--save", args.save)] if args.save and not args.no_save else []
@@ -294,6 +295,7 @@ def cmd_dataset(args: argparse.Namespace, rest: list[str]) -> int:
     _check_chat(args)
     _check_loading(args)
     _check_input(args.input)
+    _check_model(args.model)
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise FileExistsError(f"--out {args.out!r} is a file: name a folder for the shards.")
     log = _logger(args)
@@ -396,6 +398,7 @@ def cmd_evaluate(args: argparse.Namespace, rest: list[str]) -> int:
         log(f"skipped {len(rows.skipped)} bad rows: "
             + ", ".join(f"line {b.line}" for b in rows.skipped[:10]) + (" ..." if len(rows.skipped) > 10 else ""))
     start = time.perf_counter()
+    _check_model(args.model)
     _check_device(args.device)
     log(f"loading {args.model or 'the default model'}")
     model, tokenizer = load(args.model, **_loading(args))
