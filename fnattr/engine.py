@@ -109,6 +109,14 @@ def forward(*args, **kwargs) -> Logits:
     return run(*args, **kwargs).logits
 
 
+def decoder_inputs(batch: Batch, rows: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """A decoder-only model's teacher-forced input for batch `rows`: ids (the source, then every
+    target token but the last), attention mask (0/1) and position ids (padding skipped)."""
+    ids = torch.cat([batch.source_ids[rows], batch.target_ids[rows][:, :-1]], 1)
+    mask = torch.cat([batch.source_mask[rows], batch.target_mask[rows][:, :-1]], 1).long()
+    return ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
+
+
 def _forward(model, batch, handle, source, target, start, rows):
     if rows is None:
         rows = torch.arange(len(batch), device=source.device)
@@ -124,11 +132,10 @@ def _forward(model, batch, handle, source, target, start, rows):
                     use_cache=False)
         handle.check_used()
         return out.logits
-    ids = torch.cat([src_ids, tgt_ids[:, :-1]], 1)
-    mask = torch.cat([src_mask, batch.target_mask[rows][:, :-1]], 1)
-    kwargs = {"attention_mask": mask.long(), "use_cache": False}
+    ids, mask, positions = decoder_inputs(batch, rows)
+    kwargs = {"attention_mask": mask, "use_cache": False}
     if _accepts(cls, "position_ids"):
-        kwargs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        kwargs["position_ids"] = positions
     if _accepts(cls, "logits_to_keep"):
         kwargs["logits_to_keep"] = n_tgt
     handle.replace(source=torch.cat([source, target[:, :-1]], 1))

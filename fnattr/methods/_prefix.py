@@ -19,8 +19,8 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from fnattr.engine import _accepts, score_steps
-from fnattr.methods._common import Context
+from fnattr.engine import _accepts, decoder_inputs, score_steps
+from fnattr.methods._common import Context, perturbed_inputs
 from fnattr.progress import OFF, Reporter
 from fnattr.types import TargetFn
 
@@ -66,24 +66,21 @@ def prefix(ctx: Context, target_fn: TargetFn, masks: tuple[Tensor, Tensor] | Non
             or not all(_accepts(cls, name) for name in ("past_key_values", "position_ids",
                                                          "logits_to_keep"))):
         return None
+    cache = DynamicCache(config=ctx.model.config)  # its layers follow the config
+    if not cache.layers or any(type(layer).__name__ != "DynamicLayer" for layer in cache.layers):
+        return None  # a sliding window drops keys: a cropped cache would not be the prefix's
     batch, emb = ctx.batch, ctx.embedded
-    ids = torch.cat([batch.source_ids, batch.target_ids[:, :-1]], 1)
-    mask = torch.cat([batch.source_mask, batch.target_mask[:, :-1]], 1).long()
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    n_tgt = batch.target_ids.shape[1]
+    ids, mask, positions = decoder_inputs(batch, torch.arange(len(batch), device=batch.source_ids.device))
     ctx.handle.replace(source=torch.cat([emb.source, emb.target[:, :-1]], 1))
     with torch.no_grad():
         out = ctx.model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                        past_key_values=DynamicCache(config=ctx.model.config), use_cache=True,
-                        logits_to_keep=n_tgt)
+                        past_key_values=cache, use_cache=True,
+                        logits_to_keep=batch.target_ids.shape[1])
     ctx.handle.check_used()
-    cache = out.past_key_values
-    layers = getattr(cache, "layers", None)
-    plain = (type(cache) is DynamicCache and layers
-             and all(type(layer).__name__ == "DynamicLayer" for layer in layers)
-             and all(layer.keys is not None and layer.keys.shape[-2] == ids.shape[1] for layer in layers))
-    if not plain:
-        return None
+    layers = cache.layers
+    if out.past_key_values is not cache or any(
+            layer.keys is None or layer.keys.shape[-2] != ids.shape[1] for layer in layers):
+        return None  # the model kept no full cache of its own input
     return Prefix(ids, mask, positions, out.logits, tuple(layer.keys for layer in layers),
                   tuple(layer.values for layer in layers))
 
@@ -154,8 +151,7 @@ def perturbed_scores(
         for part in chunks(starts[order].tolist(), clean.ids.shape[1], chunk):
             pick = order[part]
             r = rows[pick]
-            src, tgt = [torch.where(m[pick] if m.dim() == 3 else m[pick, :, None], f[r], x[r])
-                        for m, f, x in zip(masks, fills, (emb.source, emb.target))]
+            src, tgt = perturbed_inputs(ctx, masks, fills, pick, r)
             logits = _run(ctx, clean, r, torch.cat([src, tgt[:, :-1]], 1), int(starts[pick].min()))
             out[pick] = score_steps(target_fn, logits, ctx.batch, ctx.steps, r)
             bar.advance(len(r))

@@ -96,6 +96,24 @@ def test_whole_forwards_where_the_cache_cannot_serve(seq2seq_model, gpt2):
         assert _prefix.prefix(ctx, probability) is not None
 
 
+def test_a_sliding_window_cache_is_refused_without_a_forward(decoder_tokenizer):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    model = MistralForCausalLM(MistralConfig(
+        vocab_size=len(decoder_tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, sliding_window=4, pad_token_id=0,
+        bos_token_id=1, eos_token_id=2)).eval()
+    batch = prepare(model, decoder_tokenizer, SOURCES, TARGETS)
+    with attribution_context(model, batch, attribute_target=None, attr_pos_start=None,
+                             attr_pos_end=None) as ctx:
+        counter = Positions(model)
+        try:  # a cropped sliding-window cache is not the prefix's: no clean forward is spent
+            assert _prefix.prefix(ctx, probability) is None and counter.total == 0
+        finally:
+            counter.handle.remove()
+
+
 def test_lime_masks_save_too_little_to_pay_for_the_cache(gpt2):
     model, tok = gpt2
     batch = prepare(model, tok, LONG, [" Italy.", " France."])
