@@ -100,6 +100,15 @@ def run_scored(ctx: Context, target_fn: TargetFn, source: Tensor, target: Tensor
                                                                    ctx.steps, rows)
 
 
+def perturbed_inputs(ctx: Context, masks: tuple[Tensor, Tensor], fills: tuple[Tensor, Tensor],
+                     pick: Tensor | slice, rows: Tensor) -> list[Tensor]:
+    """Source and target embeddings of copies `pick` (of batch `rows`) whose masked tokens
+    (masks [n pos]) or masked embedding coordinates ([n pos d]) read the `fills` embeddings."""
+    emb = ctx.embedded
+    return [torch.where(m[pick] if m.dim() == 3 else m[pick, :, None], f[rows], x[rows])
+            for m, f, x in zip(masks, fills, (emb.source, emb.target))]
+
+
 def without_shortcut(out: Output, contrast_rerun: bool) -> Output:
     """`out`, without the output-layer shortcut of the batched backward when the scores also
     depend on a contrast forward (whose graph does not pass through `out.hidden`)."""

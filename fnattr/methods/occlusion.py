@@ -15,7 +15,8 @@ from fnattr.batch import Batch
 from fnattr.engine import score_steps
 from fnattr.methods import _prefix
 from fnattr.methods._common import (
-    Context, StepScoreSpec, attribution_context, clean_logits, finish, logit_step_scores, run_scored,
+    Context, StepScoreSpec, attribution_context, clean_logits, finish, logit_step_scores,
+    perturbed_inputs, run_scored,
 )
 from fnattr.methods.integrated_gradients import baselines
 from fnattr.progress import OFF, Reporter, report
@@ -69,9 +70,7 @@ def perturbed_scores(
     with torch.no_grad():
         for lo in range(0, len(rows), chunk):
             r = rows[lo:lo + chunk]
-            inputs = [torch.where(m[lo:lo + chunk] if m.dim() == 3 else m[lo:lo + chunk, :, None],
-                                  f[r], x[r])
-                      for m, f, x in zip(masks, fills, (emb.source, emb.target))]
+            inputs = perturbed_inputs(ctx, masks, fills, slice(lo, lo + chunk), r)
             out.append(run_scored(ctx, target_fn, *inputs, r)[1])
             bar.advance(len(r))
     return torch.cat(out)
