@@ -8,12 +8,12 @@ once more. Scores are unchanged: the recomputation is the same arithmetic. DeepL
 record each block's forward once and refuse to run inside it.
 """
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 
-from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from fnattr.hooks.layer import LayerSpec, resolve_layers
 from fnattr.hooks.randomized import layer_stack
 from fnattr.types import Model
 
@@ -32,20 +32,15 @@ def is_checkpointed(model: Model) -> bool:
 
 
 @contextmanager
-def checkpointed(model: Model, layers: Sequence[str] | None = None) -> Iterator[None]:
+def checkpointed(model: Model, layers: LayerSpec | None = None) -> Iterator[None]:
     """Recompute each block's activations in the backward instead of keeping them (`layers`:
-    module names; default every transformer block, `randomized.layer_stack`). The model's own
-    `forward` methods are back on exit, also on error.
+    module names or modules; default every transformer block, `randomized.layer_stack`). The
+    model's own `forward` methods are back on exit, also on error.
 
     >>> with checkpointed(model):
     ...     out = integrated_gradients(model, batch)   # same scores, less activation memory
     """
-    names = layer_stack(model) if layers is None else tuple(layers)
-    modules = dict(model.named_modules())
-    if missing := [n for n in names if n not in modules]:
-        raise ValueError(f"`layers`: {missing[:3]} are not modules of {type(model).__name__}; "
-                         "use names from model.named_modules(), e.g. 'model.layers.0'.")
-    blocks: list[nn.Module] = [modules[n] for n in names]
+    blocks = resolve_layers(model, layer_stack(model) if layers is None else layers, arg="layers")
     if any("forward" in vars(b) for b in blocks):
         raise RuntimeError("a block's forward is already replaced (nested `checkpointed`, or "
                            "another patch): leave that block first.")
