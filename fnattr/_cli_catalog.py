@@ -123,6 +123,12 @@ def _entries(module: str, name: str) -> tuple[str, list[tuple[Any, ast.expr | No
 
 
 @functools.cache
+def constant(module: str, name: str) -> Any:
+    """The value of the module-level constant `module.name`, read without importing it."""
+    return _literal(module, ast.Name(name))
+
+
+@functools.cache
 def table_names(module: str, name: str) -> tuple:
     """The keys of dict `module.name` (or its items, for a tuple), read without importing it."""
     try:

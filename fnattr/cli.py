@@ -24,8 +24,8 @@ from typing import Any
 
 from fnattr import defaults
 from fnattr._cli_catalog import (  # noqa: F401 - the command line's public helpers live here too
-    COMMON, FIXED, MethodInfo, Option, UsageError, check_options, coerce, json_part, method_info,
-    method_names, method_options, methods_text, runtime_spec, spec_text, table_names,
+    COMMON, FIXED, MethodInfo, Option, UsageError, check_options, coerce, constant, json_part,
+    method_info, method_names, method_options, methods_text, runtime_spec, spec_text, table_names,
 )
 from fnattr._cli_catalog import _json_value
 from fnattr._cli_outputs import (  # noqa: F401
@@ -70,12 +70,12 @@ def _check_model(model: str | None) -> None:
         raise FileNotFoundError(f"--model {model!r} could not be loaded: no such file or folder.")
 
 
-INPUTS = ".jsonl, .csv, .parquet or .arrow file, or a `datasets` save_to_disk folder"
+INPUTS = constant("fnattr._input", "FORMATS")  # the formats `dataset.read_examples` reads
 
 
 def _check_input(path: str) -> None:
     if not os.path.exists(path):
-        raise FileNotFoundError(f"--input {path!r} does not exist: pass a {INPUTS}.")
+        raise FileNotFoundError(f"--input {path!r} does not exist: pass {INPUTS}.")
 
 
 def _device_map(value: str | None) -> str | dict | None:
@@ -589,7 +589,7 @@ def _evaluate_parser(sub) -> None:
     ev.add_argument("--methods", required=True, metavar="A,B,...", action=_Methods,
                     help=f"comma-separated method names: {', '.join(method_names())} "
                          "(`--methods help` lists their options)")
-    ev.add_argument("--input", required=True, help=f"a {INPUTS}")
+    ev.add_argument("--input", required=True, help=INPUTS)
     ev.add_argument("--source-field", default="text", help="the field with the source text (default text)")
     ev.add_argument("--target-field", default=None, help="a field with forced targets (default: generate)")
     ev.add_argument("--out", default="fnattr-evaluate", metavar="DIR",
@@ -630,7 +630,7 @@ def build_parser() -> argparse.ArgumentParser:
     _attribute_parser(sub)
 
     ds = sub.add_parser("attribute-dataset", help="attribute a dataset file into shards (on Ray with --workers)")
-    ds.add_argument("--input", required=True, help=f"a {INPUTS}")
+    ds.add_argument("--input", required=True, help=INPUTS)
     ds.add_argument("--text-field", required=True)
     ds.add_argument("--target-field", default=None)
     ds.add_argument("--out", required=True, help="folder for the shards (resumed if present)")
