@@ -336,6 +336,15 @@ def test_float64_experts_run_eagerly_inside_a_method_only(archs, name):
         a.model(input_ids=a.batch.source_ids)
     assert torch.isfinite(saliency(a.model, a.batch).source).all()
     assert a.model.config._experts_implementation == "grouped_mm"
+    hooks = [dict(m._forward_pre_hooks) for m in a.model.modules()]
+
+    def boom(logits, target_ids):
+        assert a.model.config._experts_implementation == "eager"  # inside the float64 contexts
+        raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"):
+        saliency(a.model, a.batch, boom)
+    assert a.model.config._experts_implementation == "grouped_mm"
+    assert [dict(m._forward_pre_hooks) for m in a.model.modules()] == hooks  # finite_masks' hooks gone
 
 
 @pytest.mark.parametrize("name", ["bloom", "gemma2"])
