@@ -155,7 +155,7 @@ def _with_run(parser, run):
     return parser
 
 
-def test_a_model_folders_code_runs_only_with_trust_remote_code(evil_folders, tmp_path):
+def test_a_model_folders_code_runs_only_with_trust_remote_code(evil_folders, tmp_path):  # noqa: F811
     from tests.test_cli import ROOT
 
     folder, marker = evil_folders["config"]
