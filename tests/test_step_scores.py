@@ -65,8 +65,9 @@ def test_step_scores_alone_equal_alongside(any_model, method):
         alone = compute_step_scores(model, batch, [targets.logprob, *NAMES],
                                     attr_pos_start=start, attr_pos_end=end)
         assert out.step_scores.keys() == alone.keys()
-        for name, scores in alone.items():
-            assert torch.equal(out.step_scores[name], scores), name
+        for name, scores in alone.items():  # equal to rounding: on a CPU, saliency's forward
+            # may run in pieces along the positions (fnattr.methods._triangular)
+            torch.testing.assert_close(out.step_scores[name], scores, rtol=0, atol=1e-12, msg=name)
 
 
 def twice_logprob(logits, target_ids):

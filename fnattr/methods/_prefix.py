@@ -57,18 +57,11 @@ def prefix(ctx: Context, target_fn: TargetFn, masks: tuple[Tensor, Tensor] | Non
     """The clean forward of `ctx.batch` with its key/value cache, where copies of the batch can
     run from their first changed position exactly (see the module docstring) and, given the
     copies' `masks`, where that saves at least `MIN_SAVING` of their positions; else None."""
-    from transformers import DynamicCache
-
-    cls = type(ctx.model)
     if masks is not None and (not len(masks[0]) or saving(masks) < MIN_SAVING):
         return None
-    if (ctx.batch.is_encoder_decoder or getattr(target_fn, "contrast", None) is not None
-            or not all(_accepts(cls, name) for name in ("past_key_values", "position_ids",
-                                                         "logits_to_keep"))):
+    cache = new_cache(ctx, target_fn)
+    if cache is None:
         return None
-    cache = DynamicCache(config=ctx.model.config)  # its layers follow the config
-    if not cache.layers or any(type(layer).__name__ != "DynamicLayer" for layer in cache.layers):
-        return None  # a sliding window drops keys: a cropped cache would not be the prefix's
     batch, emb = ctx.batch, ctx.embedded
     ids, mask, positions = decoder_inputs(batch, torch.arange(len(batch), device=batch.source_ids.device))
     ctx.handle.replace(source=torch.cat([emb.source, emb.target[:, :-1]], 1))
@@ -83,6 +76,22 @@ def prefix(ctx: Context, target_fn: TargetFn, masks: tuple[Tensor, Tensor] | Non
         return None  # the model kept no full cache of its own input
     return Prefix(ids, mask, positions, out.logits, tuple(layer.keys for layer in layers),
                   tuple(layer.values for layer in layers))
+
+
+def new_cache(ctx: Context, target_fn: TargetFn):
+    """An empty `DynamicCache` for `ctx.model` where a forward can run in pieces on the cache
+    of the earlier positions exactly (see the module docstring); else None."""
+    from transformers import DynamicCache
+
+    cls = type(ctx.model)
+    if (ctx.batch.is_encoder_decoder or getattr(target_fn, "contrast", None) is not None
+            or not all(_accepts(cls, name) for name in ("past_key_values", "position_ids",
+                                                         "logits_to_keep"))):
+        return None
+    cache = DynamicCache(config=ctx.model.config)  # its layers follow the config
+    if not cache.layers or any(type(layer).__name__ != "DynamicLayer" for layer in cache.layers):
+        return None  # a sliding window drops keys: a cropped cache would not be the prefix's
+    return cache
 
 
 def first_changed(masks: tuple[Bool[Tensor, "n src *d"], Bool[Tensor, "n tgt *d"]]) -> Int[Tensor, " n"]:

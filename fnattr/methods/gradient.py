@@ -1,12 +1,10 @@
-"""Saliency and input x gradient: one forward and one batched backward for all steps."""
+"""Saliency and input x gradient: one forward and batched backwards for all steps."""
 
 from torch import Tensor
 
 from fnattr.batch import Batch
-from fnattr.engine import step_gradients
-from fnattr.methods._common import (
-    Context, StepScoreSpec, attribution_context, finish, logit_step_scores, run_scored,
-)
+from fnattr.methods import _triangular
+from fnattr.methods._common import Context, StepScoreSpec, attribution_context, finish, logit_step_scores
 from fnattr.progress import Reporter, report
 from fnattr.result import AttributionTensors
 from fnattr.targets import probability
@@ -19,11 +17,10 @@ def _gradients(ctx: Context, target_fn: TargetFn, step_scores: StepScoreSpec, ba
     emb = ctx.embedded
     src = emb.source.clone().requires_grad_()
     tgt = emb.target.clone().requires_grad_(ctx.attribute_target)
-    out, scores = run_scored(ctx, target_fn, src, tgt)
-    logits = out.logits
     inputs = [src, tgt] if ctx.attribute_target else [src]
     bar.expect(len(ctx.batch))
-    grads = step_gradients(scores, inputs, out.at(ctx.steps))
+    scored = _triangular.gradients(ctx, target_fn, src, tgt, inputs)
+    logits, grads = scored.logits, scored.grads
     bar.advance(len(ctx.batch))
     grad_tgt = grads[1] if ctx.attribute_target else None
     return grads[0], grad_tgt, logit_step_scores(ctx, logits, target_fn, step_scores)

@@ -7,8 +7,7 @@ from torch import Tensor
 
 from fnattr.baselines import Baseline, baselines  # re-exported: the other methods import them here
 from fnattr.batch import Batch
-from fnattr.engine import step_gradients
-from fnattr.methods import _converge, _paths
+from fnattr.methods import _converge, _paths, _triangular
 from fnattr.methods._converge import completeness_delta as completeness_delta  # older import path
 from fnattr.methods._common import (
     Context, StepScoreSpec, attribution_context, finish, logit_step_scores, run_scored,
@@ -30,8 +29,8 @@ def _chunk_grads(ctx, target_fn, x, base, alpha, rows):
     """Per-step gradients at `base + alpha (x - base)` for `rows`; its autograd graph dies here."""
     path = [(b[rows] + alpha * (t[rows] - b[rows])).requires_grad_() for t, b in zip(x, base)]
     tgt = path[1] if ctx.attribute_target else x[1][rows]
-    out, scores = run_scored(ctx, target_fn, path[0], tgt, rows)
-    return step_gradients(scores, path if ctx.attribute_target else path[:1], out.at(ctx.steps))
+    inputs = path if ctx.attribute_target else path[:1]
+    return _triangular.gradients(ctx, target_fn, path[0], tgt, inputs, rows).grads
 
 
 def _path_grads(ctx, target_fn, x, base, alphas, weights, chunk, rows=None, *, bar: Reporter):

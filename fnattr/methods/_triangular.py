@@ -1,0 +1,151 @@
+"""Per-step gradients with triangular work: step k's backward runs over the positions it reads.
+
+Step k of a decoder-only model reads input positions 0 .. S-1+k (S: the source width), so the
+gradient of its score needs none of the later positions. One forward over the whole sequence
+makes every step's backward pass over all of them: square work. Here the forward runs in
+pieces along the positions, each piece on the key/value cache of the earlier ones *with its
+autograd graph*: a piece ends where a group of steps ends, and that group's batched backward
+starts from the piece's output, so it passes through that piece and the earlier ones only.
+The forward does the same work as one whole forward (plus one call per piece); the backward
+does about half the square's work when the target is as long as the prompt.
+
+The pieces are chosen by dynamic programming over a cost counted in positions of one row:
+a backward over n steps of `rows` copies whose pieces end at P positions costs n * rows * P,
+and every call has a fixed cost that does not shrink with its size: `FORWARD_CALL` for a
+forward piece, `BACKWARD_CALL` for a batched backward, and `TRAVERSAL` for each piece a
+backward passes through (its per-operation overhead under vmap). These were measured on
+SmolLM2-135M on a 2-core CPU (`benchmarks/bench_triangular.py` prints the ratios). A backward
+holds at most the step x row copies of one CPU backward (`engine.CPU_COPIES_PER_BACKWARD`).
+
+Used where it is exact and pays: on a CPU, for decoder-only models whose cache is a plain
+`DynamicCache` (`_prefix.new_cache`), target functions that read the logits only, and when the
+plan has more than one group or stops before the last position. Elsewhere (accelerators, which
+take every step in one backward; encoder-decoders; contrast reruns; compiled models) it is the
+one forward and the batched backward of `engine.step_gradients`.
+"""
+
+import dataclasses
+
+import torch
+from torch import Tensor
+
+from fnattr import engine
+from fnattr.engine import decoder_inputs, score_steps, step_gradients
+from fnattr.methods import _prefix
+from fnattr.methods._common import Context, run_scored
+from fnattr.types import TargetFn
+
+# fixed costs, in positions of one row (see the module docstring)
+FORWARD_CALL = 150
+BACKWARD_CALL = 64
+TRAVERSAL = 150
+MAX_PIECES = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class Scored:
+    """A forward's logits of every step `[rows, tgt, vocab]`, the attributed steps' scores
+    `[rows, step]` (with their graph) and the gradient of each step's score w.r.t. each input
+    `[rows, step, *input.shape[1:]]`."""
+
+    logits: Tensor
+    scores: Tensor
+    grads: list[Tensor]
+
+
+def pieces(reads: list[int], n_rows: int, cap: int) -> list[tuple[int, int]]:
+    """Runs `[i, j)` of the steps (sorted; step i reads `reads[i]` positions) that end the
+    forward's pieces, at most `MAX_PIECES`, that cost least (see the module docstring)."""
+    n = len(reads)
+    ends = sorted({*range(max(1, n // 64), n, max(1, n // 64)), n})  # candidate piece ends
+    inf = float("inf")
+    best = [{0: 0.0}] + [dict() for _ in range(MAX_PIECES)]  # best[g][j]: g pieces end at j
+    cut: dict[tuple[int, int], int] = {}
+    for g in range(1, MAX_PIECES + 1):
+        for j in ends:
+            for i, before in best[g - 1].items():
+                if i >= j:
+                    continue
+                calls = -(-(j - i) // cap)
+                cost = (before + FORWARD_CALL + (j - i) * n_rows * reads[j - 1]
+                        + calls * (BACKWARD_CALL + TRAVERSAL * g))
+                if cost < best[g].get(j, inf):
+                    best[g][j], cut[g, j] = cost, i
+    g = min((g for g in range(1, MAX_PIECES + 1) if n in best[g]), key=lambda g: best[g][n])
+    out, j = [], n
+    while j > 0:
+        out.append((cut[g, j], j))
+        j, g = cut[g, j], g - 1
+    return out[::-1]
+
+
+def plan(ctx: Context, target_fn: TargetFn, n_rows: int) -> list[tuple[int, int]] | None:
+    """The step groups of a triangular backward for `n_rows` copies, or None where the one
+    forward of `engine.step_gradients` is used (see the module docstring)."""
+    steps = ctx.steps.tolist()
+    if (ctx.batch.source_ids.device.type != "cpu" or torch.compiler.is_compiling()
+            or steps != sorted(set(steps)) or _prefix.new_cache(ctx, target_fn) is None):
+        return None
+    n_src, n_tgt = ctx.batch.source_ids.shape[1], ctx.batch.target_ids.shape[1]
+    reads = [n_src + k for k in steps]
+    cap = max(1, engine.CPU_COPIES_PER_BACKWARD // max(n_rows, 1))
+    out = pieces(reads, n_rows, cap)
+    return out if len(out) > 1 or reads[-1] < n_src + n_tgt - 1 else None
+
+
+def gradients(ctx: Context, target_fn: TargetFn, source: Tensor, target: Tensor,
+              inputs: list[Tensor], rows: Tensor | None = None) -> Scored:
+    """`run_scored` at `source`/`target` (rows `rows` of the batch) and the per-step gradients
+    of `engine.step_gradients` w.r.t. `inputs` (tensors that `source`/`target` are built from),
+    by step groups on a forward in pieces where `plan` allows (the same values)."""
+    n_rows = len(ctx.batch) if rows is None else len(rows)
+    parts = plan(ctx, target_fn, n_rows)
+    if parts is None:
+        out, scores = run_scored(ctx, target_fn, source, target, rows)
+        return Scored(out.logits, scores, step_gradients(scores, inputs, out.at(ctx.steps)))
+    if rows is None:
+        rows = torch.arange(len(ctx.batch), device=source.device)
+    logits, hidden, first = _pieces(ctx, target_fn, source, target, rows, parts)
+    scores = score_steps(target_fn, logits, ctx.batch, ctx.steps, rows)
+    per_group = []
+    for (i, j), h, lo in zip(parts, hidden, first):
+        via = None if h is None else (h, ctx.steps[i:j] - lo)
+        per_group.append(step_gradients(scores[:, i:j], inputs, via))
+    return Scored(logits, scores, [torch.cat(g, 1) for g in zip(*per_group)])
+
+
+def _pieces(ctx: Context, target_fn: TargetFn, source: Tensor, target: Tensor, rows: Tensor,
+            parts: list[tuple[int, int]]) -> tuple[Tensor, list[Tensor | None], list[int]]:
+    """The forward in pieces that end where each step group's last step reads: the logits of
+    steps 0 .. last `[rows, tgt, vocab]` (zero after the last attributed step), each piece's
+    output-layer input (None where not seen) and the step its first logits belong to."""
+    model, batch = ctx.model, ctx.batch
+    ids, mask, positions = decoder_inputs(batch, rows)
+    embeds = torch.cat([source, target[:, :-1]], 1)
+    n_src, n_tgt = batch.source_ids.shape[1], batch.target_ids.shape[1]
+    cache = _prefix.new_cache(ctx, target_fn)
+    head = model.get_output_embeddings()
+    seen: list[Tensor] = []
+    hook = None if head is None else head.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    logits, hidden, first, lo = [], [], [], 0
+    try:
+        for i, j in parts:
+            hi = n_src + int(ctx.steps[j - 1])  # step k's logits sit at position n_src - 1 + k
+            keep = hi - max(lo, n_src - 1)
+            ctx.handle.replace(source=embeds[:, lo:hi])
+            seen.clear()
+            out = model(input_ids=ids[:, lo:hi], attention_mask=mask[:, :hi],
+                        position_ids=positions[:, lo:hi], past_key_values=cache, use_cache=True,
+                        logits_to_keep=keep)
+            ctx.handle.check_used()
+            logits.append(out.logits)
+            ok = len(seen) == 1 and seen[0].shape[1] == keep
+            hidden.append(seen[0] if ok else None)
+            first.append(hi - keep - (n_src - 1))
+            lo = hi
+    finally:
+        if hook is not None:
+            hook.remove()
+    got = torch.cat(logits, 1)
+    rest = got.new_zeros(len(rows), n_tgt - got.shape[1], got.shape[2])
+    return torch.cat([got, rest], 1), hidden, first
