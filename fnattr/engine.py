@@ -123,7 +123,7 @@ def _forward(model, batch, handle, source, target, start, rows):
     src_ids, src_mask = batch.source_ids[rows], batch.source_mask[rows]
     tgt_ids = batch.target_ids[rows]
     n_tgt = tgt_ids.shape[1]
-    cls = type(model)
+    cls = type(getattr(model, "_orig_mod", model))  # a compiled model's own forward signature
     if batch.is_encoder_decoder:
         dec_ids = torch.cat([torch.full_like(tgt_ids[:, :1], batch.decoder_start_id), tgt_ids[:, :-1]], 1)
         dec_emb = torch.cat([start.expand(len(rows), 1, -1), target[:, :-1]], 1)
@@ -211,6 +211,12 @@ def step_gradients(
     transformer forwards in eval mode), so summing scores over rows is exact. Pass
     `via=output.at(steps)` (see `run`) to start the batched part at the output layer's input.
     """
+    # a compiled graph's backward refuses retain_graph with donated buffers (fnattr.compiled)
+    with torch._functorch.config.patch(donated_buffer=False):
+        return _step_gradients(scores, inputs, via)
+
+
+def _step_gradients(scores, inputs, via):
     start, seeds = _seeds(scores, via)
     k = seeds.shape[0]
     try:
@@ -224,7 +230,7 @@ def step_gradients(
         grads = [torch.cat(g) for g in zip(*parts)]
     except RuntimeError as err:
         if "compiling" not in str(err):
-            warnings.warn(f"batched backward failed ({err}); using one backward per step.", stacklevel=2)
+            warnings.warn(f"batched backward failed ({err}); using one backward per step.", stacklevel=3)
         per_step = [torch.autograd.grad(start, inputs, seeds[i], retain_graph=i < k - 1,
                                         allow_unused=True, materialize_grads=True) for i in range(k)]
         grads = [torch.stack(g) for g in zip(*per_step)]
