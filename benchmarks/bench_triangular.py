@@ -1,0 +1,89 @@
+"""Triangular backward (`fnattr.methods._triangular`) against one whole forward, on a CPU.
+
+Run: python -m benchmarks.bench_triangular [--n-steps 8]. SmolLM2-135M; every ratio compares
+runs made in this one process, interleaved (tri, whole, tri, whole), by CPU seconds
+(`time.process_time`) next to wall seconds. Prints, per method and input, the pieces the cost
+model chose, the best CPU time of each path, their ratio and the largest relative difference of
+the scores; then a batch of 8 prompts against 8 single calls, both with the default path.
+"""
+
+import argparse
+import time
+from contextlib import contextmanager
+
+import torch
+
+import fnattr
+from benchmarks._common import PROMPT, PROMPTS, TARGET, load
+from fnattr.methods import _triangular, integrated_gradients, saliency
+
+
+@contextmanager
+def whole_forward():
+    """The one forward and batched backward of `engine.step_gradients`, for comparison."""
+    plan = _triangular.plan
+    _triangular.plan = lambda *a, **k: None
+    try:
+        yield
+    finally:
+        _triangular.plan = plan
+
+
+def timed(fn):
+    cpu, wall = time.process_time(), time.perf_counter()
+    out = fn()
+    return time.process_time() - cpu, time.perf_counter() - wall, out
+
+
+def compare(name: str, run, n_rows: int, ctx_batch) -> None:
+    cpu = {"tri": [], "whole": []}
+    wall = {"tri": [], "whole": []}
+    outs = {}
+    for _ in range(2):
+        for kind in ("tri", "whole"):
+            if kind == "whole":
+                with whole_forward():
+                    c, w, out = timed(run)
+            else:
+                c, w, out = timed(run)
+            cpu[kind].append(c)
+            wall[kind].append(w)
+            outs[kind] = out
+    a, b = outs["tri"].source, outs["whole"].source
+    diff = float((a - b).abs().max() / b.abs().max())
+    n_src, n_tgt = ctx_batch.source_ids.shape[1], ctx_batch.target_ids.shape[1]
+    cap = max(1, fnattr.engine.CPU_COPIES_PER_BACKWARD // n_rows)
+    chosen = _triangular.pieces([n_src + k for k in range(n_tgt)], n_rows, cap)
+    print(f"{name:34s} pieces {len(chosen)}  cpu tri {min(cpu['tri']):6.2f}s whole "
+          f"{min(cpu['whole']):6.2f}s  ratio {min(cpu['whole']) / min(cpu['tri']):4.2f}x  (wall "
+          f"{min(wall['whole']) / min(wall['tri']):4.2f}x)  max rel diff {diff:.1e}", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--n-steps", type=int, default=8)
+    args = parser.parse_args()
+    torch.set_grad_enabled(True)
+    model, tok = load()
+    one = fnattr.prepare(model, tok, PROMPT, TARGET)
+    eight = fnattr.prepare(model, tok, PROMPTS, [TARGET] * len(PROMPTS))
+    ig = {"n_steps": args.n_steps, "internal_batch_size": 64}
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}; 1 prompt "
+          f"{one.source_ids.shape[1]}+{one.target_ids.shape[1]} tokens, 8 prompts "
+          f"{eight.source_ids.shape[1]}+{eight.target_ids.shape[1]} (padded)")
+    compare("saliency, 1 prompt", lambda: saliency(model, one), 1, one)
+    compare("saliency, 8 prompts", lambda: saliency(model, eight), 8, eight)
+    compare(f"IG({args.n_steps}), 1 prompt", lambda: integrated_gradients(model, one, **ig),
+            args.n_steps, one)
+    compare(f"IG({args.n_steps}), 8 prompts", lambda: integrated_gradients(model, eight, **ig),
+            min(64, 8 * args.n_steps), eight)
+    singles = [fnattr.prepare(model, tok, p, TARGET) for p in PROMPTS]
+    for name, fn, kw in (("saliency", saliency, {}), (f"IG({args.n_steps})", integrated_gradients, ig)):
+        batch = min(timed(lambda: fn(model, eight, **kw))[0] for _ in range(1))
+        alone = timed(lambda: [fn(model, b, **kw) for b in singles])[0]
+        print(f"{name:12s} batch of 8: cpu {batch:6.2f}s  8 single calls: cpu {alone:6.2f}s  "
+              f"batch is {alone / batch:4.2f}x faster", flush=True)
+
+
+if __name__ == "__main__":
+    main()
