@@ -50,6 +50,7 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerly
     from fnattr import aggregate as aggregate
     from fnattr import compare as compare
+    from fnattr import compiled as compiled
     from fnattr import contrast as contrast
     from fnattr import dataset as dataset
     from fnattr import evaluate as evaluate
