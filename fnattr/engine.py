@@ -7,7 +7,8 @@ model once (per perturbation) and takes per-step gradients with one batched back
 import dataclasses
 import inspect
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from functools import lru_cache
 
 import torch
@@ -77,6 +78,20 @@ class Output:
         return None if self.hidden is None else (self.hidden, self.offset + steps)
 
 
+@contextmanager
+def output_layer_inputs(model: Model) -> Iterator[list[Tensor]]:
+    """A list that collects what the output layer (`get_output_embeddings()`) reads on each call
+    in the body (it stays empty where the model has none); the hook goes on exit."""
+    head = model.get_output_embeddings()
+    seen: list[Tensor] = []
+    hook = None if head is None else head.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    try:
+        yield seen
+    finally:
+        if hook is not None:
+            hook.remove()
+
+
 def run(
     model: Model,
     batch: Batch,
@@ -92,14 +107,8 @@ def run(
     `rows[i]` names the batch row that row i of the embeddings belongs to (default: all rows in
     order), so perturbed copies of a batch run in one forward.
     """
-    head = model.get_output_embeddings()
-    seen: list[Tensor] = []
-    hook = None if head is None else head.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
-    try:
+    with output_layer_inputs(model) as seen:
         logits = _forward(model, batch, handle, source, target, start, rows)
-    finally:
-        if hook is not None:
-            hook.remove()
     hidden = seen[-1] if len(seen) == 1 and seen[0].shape[1] >= logits.shape[1] else None
     return Output(logits, hidden, 0 if hidden is None else hidden.shape[1] - logits.shape[1])
 

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from fnattr import engine
-from fnattr.engine import decoder_inputs, score_steps, step_gradients
+from fnattr.engine import decoder_inputs, output_layer_inputs, score_steps, step_gradients
 from fnattr.methods import _prefix
 from fnattr.methods._common import Context, run_scored
 from fnattr.types import TargetFn
@@ -124,12 +124,9 @@ def _pieces(ctx: Context, target_fn: TargetFn, source: Tensor, target: Tensor, r
     embeds = torch.cat([source, target[:, :-1]], 1)
     n_src, n_tgt = batch.source_ids.shape[1], batch.target_ids.shape[1]
     cache = _prefix.new_cache(ctx, target_fn)
-    head = model.get_output_embeddings()
-    seen: list[Tensor] = []
-    hook = None if head is None else head.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
     logits, hidden, first, lo = [], [], [], 0
-    try:
-        for i, j in parts:
+    with output_layer_inputs(model) as seen:
+        for _, j in parts:
             hi = n_src + int(ctx.steps[j - 1])  # step k's logits sit at position n_src - 1 + k
             keep = hi - max(lo, n_src - 1)
             ctx.handle.replace(source=embeds[:, lo:hi])
@@ -143,9 +140,6 @@ def _pieces(ctx: Context, target_fn: TargetFn, source: Tensor, target: Tensor, r
             hidden.append(seen[0] if ok else None)
             first.append(hi - keep - (n_src - 1))
             lo = hi
-    finally:
-        if hook is not None:
-            hook.remove()
     got = torch.cat(logits, 1)
     rest = got.new_zeros(len(rows), n_tgt - got.shape[1], got.shape[2])
     return torch.cat([got, rest], 1), hidden, first
