@@ -84,6 +84,8 @@ def new_cache(ctx: Context, target_fn: TargetFn):
     from transformers import DynamicCache
 
     cls = type(ctx.model)
+    if hasattr(ctx.model, "_orig_mod"):  # compiled: a cache's state and keyword sets retrace it
+        return None
     if (ctx.batch.is_encoder_decoder or getattr(target_fn, "contrast", None) is not None
             or not all(_accepts(cls, name) for name in ("past_key_values", "position_ids",
                                                          "logits_to_keep"))):
