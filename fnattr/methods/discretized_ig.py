@@ -8,8 +8,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from fnattr.batch import Batch
-from fnattr.engine import step_gradients
-from fnattr.methods import _converge, _paths
+from fnattr.methods import _converge, _paths, _triangular
 from fnattr.methods._common import (
     Context, StepScoreSpec, attribution_context, finish, logit_step_scores, run_scored,
 )
@@ -126,9 +125,8 @@ def _dig_grads(ctx, target_fn, paths, method, per_segment, chunk, rows=None, *, 
         segs = [p[rows, :, k + 1] - p[rows, :, k] for p in paths]  # [m pos d]
         at = [(p[rows, :, k] + alphas[j][:, None, None] * sg).requires_grad_(i in sides)
               for i, (p, sg) in enumerate(zip(paths, segs))]
-        out, scores = run_scored(ctx, target_fn, at[0], at[1], rows)
-        grads = step_gradients(scores, [at[i] for i in sides], out.at(ctx.steps))
-        del out, scores  # this chunk's graph goes before the next forward
+        grads = _triangular.gradients(ctx, target_fn, at[0], at[1], [at[i] for i in sides],
+                                      rows).grads  # this chunk's graph dies here
         for total, g, i in zip(acc, grads, sides):
             total.index_add_(0, rows, g * (segs[i] * weights[j][:, None, None])[:, None])
         bar.advance(len(rows))

@@ -9,8 +9,7 @@ import torch
 from torch import Tensor
 
 from fnattr.batch import Batch
-from fnattr.engine import step_gradients
-from fnattr.methods import _converge
+from fnattr.methods import _converge, _triangular
 from fnattr.methods._common import (
     Context, StepScoreSpec, attribution_context, clean_logits, finish, logit_step_scores, run_scored,
 )
@@ -84,9 +83,8 @@ def _grads(ctx, target_fn, x, bases, dr: Draws, n_samples, chunk, bar: Reporter,
         diff = [x[i][rows] + noise[i][s_idx, rows] - base[i] for i in (0, 1)]
         point = [(base[i] + alpha * diff[i]).requires_grad_(i in sides) for i in (0, 1)]
         tgt = point[1] if ctx.attribute_target else x[1][rows]
-        out, scores = run_scored(ctx, target_fn, point[0], tgt, rows)
-        grads = step_gradients(scores, [point[i] for i in sides], out.at(ctx.steps))
-        del out, scores  # this chunk's graph goes before the next forward
+        grads = _triangular.gradients(ctx, target_fn, point[0], tgt, [point[i] for i in sides],
+                                      rows).grads  # this chunk's graph dies here
         for total, g, i in zip(acc, grads, sides):
             total.index_add_(0, rows, (g * diff[i][:, None] if times else g) / n_samples)
         bar.advance(len(rows))

@@ -13,8 +13,7 @@ import torch
 from torch import Tensor
 
 from fnattr.batch import Batch
-from fnattr.engine import step_gradients
-from fnattr.methods import _converge, _paths
+from fnattr.methods import _converge, _paths, _triangular
 from fnattr.methods._common import (
     Context, StepScoreSpec, attribution_context, finish, logit_step_scores, run_scored,
 )
@@ -71,9 +70,10 @@ def _sig_grads(ctx, target_fn, x, base, jobs, alphas, weights, chunk, *, bar: Re
         side, rows, pos = jobs[j_idx].T
         x_tok, b_tok = _token(x, side, rows, pos), _token(base, side, rows, pos)
         leaf = (b_tok + alphas[a_idx][:, None] * (x_tok - b_tok)).requires_grad_()
-        out, scores = run_scored(ctx, target_fn, *_moved(x, side, rows, pos, leaf), rows)
-        (grad,) = step_gradients(scores, [leaf], out.at(ctx.steps))
-        del out  # this chunk's graph goes before the next forward
+        scored = _triangular.gradients(ctx, target_fn, *_moved(x, side, rows, pos, leaf), [leaf],
+                                       rows)
+        (grad,), scores = scored.grads, scored.scores.detach()
+        del scored  # this chunk's graph goes before the next forward
         zero = alphas[a_idx] == 0
         at_zero[j_idx[zero]] = scores[zero].detach()
         contrib = grad * weights[a_idx][:, None, None]  # [job step d]

@@ -9,7 +9,10 @@ import torch
 from fnattr import prepare
 from fnattr.contrast import prepare_contrast
 from fnattr.engine import step_gradients
-from fnattr.methods import _triangular, integrated_gradients, saliency
+from fnattr.methods import (
+    _triangular, discretized_integrated_gradients, gradient_shap, integrated_gradients, saliency,
+    sequential_integrated_gradients,
+)
 from fnattr.methods._common import attribution_context, run_scored
 from fnattr.targets import contrast_prob_diff, logprob
 from tests.state import assert_unchanged, snapshot
@@ -43,27 +46,37 @@ def test_pieces_give_the_whole_forwards_gradients(decoder_model, monkeypatch, pa
     assert_unchanged(model, before)
 
 
-def test_methods_with_pieces_equal_one_forward(gpt2, monkeypatch):
-    """Saliency and IG end to end, with the cost model forced to split into single steps."""
+RUNS = {  # every method whose gradients come from `_triangular.gradients`, with light settings
+    "saliency": lambda m, b: saliency(m, b, attribute_target=True),
+    "integrated_gradients": lambda m, b: integrated_gradients(m, b, n_steps=4, internal_batch_size=3),
+    "gradient_shap": lambda m, b: gradient_shap(m, b, n_samples=3, stdevs=0.1, internal_batch_size=4),
+    "discretized_integrated_gradients": lambda m, b: discretized_integrated_gradients(
+        m, b, n_steps=3, n_neighbors=8, points_per_segment=2, internal_batch_size=5),
+    "sequential_integrated_gradients": lambda m, b: sequential_integrated_gradients(
+        m, b, n_steps=2, internal_batch_size=7),
+}
+
+
+@pytest.mark.parametrize("method", list(RUNS))
+def test_methods_with_pieces_equal_one_forward(gpt2, monkeypatch, method):
+    """Each method end to end, with the cost model forced to split into single steps."""
     model, tok = gpt2
     batch = prepare(model, tok, SOURCES, TARGETS)
-    monkeypatch.setattr(_triangular, "MAX_PIECES", 8)
-    monkeypatch.setattr(_triangular, "FORWARD_CALL", 0)
-    monkeypatch.setattr(_triangular, "TRAVERSAL", 0)
-    monkeypatch.setattr(_triangular, "BACKWARD_CALL", 0)
+    for name in ("FORWARD_CALL", "TRAVERSAL", "BACKWARD_CALL"):
+        monkeypatch.setattr(_triangular, name, 0)
     calls = []
     plan = _triangular.plan
     monkeypatch.setattr(_triangular, "plan", lambda *a: calls.append(plan(*a)) or calls[-1])
-    fast = [saliency(model, batch, attribute_target=True),
-            integrated_gradients(model, batch, n_steps=4, internal_batch_size=3)]
-    assert all(p is not None and len(p) > 1 for p in calls), calls
+    fast = RUNS[method](model, batch)
+    assert calls and all(p is not None and len(p) > 1 for p in calls), calls
     monkeypatch.setattr(_triangular, "plan", lambda *a: None)
-    slow = [saliency(model, batch, attribute_target=True),
-            integrated_gradients(model, batch, n_steps=4, internal_batch_size=3)]
-    for a, b in zip(fast, slow):
-        torch.testing.assert_close(a.source, b.source, rtol=0, atol=1e-12)
-        torch.testing.assert_close(a.target, b.target, rtol=0, atol=1e-12)
-    torch.testing.assert_close(fast[1].delta, slow[1].delta, rtol=0, atol=1e-12)
+    slow = RUNS[method](model, batch)
+    assert fast.source.abs().sum() > 0
+    for field in ("source", "target", "delta"):
+        a, b = getattr(fast, field), getattr(slow, field)
+        assert (a is None) == (b is None), field
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
 
 
 def test_pieces_cover_the_steps_and_split_only_where_it_pays():
