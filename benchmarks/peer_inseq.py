@@ -48,8 +48,32 @@ def occlusion(path: str) -> None:
     print(json.dumps({"occlusion_9_generated": seconds}))
 
 
+def convergence(path: str, n_steps: int) -> None:
+    """The peer's IG with `n_steps` points (its default: 50) on PROMPT + TARGET: CPU seconds of
+    this process, and each step's completeness error |delta| / |f(x) - f(baseline)|, from
+    captum's convergence delta (delta = sum of the scores - (f(x) - f(baseline)))."""
+    import torch
+
+    hf = AutoModelForCausalLM.from_pretrained(path).eval()
+    tok = AutoTokenizer.from_pretrained(path)
+    model = inseq.load_model(hf, "integrated_gradients", tokenizer=tok)
+    model.attribute("Hi", "Hi there", n_steps=2, show_progress=False)  # warm-up
+    cpu, wall = time.process_time(), time.perf_counter()
+    out = model.attribute(PROMPT, PROMPT + TARGET, n_steps=n_steps, return_convergence_delta=True,
+                          show_progress=False)
+    cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+    seq = out.sequence_attributions[0]
+    delta = seq.step_scores["deltas"].double()
+    total = sum(torch.nansum(t.double(), dim=(0, 2)) for t in (seq.source_attributions,
+                                                              seq.target_attributions) if t is not None)
+    rel = (delta.abs() / (total - delta).abs()).tolist()
+    print(json.dumps({"cpu": cpu, "wall": wall, "relative_error": rel, "unk": tok.unk_token}))
+
+
 if __name__ == "__main__":
     if sys.argv[2:3] == ["occlusion"]:
         occlusion(sys.argv[1])
+    elif sys.argv[2:3] == ["convergence"]:
+        convergence(sys.argv[1], int(sys.argv[3]))
     else:
         main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 16)

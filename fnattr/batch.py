@@ -59,10 +59,22 @@ class Batch:
     def select(self, rows: Sequence[int]) -> "Batch":
         """The sub-batch of `rows`, with padding columns that no kept row uses dropped."""
         idx = torch.as_tensor(list(rows), dtype=torch.long, device=self.source_ids.device)
-        src_keep = self.source_mask[idx].any(0)
-        tgt_keep = self.target_mask[idx].any(0)
-        src_cols = src_keep.nonzero().squeeze(1)
-        tgt_cols = torch.arange(int(tgt_keep.nonzero().max()) + 1 if tgt_keep.any() else 1)
+        return self._take(list(rows), *self.used_columns(idx))
+
+    def used_columns(self, rows: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """The source and target columns that a real token of `rows` (default all) uses; the
+        target's run from column 0 to the last one used (at least one column)."""
+        rows = slice(None) if rows is None else rows
+        src_keep, tgt_keep = self.source_mask[rows].any(0), self.target_mask[rows].any(0)
+        n_tgt = int(tgt_keep.nonzero().max()) + 1 if tgt_keep.any() else 1
+        return src_keep.nonzero().squeeze(1), torch.arange(n_tgt, device=tgt_keep.device)
+
+    def columns(self, source: Tensor, target: Tensor) -> "Batch":
+        """Every row, at the source and target columns given (e.g. by `used_columns`)."""
+        return self._take(range(len(self)), source, target)
+
+    def _take(self, rows: Sequence[int], src_cols: Tensor, tgt_cols: Tensor) -> "Batch":
+        idx = torch.as_tensor(list(rows), dtype=torch.long, device=self.source_ids.device)
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         for side, cols in (("source", src_cols), ("target", tgt_cols)):
             for key in ("ids", "mask", "special", "template"):

@@ -98,6 +98,14 @@ def gradients(ctx: Context, target_fn: TargetFn, source: Tensor, target: Tensor,
     """`run_scored` at `source`/`target` (rows `rows` of the batch) and the per-step gradients
     of `engine.step_gradients` w.r.t. `inputs` (tensors that `source`/`target` are built from),
     by step groups on a forward in pieces where `plan` allows (the same values)."""
+    cropped = _cropped(ctx, target_fn, rows)
+    if cropped is not None:  # run without the padding columns that none of `rows` uses
+        sub, src_cols, keep = cropped
+        got = gradients(sub, target_fn, source[:, src_cols], target[:, :sub.batch.target_ids.shape[1]],
+                        inputs, rows)
+        return Scored(_widen(got.logits, 1, torch.arange(got.logits.shape[1]), ctx.batch.target_ids.shape[1]),
+                      _widen(got.scores, 1, keep, len(ctx.steps)),
+                      [_widen(g, 1, keep, len(ctx.steps)) for g in got.grads])
     n_rows = len(ctx.batch) if rows is None else len(rows)
     parts = plan(ctx, target_fn, n_rows)
     if parts is None:
@@ -112,6 +120,38 @@ def gradients(ctx: Context, target_fn: TargetFn, source: Tensor, target: Tensor,
         via = None if h is None else (h, ctx.steps[i:j] - lo)
         per_group.append(step_gradients(scores[:, i:j], inputs, via))
     return Scored(logits, scores, [torch.cat(g, 1) for g in zip(*per_group)])
+
+
+def _cropped(ctx: Context, target_fn: TargetFn,
+             rows: Tensor | None) -> tuple[Context, Tensor, Tensor] | None:
+    """`ctx` without the source and target columns that are padding in every row of `rows`
+    (e.g. a chunk of short rows in a batch padded to a long one), the source columns kept and
+    the steps kept (those the kept target columns hold); None where nothing is dropped, or where
+    a contrast target reads the whole batch's columns."""
+    if getattr(target_fn, "contrast", None) is not None:
+        return None
+    batch = ctx.batch
+    src_cols, tgt_cols = batch.used_columns(rows)
+    n_tgt = max(len(tgt_cols), int(ctx.steps.min()) + 1)  # at least one attributed step
+    if len(src_cols) == batch.source_ids.shape[1] and n_tgt == batch.target_ids.shape[1]:
+        return None
+    if len(src_cols) and int(src_cols[-1] - src_cols[0]) + 1 != len(src_cols):
+        return None  # not one run of columns (never with `prepare`'s padding)
+    keep = (ctx.steps < n_tgt).nonzero().squeeze(1)
+    tgt_cols = torch.arange(n_tgt, device=src_cols.device)
+    emb = ctx.embedded
+    sub = dataclasses.replace(
+        ctx, batch=batch.columns(src_cols, tgt_cols), steps=ctx.steps[keep],
+        embedded=dataclasses.replace(emb, source=emb.source[:, src_cols], target=emb.target[:, :n_tgt]))
+    return sub, src_cols, keep
+
+
+def _widen(t: Tensor, dim: int, at: Tensor, size: int) -> Tensor:
+    """`t` laid out at indexes `at` of a dim `dim` of `size`, zero elsewhere."""
+    if t.shape[dim] == size:
+        return t
+    out = t.new_zeros(*t.shape[:dim], size, *t.shape[dim + 1:])
+    return out.index_copy(dim, at.to(t.device), t)
 
 
 def _pieces(ctx: Context, target_fn: TargetFn, source: Tensor, target: Tensor, rows: Tensor,

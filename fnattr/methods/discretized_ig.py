@@ -8,7 +8,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from fnattr.batch import Batch
-from fnattr.methods import _converge, _paths, _triangular
+from fnattr.methods import _buckets, _converge, _paths, _triangular
 from fnattr.methods._common import (
     Context, StepScoreSpec, attribution_context, finish, logit_step_scores, run_scored,
 )
@@ -109,7 +109,8 @@ def _side_paths(ctx, side, x, base, keep, n_steps, n_neighbors, strategy):
 
 def _dig_grads(ctx, target_fn, paths, method, per_segment, chunk, rows=None, *, bar: Reporter):
     """sum_k sum_j w_j grad f_step(p_k + a_j (p_k+1 - p_k)) * (p_k+1 - p_k): rule `method` with
-    `per_segment` points (a_j, w_j) on each linear segment, chunked over (segment, point, row)
+    `per_segment` points (a_j, w_j) on each linear segment, chunked over (segment, point, row),
+    rows of like length together (`_buckets`)
     (`rows`: the batch rows to integrate, default all; the others stay zero); forwards counted
     on `bar`."""
     sides = [0, 1] if ctx.attribute_target else [0]
@@ -118,10 +119,10 @@ def _dig_grads(ctx, target_fn, paths, method, per_segment, chunk, rows=None, *, 
     acc = [torch.zeros(n_rows, len(ctx.steps), *paths[i].shape[1:2], paths[i].shape[-1],
                        dtype=paths[i].dtype, device=paths[i].device) for i in sides]
     rows = range(n_rows) if rows is None else rows
-    work = [(k, j, r) for k in range(n_seg) for j in range(per_segment) for r in rows]
-    bar.expect(len(work))
-    for lo in range(0, len(work), chunk):
-        k, j, rows = (torch.tensor(v, device=paths[0].device) for v in zip(*work[lo:lo + chunk]))
+    bar.expect(n_seg * per_segment * len(rows))
+    for pairs in _buckets.chunks(ctx.batch, list(rows), n_seg * per_segment, chunk):
+        c, rows = (torch.tensor(v, device=paths[0].device) for v in zip(*pairs))
+        k, j = c // per_segment, c % per_segment  # copy c: point j of segment k
         segs = [p[rows, :, k + 1] - p[rows, :, k] for p in paths]  # [m pos d]
         at = [(p[rows, :, k] + alphas[j][:, None, None] * sg).requires_grad_(i in sides)
               for i, (p, sg) in enumerate(zip(paths, segs))]

@@ -1,9 +1,10 @@
 """Saliency and input x gradient: one forward and batched backwards for all steps."""
 
+import torch
 from torch import Tensor
 
 from fnattr.batch import Batch
-from fnattr.methods import _triangular
+from fnattr.methods import _buckets, _triangular
 from fnattr.methods._common import Context, StepScoreSpec, attribution_context, finish, logit_step_scores
 from fnattr.progress import Reporter, report
 from fnattr.result import AttributionTensors
@@ -13,15 +14,29 @@ from fnattr.types import Model, TargetFn
 
 def _gradients(ctx: Context, target_fn: TargetFn, step_scores: StepScoreSpec, bar: Reporter):
     """Per-step gradients at the actual input, and the step scores of that same forward (its
-    rows counted on `bar` once their backward is done)."""
-    emb = ctx.embedded
-    src = emb.source.clone().requires_grad_()
-    tgt = emb.target.clone().requires_grad_(ctx.attribute_target)
-    inputs = [src, tgt] if ctx.attribute_target else [src]
-    bar.expect(len(ctx.batch))
-    scored = _triangular.gradients(ctx, target_fn, src, tgt, inputs)
-    logits, grads = scored.logits, scored.grads
-    bar.advance(len(ctx.batch))
+    rows counted on `bar` once their backward is done). Rows of very different lengths run in
+    buckets of like length (`_buckets`), each without the columns its rows leave padded."""
+    emb, n_rows = ctx.embedded, len(ctx.batch)
+    bar.expect(n_rows)
+    parts = _buckets.buckets(ctx.batch, list(range(n_rows)), 1, n_rows, min_copies=1)
+    logits, grads = None, None
+    for part in parts:
+        rows = None if len(parts) == 1 else torch.tensor(part, device=emb.source.device)
+        src = (emb.source if rows is None else emb.source[rows]).clone().requires_grad_()
+        tgt = (emb.target if rows is None else emb.target[rows]).clone().requires_grad_(ctx.attribute_target)
+        inputs = [src, tgt] if ctx.attribute_target else [src]
+        scored = _triangular.gradients(ctx, target_fn, src, tgt, inputs, rows)
+        if rows is None:
+            logits, grads = scored.logits, scored.grads
+        else:
+            if grads is None:
+                logits = scored.logits.new_zeros(n_rows, *scored.logits.shape[1:])
+                grads = [g.new_zeros(n_rows, *g.shape[1:]) for g in scored.grads]
+            logits[rows] = scored.logits.detach()
+            for total, g in zip(grads, scored.grads):
+                total[rows] = g
+        del scored
+        bar.advance(len(part))
     grad_tgt = grads[1] if ctx.attribute_target else None
     return grads[0], grad_tgt, logit_step_scores(ctx, logits, target_fn, step_scores)
 

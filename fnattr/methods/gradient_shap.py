@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from fnattr.batch import Batch
-from fnattr.methods import _converge, _triangular
+from fnattr.methods import _buckets, _converge, _triangular
 from fnattr.methods._common import (
     Context, StepScoreSpec, attribution_context, clean_logits, finish, logit_step_scores, run_scored,
 )
@@ -67,16 +67,16 @@ def draws(ctx: Context, n_samples: int, n_baselines: int, stdevs: float, seed: i
 
 def _grads(ctx, target_fn, x, bases, dr: Draws, n_samples, chunk, bar: Reporter, times: bool = True):
     """mean_s grad f_step(b_s + a_s (x + e_s - b_s)) * (x + e_s - b_s) (without the factor when
-    not `times`), chunked over rows; the forwards (one per sample and row) counted on `bar`."""
+    not `times`), chunked over rows of like length (`_buckets`); the forwards (one per sample
+    and row) counted on `bar`."""
     n_rows = len(ctx.batch)
     sides = [0, 1] if ctx.attribute_target else [0]
     acc = [torch.zeros(n_rows, len(ctx.steps), *x[i].shape[1:], dtype=x[i].dtype, device=x[i].device)
            for i in sides]
-    pairs = [(s, r) for s in range(n_samples) for r in range(n_rows)]
     noise = (dr.source, dr.target)
-    bar.expect(len(pairs))
-    for lo in range(0, len(pairs), chunk):
-        s_idx, rows = (torch.tensor(v, device=x[0].device) for v in zip(*pairs[lo:lo + chunk]))
+    bar.expect(n_samples * n_rows)
+    for pairs in _buckets.chunks(ctx.batch, list(range(n_rows)), n_samples, chunk):
+        s_idx, rows = (torch.tensor(v, device=x[0].device) for v in zip(*pairs))
         which, alpha = dr.which[s_idx, rows], dr.alpha[s_idx, rows][:, None, None]
         base = [torch.stack([bases[k][i][r] for k, r in zip(which.tolist(), rows.tolist())])
                 for i in (0, 1)]

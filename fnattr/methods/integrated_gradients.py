@@ -7,7 +7,7 @@ from torch import Tensor
 
 from fnattr.baselines import Baseline, baselines  # re-exported: the other methods import them here
 from fnattr.batch import Batch
-from fnattr.methods import _converge, _paths, _triangular
+from fnattr.methods import _buckets, _converge, _paths, _triangular
 from fnattr.methods._converge import completeness_delta as completeness_delta  # older import path
 from fnattr.methods._common import (
     Context, StepScoreSpec, attribution_context, finish, logit_step_scores, run_scored,
@@ -35,17 +35,16 @@ def _chunk_grads(ctx, target_fn, x, base, alpha, rows):
 
 def _path_grads(ctx, target_fn, x, base, alphas, weights, chunk, rows=None, *, bar: Reporter):
     """sum_a w_a * grad f_step(base + a (x - base)), for source and target, chunked over rows
-    (`rows`: the batch rows to integrate, default all; the others stay zero). `bar` counts the
-    forwards (one per point and row).
+    of like length (`_buckets`; `rows`: the batch rows to integrate, default all; the others stay
+    zero). `bar` counts the forwards (one per point and row).
 
     One chunk's graph is alive at a time, so peak memory does not grow with `n_steps`."""
     acc = [torch.zeros(len(ctx.batch), len(ctx.steps), *t.shape[1:], dtype=t.dtype, device=t.device)
            for t in x]
     rows = range(len(ctx.batch)) if rows is None else rows
-    pairs = [(a, r) for a in range(len(alphas)) for r in rows]
-    bar.expect(len(pairs))
-    for lo in range(0, len(pairs), chunk):
-        a_idx, rows = (torch.tensor(v, device=x[0].device) for v in zip(*pairs[lo:lo + chunk]))
+    bar.expect(len(alphas) * len(rows))
+    for pairs in _buckets.chunks(ctx.batch, list(rows), len(alphas), chunk):
+        a_idx, rows = (torch.tensor(v, device=x[0].device) for v in zip(*pairs))
         alpha = alphas.to(x[0])[a_idx][:, None, None]
         grads = _chunk_grads(ctx, target_fn, x, base, alpha, rows)
         w = weights.to(x[0])[a_idx][(..., *(None,) * (grads[0].ndim - 1))]

@@ -106,3 +106,25 @@ def test_plan_keeps_one_forward_where_pieces_are_not_exact(gpt2, seq2seq_model, 
     with attribution_context(s2s, batch, attribute_target=True, attr_pos_start=None,
                              attr_pos_end=None) as ctx:
         assert _triangular.plan(ctx, logprob, 64) is None
+
+
+@pytest.mark.parametrize("rows", [[1], [0], [0, 1]])
+def test_a_chunk_runs_without_the_columns_its_rows_leave_padded(any_model, monkeypatch, rows):
+    """Rows of a padded batch, run on their own columns only, give the full width's gradients:
+    zero at the dropped columns and at the steps after their targets end."""
+    model, tok = any_model
+    batch = prepare(model, tok, ["The capital of France is", "A dog"], [" Paris", " ran in the park today"])
+    idx = torch.tensor(rows)
+    with attribution_context(model, batch, attribute_target=True, attr_pos_start=None,
+                             attr_pos_end=None) as ctx:
+        src = ctx.embedded.source[idx].clone().requires_grad_()
+        tgt = ctx.embedded.target[idx].clone().requires_grad_()
+        assert (_triangular._cropped(ctx, logprob, idx) is None) == (rows == [0, 1])
+        got = _triangular.gradients(ctx, logprob, src, tgt, [src, tgt], idx)
+        monkeypatch.setattr(_triangular, "_cropped", lambda *a: None)
+        want = _triangular.gradients(ctx, logprob, src, tgt, [src, tgt], idx)
+    for g, w in zip(got.grads, want.grads):
+        torch.testing.assert_close(g, w, rtol=0, atol=1e-12)
+    real = batch.target_mask[idx]
+    torch.testing.assert_close(got.scores * real, want.scores * real, rtol=0, atol=1e-12)
+    assert got.grads[0].abs().sum() > 0
