@@ -2,7 +2,8 @@
 
 Uses the tiny test models (float64: CUDA vs CPU equality) and a randomly initialised Llama with
 SmolLM2-135M's shape (timings do not depend on the weights' values). Prints ratios measured in
-this one run: one-pass vs per-step loop, batch of 8 vs 8 single calls, IG peak memory vs n_steps.
+this one run: one-pass vs per-step loop, batch of 8 vs 8 single calls, IG peak memory vs n_steps,
+and compiled saliency and IG against eager (`bench_compile`).
 """
 
 import sys
@@ -120,3 +121,6 @@ if __name__ == "__main__":
     check_every_method_on_cuda()
     for dtype in (torch.float32, torch.bfloat16):
         timings(dtype)
+    from benchmarks import bench_compile  # compiled saliency and IG against eager, on CUDA
+
+    bench_compile.main(["--device", "cuda", "--n-steps", "16", "--rounds", "3"])

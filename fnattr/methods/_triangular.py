@@ -40,6 +40,7 @@ FORWARD_CALL = 150
 BACKWARD_CALL = 64
 TRAVERSAL = 150
 MAX_PIECES = 8
+COMPILED_COPIES = 256  # copies of one replicated forward of a compiled model off the CPU
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,6 +107,10 @@ def gradients(ctx: Context, target_fn: TargetFn, source: Tensor, target: Tensor,
         return Scored(_widen(got.logits, 1, torch.arange(got.logits.shape[1]), ctx.batch.target_ids.shape[1]),
                       _widen(got.scores, 1, keep, len(ctx.steps)),
                       [_widen(g, 1, keep, len(ctx.steps)) for g in got.grads])
+    if hasattr(ctx.model, "_orig_mod"):  # a compiled model: its backward cannot run under vmap
+        got = _replicated(ctx, target_fn, source, target, inputs, rows)
+        if got is not None:
+            return got
     n_rows = len(ctx.batch) if rows is None else len(rows)
     parts = plan(ctx, target_fn, n_rows)
     if parts is None:
@@ -120,6 +125,39 @@ def gradients(ctx: Context, target_fn: TargetFn, source: Tensor, target: Tensor,
         via = None if h is None else (h, ctx.steps[i:j] - lo)
         per_group.append(step_gradients(scores[:, i:j], inputs, via))
     return Scored(logits, scores, [torch.cat(g, 1) for g in zip(*per_group)])
+
+
+def _replicated(ctx: Context, target_fn: TargetFn, source: Tensor, target: Tensor,
+                inputs: list[Tensor], rows: Tensor | None) -> Scored | None:
+    """`gradients` without vmap, for a compiled model (whose backward vmap cannot run): a group
+    of m steps runs m copies of every row in one forward, copy j's score is read at step j only,
+    and one plain backward gives all m steps' gradients. Each group holds at most
+    `engine.CPU_COPIES_PER_BACKWARD` copies on a CPU, `COMPILED_COPIES` elsewhere. None where
+    `inputs` are not `source` and `target` themselves, or the scores read a contrast forward."""
+    sides = [source, target][:len(inputs)]
+    if any(a is not b for a, b in zip(inputs, sides)) or getattr(target_fn, "contrast", None) is not None:
+        return None
+    if rows is None:
+        rows = torch.arange(len(ctx.batch), device=source.device)
+    n_rows, n = len(rows), len(ctx.steps)
+    cap = engine.CPU_COPIES_PER_BACKWARD if source.device.type == "cpu" else COMPILED_COPIES
+    size = max(1, min(n, cap // n_rows))
+    logits, scores, grads = None, [], [[] for _ in inputs]
+    for lo in range(0, n, size):
+        sub = dataclasses.replace(ctx, steps=ctx.steps[lo:lo + size])
+        m = len(sub.steps)
+        copies = [x.detach().repeat_interleave(m, 0).requires_grad_() for x in inputs]
+        tgt = copies[1] if len(copies) > 1 else target.detach().repeat_interleave(m, 0)
+        out, got = run_scored(sub, target_fn, copies[0], tgt, rows.repeat_interleave(m))
+        own = got.view(n_rows, m, m).diagonal(dim1=1, dim2=2)  # copy j of each row at step j
+        for acc, g in zip(grads, torch.autograd.grad(own.sum(), copies, allow_unused=True,
+                                                     materialize_grads=True)):
+            acc.append(g.view(n_rows, m, *g.shape[1:]))
+        if logits is None:
+            logits = out.logits.view(n_rows, m, *out.logits.shape[1:])[:, 0].detach()
+        scores.append(own.detach())
+        del out, got, own
+    return Scored(logits, torch.cat(scores, 1), [torch.cat(g, 1) for g in grads])
 
 
 def _cropped(ctx: Context, target_fn: TargetFn,

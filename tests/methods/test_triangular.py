@@ -128,3 +128,24 @@ def test_a_chunk_runs_without_the_columns_its_rows_leave_padded(any_model, monke
     real = batch.target_mask[idx]
     torch.testing.assert_close(got.scores * real, want.scores * real, rtol=0, atol=1e-12)
     assert got.grads[0].abs().sum() > 0
+
+
+@pytest.mark.parametrize("copies", [2, 32])
+def test_replicated_rows_give_the_batched_backwards_gradients(any_model, monkeypatch, copies):
+    """The compiled model's path (m copies of each row for m steps, one plain backward), run on
+    the eager model: the batched backward's values, in one group of steps or in several."""
+    model, tok = any_model
+    batch = prepare(model, tok, SOURCES, TARGETS)
+    monkeypatch.setattr("fnattr.engine.CPU_COPIES_PER_BACKWARD", copies)
+    with attribution_context(model, batch, attribute_target=True, attr_pos_start=None,
+                             attr_pos_end=None) as ctx:
+        src = ctx.embedded.source.clone().requires_grad_()
+        tgt = ctx.embedded.target.clone().requires_grad_()
+        got = _triangular._replicated(ctx, logprob, src, tgt, [src, tgt], None)
+        want_scores = run_scored(ctx, logprob, src, tgt)[1]
+        want = _whole(ctx, logprob, src, tgt, [src, tgt])
+        assert _triangular._replicated(ctx, logprob, src, tgt, [src * 1, tgt], None) is None
+    for g, w in zip(got.grads, want):
+        torch.testing.assert_close(g, w, rtol=0, atol=1e-12)
+    torch.testing.assert_close(got.scores, want_scores.detach(), rtol=0, atol=1e-12)
+    assert got.grads[0].abs().sum() > 0
