@@ -99,18 +99,18 @@ def gradients(ctx: Context, target_fn: TargetFn, source: Tensor, target: Tensor,
     """`run_scored` at `source`/`target` (rows `rows` of the batch) and the per-step gradients
     of `engine.step_gradients` w.r.t. `inputs` (tensors that `source`/`target` are built from),
     by step groups on a forward in pieces where `plan` allows (the same values)."""
+    if hasattr(ctx.model, "_orig_mod"):  # a compiled model (its backward cannot run under vmap),
+        got = _replicated(ctx, target_fn, source, target, inputs, rows)  # at the batch's width
+        if got is not None:
+            return got
     cropped = _cropped(ctx, target_fn, rows)
     if cropped is not None:  # run without the padding columns that none of `rows` uses
         sub, src_cols, keep = cropped
-        got = gradients(sub, target_fn, source[:, src_cols], target[:, :sub.batch.target_ids.shape[1]],
-                        inputs, rows)
-        return Scored(_widen(got.logits, 1, torch.arange(got.logits.shape[1]), ctx.batch.target_ids.shape[1]),
-                      _widen(got.scores, 1, keep, len(ctx.steps)),
-                      [_widen(g, 1, keep, len(ctx.steps)) for g in got.grads])
-    if hasattr(ctx.model, "_orig_mod"):  # a compiled model: its backward cannot run under vmap
-        got = _replicated(ctx, target_fn, source, target, inputs, rows)
-        if got is not None:
-            return got
+        n_tgt, n_steps = sub.batch.target_ids.shape[1], len(ctx.steps)
+        got = gradients(sub, target_fn, source[:, src_cols], target[:, :n_tgt], inputs, rows)
+        wide = ctx.batch.target_ids.shape[1]
+        return Scored(_widen(got.logits, 1, torch.arange(n_tgt), wide), _widen(got.scores, 1, keep, n_steps),
+                      [_widen(g, 1, keep, n_steps) for g in got.grads])
     n_rows = len(ctx.batch) if rows is None else len(rows)
     parts = plan(ctx, target_fn, n_rows)
     if parts is None:
