@@ -1,8 +1,9 @@
 """Methods on a `torch.compile`d model, checked in a fresh interpreter (see compile_check.py).
 
-vmap cannot run a compiled graph's backward: saliency and IG run m copies of each row for m
-steps and one plain backward (`_triangular._replicated`), never the engine's one-backward-per-step
-fallback; the hooked output-layer input is not in a compiled graph either."""
+vmap cannot run a compiled graph's backward: off the CPU, saliency and IG run m copies of each
+row for m steps and one plain backward (`_triangular._replicated`); on a CPU, where that costs
+more, the engine takes one backward per step (with a warning). Both are checked here; the hooked
+output-layer input is not in a compiled graph either."""
 
 import os
 import subprocess

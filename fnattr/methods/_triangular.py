@@ -41,6 +41,9 @@ BACKWARD_CALL = 64
 TRAVERSAL = 150
 MAX_PIECES = 8
 COMPILED_COPIES = 256  # copies of one replicated forward of a compiled model off the CPU
+# A compiled model on a CPU keeps the engine's one backward per step: there the replicated
+# forward cost more (benchmarks/bench_compile.py: 0.91x for saliency, 0.56x for IG(4)).
+REPLICATE_ON_CPU = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,8 +102,9 @@ def gradients(ctx: Context, target_fn: TargetFn, source: Tensor, target: Tensor,
     """`run_scored` at `source`/`target` (rows `rows` of the batch) and the per-step gradients
     of `engine.step_gradients` w.r.t. `inputs` (tensors that `source`/`target` are built from),
     by step groups on a forward in pieces where `plan` allows (the same values)."""
-    if hasattr(ctx.model, "_orig_mod"):  # a compiled model (its backward cannot run under vmap),
-        got = _replicated(ctx, target_fn, source, target, inputs, rows)  # at the batch's width
+    if hasattr(ctx.model, "_orig_mod") and (source.device.type != "cpu" or REPLICATE_ON_CPU):
+        # a compiled model (its backward cannot run under vmap), at the batch's full width
+        got = _replicated(ctx, target_fn, source, target, inputs, rows)
         if got is not None:
             return got
     cropped = _cropped(ctx, target_fn, rows)
@@ -132,7 +136,8 @@ def _replicated(ctx: Context, target_fn: TargetFn, source: Tensor, target: Tenso
     """`gradients` without vmap, for a compiled model (whose backward vmap cannot run): a group
     of m steps runs m copies of every row in one forward, copy j's score is read at step j only,
     and one plain backward gives all m steps' gradients. Each group holds at most
-    `engine.CPU_COPIES_PER_BACKWARD` copies on a CPU, `COMPILED_COPIES` elsewhere. None where
+    `engine.CPU_COPIES_PER_BACKWARD` copies on a CPU (where it runs only with
+    `REPLICATE_ON_CPU`), `COMPILED_COPIES` elsewhere. None where
     `inputs` are not `source` and `target` themselves, or the scores read a contrast forward."""
     sides = [source, target][:len(inputs)]
     if any(a is not b for a, b in zip(inputs, sides)) or getattr(target_fn, "contrast", None) is not None:
