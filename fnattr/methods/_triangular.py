@@ -22,6 +22,11 @@ Used where it is exact and pays: on a CPU, for decoder-only models whose cache i
 plan has more than one group or stops before the last position. Elsewhere (accelerators, which
 take every step in one backward; encoder-decoders; contrast reruns; compiled models) it is the
 one forward and the batched backward of `engine.step_gradients`.
+
+Two more things happen here, for every model. A chunk of rows runs without the columns that all
+its rows leave padded (`_cropped`; `_buckets` groups rows of like length into chunks). A
+compiled model off the CPU takes its per-step gradients from replicated rows and plain
+backwards (`_replicated`), since vmap cannot run a compiled backward.
 """
 
 import dataclasses
