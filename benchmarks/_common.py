@@ -21,6 +21,13 @@ def n_tokens(tok, text: str, special: bool) -> int:
     return len(tok(text, add_special_tokens=special)["input_ids"])
 
 
+def timed(fn: Callable[[], object]) -> tuple[float, float, object]:
+    """Wall seconds, CPU seconds of this process (`time.process_time`) and `fn()`'s result."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    out = fn()
+    return time.perf_counter() - wall, time.process_time() - cpu, out
+
+
 def best_time(fn: Callable[[], object], repeat: int = 2) -> float:
     """Best wall time of `repeat` runs (the machine is shared: the minimum is the least noisy)."""
     times = []

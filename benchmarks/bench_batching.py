@@ -11,32 +11,22 @@ against the padded batch is printed too.
 """
 
 import argparse
-import time
 from contextlib import contextmanager
+from unittest import mock
 
 import torch
 
 import fnattr
-from benchmarks._common import PROMPT, PROMPTS, TARGET, load
+from benchmarks._common import PROMPT, PROMPTS, TARGET, load, timed
 from fnattr.methods import _buckets, _triangular, integrated_gradients, saliency
 
 
 @contextmanager
 def one_padded_batch():
     """No buckets and no cropping: every chunk runs at the batch's full width."""
-    buckets, cropped = _buckets.buckets, _triangular._cropped
-    _buckets.buckets = lambda batch, rows, *a, **k: [list(rows)]
-    _triangular._cropped = lambda *a: None
-    try:
+    with (mock.patch.object(_buckets, "buckets", lambda batch, rows, *a, **k: [list(rows)]),
+          mock.patch.object(_triangular, "_cropped", lambda *a: None)):
         yield
-    finally:
-        _buckets.buckets, _triangular._cropped = buckets, cropped
-
-
-def cpu_seconds(fn):
-    start = time.process_time()
-    out = fn()
-    return time.process_time() - start, out
 
 
 def main() -> None:
@@ -65,12 +55,12 @@ def main() -> None:
             cpu = {"buckets": [], "padded": [], "singles": []}
             outs = {}
             for _ in range(args.rounds):
-                c, outs["buckets"] = cpu_seconds(lambda: fn(model, batch, **kw))
+                _, c, outs["buckets"] = timed(lambda: fn(model, batch, **kw))
                 cpu["buckets"].append(c)
                 with one_padded_batch():
-                    c, outs["padded"] = cpu_seconds(lambda: fn(model, batch, **kw))
+                    _, c, outs["padded"] = timed(lambda: fn(model, batch, **kw))
                 cpu["padded"].append(c)
-                cpu["singles"].append(cpu_seconds(lambda: [fn(model, b, **kw) for b in singles])[0])
+                cpu["singles"].append(timed(lambda: [fn(model, b, **kw) for b in singles])[1])
             a, b = outs["buckets"].source, outs["padded"].source
             diff = float((a - b).abs().max() / b.abs().max())
             best = {k: min(v) for k, v in cpu.items()}

@@ -14,7 +14,7 @@ and the largest relative difference from eager.
 import argparse
 import time
 import warnings
-from contextlib import contextmanager
+from unittest import mock
 
 import torch
 
@@ -24,17 +24,12 @@ from fnattr.compiled import compile as compile_for_attribution
 from fnattr.methods import _triangular, integrated_gradients, saliency
 
 
-@contextmanager
 def backward_path(kind: str):
-    """The compiled model's per-step gradients from replicated rows or one backward per step."""
-    replicated, on_cpu = _triangular._replicated, _triangular.REPLICATE_ON_CPU
-    _triangular.REPLICATE_ON_CPU = kind == "replicated"
+    """The compiled model's per-step gradients from replicated rows (on a CPU too), or one
+    backward per step (on an accelerator too)."""
     if kind == "per step":
-        _triangular._replicated = lambda *a, **k: None
-    try:
-        yield
-    finally:
-        _triangular._replicated, _triangular.REPLICATE_ON_CPU = replicated, on_cpu
+        return mock.patch.object(_triangular, "_replicated", lambda *a, **k: None)
+    return mock.patch.object(_triangular, "REPLICATE_ON_CPU", kind == "replicated")
 
 
 def seconds(fn, device: str) -> float:

@@ -8,21 +8,14 @@ measured in this one process, the points each step used, and how many steps meet
 
 import argparse
 import json
-import time
 import warnings
 
 import torch
 
 import fnattr
-from benchmarks._common import PROMPT, TARGET, load
+from benchmarks._common import PROMPT, TARGET, load, timed
 from fnattr.methods import integrated_gradients
 from fnattr.methods._converge import ConvergenceWarning
-
-
-def timed(fn):
-    wall, cpu = time.perf_counter(), time.process_time()
-    out = fn()
-    return time.perf_counter() - wall, time.process_time() - cpu, out
 
 
 def summary(name: str, wall: float, cpu: float, out) -> str:

@@ -18,25 +18,18 @@ Prints, each measured in this one run (CPU seconds of each process, `time.proces
 import argparse
 import json
 import subprocess
-import time
 import warnings
 from collections import Counter
 
 import torch
 
 import fnattr
-from benchmarks._common import PROMPT, TARGET, load
+from benchmarks._common import PROMPT, TARGET, load, timed
 from fnattr.methods import integrated_gradients
 from fnattr.methods._converge import ConvergenceWarning
 from fnattr.methods._paths import RULES
 
 TOLERANCE = 0.05
-
-
-def timed(fn):
-    cpu, wall = time.process_time(), time.perf_counter()
-    out = fn()
-    return time.process_time() - cpu, time.perf_counter() - wall, out
 
 
 def errors(out) -> tuple[list[float], list[int]]:
@@ -84,7 +77,7 @@ def main() -> None:
         rows["peer"] = theirs["cpu"]
         print(line(f"inseq 0.7.1 IG, n_steps={args.fixed}", theirs["cpu"], theirs["wall"],
                    theirs["relative_error"], None), flush=True)
-    cpu, wall, out = timed(lambda: integrated_gradients(model, batch, n_steps=args.fixed, **ig))
+    wall, cpu, out = timed(lambda: integrated_gradients(model, batch, n_steps=args.fixed, **ig))
     rows["fixed"] = cpu
     print(line(f"fnattr IG, n_steps={args.fixed}", cpu, wall, *errors(out)), flush=True)
     if args.peer:
@@ -94,7 +87,7 @@ def main() -> None:
     for rule in args.rules:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
-            cpu, wall, out = timed(lambda: integrated_gradients(model, batch, method=rule, **ig))
+            wall, cpu, out = timed(lambda: integrated_gradients(model, batch, method=rule, **ig))
         rows[rule] = cpu
         print(line(f'fnattr IG, n_steps="auto", {rule}', cpu, wall, *errors(out)), flush=True)
     ref, name = (rows["peer"], "inseq's default") if args.peer else (rows["fixed"], f"n_steps={args.fixed}")

@@ -9,19 +9,12 @@ model rows as fnattr's batched copies), as a ratio to fnattr. CPU seconds next t
 """
 
 import statistics
-import time
 
 import torch
 
 import fnattr
-from benchmarks._common import load
+from benchmarks._common import load, timed
 from fnattr.evaluate import faithfulness
-
-
-def timed(fn):
-    wall, cpu = time.perf_counter(), time.process_time()
-    out = fn()
-    return time.perf_counter() - wall, time.process_time() - cpu, out
 
 
 def main() -> None:

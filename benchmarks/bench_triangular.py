@@ -8,31 +8,18 @@ the scores; then a batch of 8 prompts against 8 single calls, both with the defa
 """
 
 import argparse
-import time
-from contextlib import contextmanager
+from unittest import mock
 
 import torch
 
 import fnattr
-from benchmarks._common import PROMPT, PROMPTS, TARGET, load
+from benchmarks._common import PROMPT, PROMPTS, TARGET, load, timed
 from fnattr.methods import _triangular, integrated_gradients, saliency
 
 
-@contextmanager
 def whole_forward():
     """The one forward and batched backward of `engine.step_gradients`, for comparison."""
-    plan = _triangular.plan
-    _triangular.plan = lambda *a, **k: None
-    try:
-        yield
-    finally:
-        _triangular.plan = plan
-
-
-def timed(fn):
-    cpu, wall = time.process_time(), time.perf_counter()
-    out = fn()
-    return time.process_time() - cpu, time.perf_counter() - wall, out
+    return mock.patch.object(_triangular, "plan", lambda *a, **k: None)
 
 
 def compare(name: str, run, n_rows: int, ctx_batch) -> None:
@@ -43,9 +30,9 @@ def compare(name: str, run, n_rows: int, ctx_batch) -> None:
         for kind in ("tri", "whole"):
             if kind == "whole":
                 with whole_forward():
-                    c, w, out = timed(run)
+                    w, c, out = timed(run)
             else:
-                c, w, out = timed(run)
+                w, c, out = timed(run)
             cpu[kind].append(c)
             wall[kind].append(w)
             outs[kind] = out
@@ -79,8 +66,8 @@ def main() -> None:
             min(64, 8 * args.n_steps), eight)
     singles = [fnattr.prepare(model, tok, p, TARGET) for p in PROMPTS]
     for name, fn, kw in (("saliency", saliency, {}), (f"IG({args.n_steps})", integrated_gradients, ig)):
-        batch = timed(lambda: fn(model, eight, **kw))[0]
-        alone = timed(lambda: [fn(model, b, **kw) for b in singles])[0]
+        batch = timed(lambda: fn(model, eight, **kw))[1]
+        alone = timed(lambda: [fn(model, b, **kw) for b in singles])[1]
         print(f"{name:12s} batch of 8: cpu {batch:6.2f}s  8 single calls: cpu {alone:6.2f}s  "
               f"batch is {alone / batch:4.2f}x faster", flush=True)
 
