@@ -54,7 +54,8 @@ REPLICATE_ON_CPU = False
 @dataclasses.dataclass(frozen=True)
 class Scored:
     """A forward's logits of every step `[rows, tgt, vocab]`, the attributed steps' scores
-    `[rows, step]` (with their graph) and the gradient of each step's score w.r.t. each input
+    `[rows, step]` (with their graph, except from `_replicated`, whose backward has freed it:
+    read them detached) and the gradient of each step's score w.r.t. each input
     `[rows, step, *input.shape[1:]]`."""
 
     logits: Tensor

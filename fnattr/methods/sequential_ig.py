@@ -75,7 +75,7 @@ def _sig_grads(ctx, target_fn, x, base, jobs, alphas, weights, chunk, *, bar: Re
         (grad,), scores = scored.grads, scored.scores.detach()
         del scored  # this chunk's graph goes before the next forward
         zero = alphas[a_idx] == 0
-        at_zero[j_idx[zero]] = scores[zero].detach()
+        at_zero[j_idx[zero]] = scores[zero]
         contrib = grad * weights[a_idx][:, None, None]  # [job step d]
         for s in (0, 1):
             sel = side == s
