@@ -23,6 +23,9 @@ from fnattr.result import AttributionTensors
 
 AUTO_START = 8  # points of the first level of n_steps="auto"
 TOLERANCE = 0.05  # the default: |delta| <= 5% of |f(x) - f(baseline)|
+# Nested levels add only their new points to the last level's sums; False recomputes each
+# level whole at the same points (benchmarks/bench_equal_accuracy.py compares the two).
+REUSE_POINTS = True
 
 
 class ConvergenceWarning(UserWarning):
@@ -58,7 +61,7 @@ def step_sums(ctx: Context, attrs: Sequence[Tensor | None]) -> Tensor:
     return total * batch.target_mask[:, ctx.steps]
 
 
-def _bar(expected: Tensor, f_x: Tensor, f_base: Tensor, tolerance: float) -> Tensor:
+def allowed_error(expected: Tensor, f_x: Tensor, f_base: Tensor, tolerance: float) -> Tensor:
     """The largest |delta| each step may have: tolerance * |f(x) - f(baseline)|, and a float
     rounding floor so that a step whose ends agree is not chased forever."""
     floor = 100 * torch.finfo(expected.dtype).eps * (f_x.abs() + f_base.abs() + 1)
@@ -71,7 +74,7 @@ def record(ctx: Context, delta: Tensor, expected: Tensor, f_x: Tensor, f_base: T
     (left out for methods without quadrature points, such as DeepLIFT)."""
     real = ctx.batch.target_mask[:, ctx.steps].cpu()
     delta, expected = delta.detach().cpu(), expected.detach().cpu()
-    bad = (delta.abs() > _bar(expected, f_x.cpu(), f_base.cpu(), tolerance)) & real
+    bad = (delta.abs() > allowed_error(expected, f_x.cpu(), f_base.cpu(), tolerance)) & real
     rel = delta.abs() / expected.abs().clamp_min(torch.finfo(expected.dtype).tiny)
     rows = [[float(v) if ok else None for v, ok in zip(r, m)] for r, m in zip(rel.tolist(), real.tolist())]
     info = {"tolerance": tolerance, "relative_error": rows,
@@ -117,47 +120,72 @@ def warn_unconverged(ctx: Context, method: str, meta: dict[str, str], cap: int, 
 
 # compute(sub_ctx, n_points, rows) -> (results, attrs): per side, tensors [batch, sub_steps, ...]
 # at the rows `rows` (others zero): `results` are returned, `attrs` sum to f(x) - f(baseline).
-# A LevelFn reports its forwards on the progress reporter it was built with.
-LevelFn = Callable[[Context, int, list[int]], tuple[list[Tensor | None], list[Tensor | None]]]
+# A LevelFn reports its forwards on the progress reporter it was built with. One that `refine`
+# may nest also takes `part=(alphas, weights)`: the sum over those points only.
+LevelFn = Callable[..., tuple[list[Tensor | None], list[Tensor | None]]]
+# nest(n) -> (m, scale, alphas, weights) or None: the next level, as `_paths.next_level`
+NestFn = Callable[[int], tuple[int, float, Tensor, Tensor] | None]
+
+
+def _merged(totals: list[Tensor | None], got: list[Tensor | None], cols: Tensor,
+            take: Tensor) -> None:
+    """Write `got` [batch, len(cols), ...] into `totals` [batch, step, ...] where `take`."""
+    for total, g in zip(totals, got):
+        if g is not None:
+            sel = take[(..., *(None,) * (g.ndim - 2))]
+            total[:, cols] = torch.where(sel, g, total[:, cols])
 
 
 def refine(ctx: Context, compute: LevelFn, expected: Tensor, f_x: Tensor, f_base: Tensor, *,
            tolerance: float, max_steps: int, reporter: Reporter, start: int = AUTO_START,
-           unit: str = "points") -> tuple[list[Tensor | None], Tensor, Tensor]:
+           unit: str = "points", nest: NestFn | None = None,
+           ) -> tuple[list[Tensor | None], Tensor, Tensor]:
     """Double the points (`start`, 2 `start`, ... up to `max_steps`) for the steps still above
     the tolerance; `reporter` shows the level ("16 points", `unit` naming them) and `compute`
     counts its own work on it.
 
-    Each level recomputes only the rows and steps that have not converged (Gauss-Legendre
-    points are not nested, so nothing is reused; the total cost is below twice that of the
-    final level). Returns the results per side, `delta` [batch step] and the points each step
-    used [batch step]."""
+    Each level recomputes only the rows and steps that have not converged. Gauss-Legendre
+    points are not nested, so nothing is reused (the total cost is below twice that of the
+    final level). Where `nest` gives a next level that keeps the last one's points (the Riemann
+    rules but the midpoint one, `_paths.next_level`), only the new points are computed and the
+    level is the last one's sums, scaled, plus theirs: the total cost is that of the final
+    level. Returns the results per side, `delta` [batch step] and the points each step used
+    [batch step]."""
     n_rows, n_steps = expected.shape
     real = ctx.batch.target_mask[:, ctx.steps]
-    bar = _bar(expected, f_x, f_base, tolerance)
+    bar = allowed_error(expected, f_x, f_base, tolerance)
     todo = real.clone()
     results: list[Tensor | None] | None = None
+    sums: list[Tensor | None] | None = None  # the attrs of each step's last level, where nested
     delta = torch.zeros_like(expected)
     points = torch.zeros(n_rows, n_steps, dtype=torch.long, device=expected.device)
-    n = start
+    n, part = start, None
     while todo.any():
         cols = todo.any(0).nonzero().squeeze(1)
         rows = todo.any(1).nonzero().squeeze(1).tolist()
         sub = dataclasses.replace(ctx, steps=ctx.steps[cols])
         reporter.update(detail=f"{n} {unit}")
-        got, attrs = compute(sub, n, rows)
-        d = step_sums(sub, attrs) - expected[:, cols]
+        if part is None or not REUSE_POINTS:
+            got, attrs = compute(sub, n, rows)
+        else:  # the last level at these steps, scaled, plus the new points
+            scale, new = part[1], compute(sub, n, rows, part=part[2:])
+            got, attrs = ([None if g is None else scale * t[:, cols] + g for t, g in zip(totals, fresh)]
+                          for totals, fresh in zip((results, sums), new))
         take = todo[:, cols]
         if results is None:
             results = [None if g is None else g.new_zeros(n_rows, n_steps, *g.shape[2:]) for g in got]
-        for total, g in zip(results, got):
-            if g is not None:
-                sel = take[(..., *(None,) * (g.ndim - 2))]
-                total[:, cols] = torch.where(sel, g, total[:, cols])
+            if nest is not None and nest(start) is not None:
+                sums = [None if g is None else g.new_zeros(n_rows, n_steps, *g.shape[2:]) for g in attrs]
+        _merged(results, got, cols, take)
+        if sums is not None:
+            _merged(sums, attrs, cols, take)
+        d = step_sums(sub, attrs) - expected[:, cols]
         delta[:, cols] = torch.where(take, d, delta[:, cols])
         points[:, cols] = torch.where(take, n, points[:, cols])
         todo[:, cols] = take & (d.abs() > bar[:, cols])
-        if 2 * n > max_steps:
+        part = None if nest is None else nest(n)
+        following = 2 * n if part is None else part[0]
+        if following > max_steps:
             break
-        n *= 2
+        n = following
     return results, delta * real, points

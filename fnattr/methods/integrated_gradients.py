@@ -1,5 +1,6 @@
 """Integrated gradients over every generated step, with bounded interpolation batches."""
 
+from functools import partial
 from typing import Literal
 
 import torch
@@ -7,7 +8,7 @@ from torch import Tensor
 
 from fnattr.baselines import Baseline, baselines  # re-exported: the other methods import them here
 from fnattr.batch import Batch
-from fnattr.methods import _buckets, _converge, _paths, _triangular
+from fnattr.methods import _adaptive, _buckets, _converge, _paths, _triangular
 from fnattr.methods._converge import completeness_delta as completeness_delta  # older import path
 from fnattr.methods._common import (
     Context, StepScoreSpec, attribution_context, finish, logit_step_scores, run_scored,
@@ -18,11 +19,21 @@ from fnattr.targets import probability
 from fnattr.types import Model, TargetFn
 
 
-def path_quadrature(n_steps: int, method: str, internal_batch_size: int) -> tuple[Tensor, Tensor]:
-    """Points and weights of a path method's rule, after checking its chunk size."""
+def path_quadrature(n_steps: int | str, method: str, internal_batch_size: int, *,
+                    adaptive: bool = False) -> tuple[Tensor, Tensor] | None:
+    """Points and weights of a path method's rule (its first level for n_steps="auto"), after
+    checking its chunk size; None for `method="adaptive"` where the method offers it
+    (`adaptive`), which takes n_steps="auto" only."""
     if internal_batch_size < 1:
         raise ValueError(f"`internal_batch_size`={internal_batch_size}: it must be at least 1.")
-    return _paths.quadrature(method, n_steps)
+    if adaptive and method == "adaptive":
+        if n_steps != "auto":
+            raise ValueError(f"`n_steps`={n_steps!r}: method='adaptive' places its own points; use "
+                             f"n_steps='auto' (`max_steps` caps them), or a fixed rule {list(_paths.RULES)}.")
+        return None
+    if adaptive and method not in _paths.RULES:
+        raise ValueError(f"`method`={method!r}: use 'adaptive' or a quadrature rule {list(_paths.RULES)}.")
+    return _paths.quadrature(method, _converge.AUTO_START if n_steps == "auto" else n_steps)
 
 
 def _chunk_grads(ctx, target_fn, x, base, alpha, rows):
@@ -57,12 +68,12 @@ def _path_grads(ctx, target_fn, x, base, alphas, weights, chunk, rows=None, *, b
 
 def path_level(ctx: Context, target_fn: TargetFn, x, base, method: str, chunk: int,
                multiply_by_inputs: bool, *, bar: Reporter) -> _converge.LevelFn:
-    """IG with n points of `method` at some rows and steps: (results, attributions) per side;
-    its forwards counted on `bar`."""
+    """IG with n points of `method` at some rows and steps (or only the points `part`, a nested
+    level's new ones): (results, attributions) per side; its forwards counted on `bar`."""
     diffs = [t - b for t, b in zip(x, base)]
 
-    def compute(sub: Context, n: int, rows: list[int]):
-        alphas, weights = _paths.quadrature(method, n)
+    def compute(sub: Context, n: int, rows: list[int], part: tuple[Tensor, Tensor] | None = None):
+        alphas, weights = _paths.quadrature(method, n) if part is None else part
         grads = _path_grads(sub, target_fn, x, base, alphas, weights, chunk, rows, bar=bar)
         if not sub.attribute_target:
             grads[1] = None
@@ -74,16 +85,19 @@ def path_level(ctx: Context, target_fn: TargetFn, x, base, method: str, chunk: i
 
 def integrate(ctx: Context, compute: _converge.LevelFn, ends: tuple[Tensor, Tensor], *,
               n_steps: int | str, tolerance: float, max_steps: int, bar: Reporter,
-              start: int = _converge.AUTO_START, unit: str = "points"):
+              start: int = _converge.AUTO_START, unit: str = "points", method: str | None = None):
     """Results of a path method at `n_steps` points, or refined per step ("auto"); its `delta`
     [batch step] and `meta["completeness"]`. `ends` = (f(x), f(baseline)) [batch step]. `bar`
-    shows the points ("16 points", `unit` naming them); `compute` counts its forwards there."""
+    shows the points ("16 points", `unit` naming them); `compute` counts its forwards there.
+    With the quadrature `method` named (and `compute` taking `part`), "auto" reuses the last
+    level's points where the rule nests (`_paths.next_level`)."""
     f_x, f_base = ends
     expected = f_x - f_base
     if n_steps == "auto":
         results, delta, points = _converge.refine(ctx, compute, expected, f_x, f_base,
                                                   tolerance=tolerance, max_steps=max_steps,
-                                                  reporter=bar, start=start, unit=unit)
+                                                  reporter=bar, start=start, unit=unit,
+                                                  nest=method and partial(_paths.next_level, method))
     else:
         bar.update(detail=f"{n_steps} {unit}")
         results, attrs = compute(ctx, n_steps, list(range(len(ctx.batch))))
@@ -91,6 +105,23 @@ def integrate(ctx: Context, compute: _converge.LevelFn, ends: tuple[Tensor, Tens
         points = n_steps
     delta = delta * ctx.batch.target_mask[:, ctx.steps]
     return results, delta, _converge.record(ctx, delta, expected, f_x, f_base, tolerance, points)
+
+
+def _adaptive_result(ctx: Context, target_fn: TargetFn, x, base, ends: tuple[Tensor, Tensor], *,
+                     tolerance: float, max_steps: int, chunk: int, multiply_by_inputs: bool,
+                     bar: Reporter):
+    """IG with `method="adaptive"` (`_adaptive`): results per side, `delta` [batch step] and
+    `meta["completeness"]`, as `integrate` gives them."""
+    f_x, f_base = ends
+    expected = f_x - f_base
+    grads, points = _adaptive.integrate(
+        ctx, target_fn, x, base, expected, f_base,
+        _converge.allowed_error(expected, f_x, f_base, tolerance),
+        max_steps=max_steps, chunk=chunk, reporter=bar)
+    attrs = [None if g is None else g * (t - b)[:, None] for g, t, b in zip(grads, x, base)]
+    delta = (_converge.step_sums(ctx, attrs) - expected) * ctx.batch.target_mask[:, ctx.steps]
+    record = _converge.record(ctx, delta, expected, f_x, f_base, tolerance, points)
+    return (attrs if multiply_by_inputs else grads), delta, record
 
 
 def integrated_gradients(
@@ -106,8 +137,10 @@ def integrated_gradients(
 
     The path from `baseline` to the input embeddings is integrated with `n_steps` points of the
     quadrature `method`. With `n_steps="auto"` (the default) each step gets 8, 16, 32, ... points
-    (up to `max_steps`) until its completeness error |delta| is at most `tolerance` times
-    |f(x) - f(baseline)|; steps that miss it are named in one `ConvergenceWarning`. Every
+    (riemann_trapezoid: 8, 15, 29, ..., halving its intervals; up to `max_steps`) until its
+    completeness error |delta| is at most `tolerance` times |f(x) - f(baseline)|; with
+    riemann_left, riemann_right and riemann_trapezoid each level reuses the last one's points
+    and computes only the new ones; steps that miss it are named in one `ConvergenceWarning`. Every
     result records the tolerance, each step's relative error, the unconverged steps and the
     points used in `meta["completeness"]`. `internal_batch_size` bounds how many interpolated
     sequences run in one forward, so memory stays flat as `n_steps` grows. Baselines: "auto" (the default: UNK, pad or
@@ -123,7 +156,7 @@ def integrated_gradients(
     >>> out.delta.abs().max()   # completeness error
     """
     _converge.check_options(n_steps, tolerance, max_steps)
-    path_quadrature(_converge.AUTO_START if n_steps == "auto" else n_steps, method, internal_batch_size)
+    path_quadrature(n_steps, method, internal_batch_size, adaptive=True)
     args = {"n_steps": n_steps, "tolerance": tolerance, "max_steps": max_steps, "method": method,
             "internal_batch_size": internal_batch_size, "baseline": baseline,
             "multiply_by_inputs": multiply_by_inputs, "attribute_target": attribute_target,
@@ -135,10 +168,17 @@ def integrated_gradients(
         base = baselines(ctx, baseline)
         with torch.no_grad():
             ends = [run_scored(ctx, target_fn, s, t) for s, t in (x, base)]
-        compute = path_level(ctx, target_fn, x, base, method, internal_batch_size, multiply_by_inputs,
-                             bar=bar)
-        results, delta, record = integrate(ctx, compute, (ends[0][1], ends[1][1]), n_steps=n_steps,
-                                           tolerance=tolerance, max_steps=max_steps, bar=bar)
+        if method == "adaptive":
+            results, delta, record = _adaptive_result(
+                ctx, target_fn, x, base, (ends[0][1], ends[1][1]), tolerance=tolerance,
+                max_steps=max_steps, chunk=internal_batch_size, multiply_by_inputs=multiply_by_inputs,
+                bar=bar)
+        else:
+            compute = path_level(ctx, target_fn, x, base, method, internal_batch_size,
+                                 multiply_by_inputs, bar=bar)
+            results, delta, record = integrate(ctx, compute, (ends[0][1], ends[1][1]), n_steps=n_steps,
+                                               tolerance=tolerance, max_steps=max_steps, bar=bar,
+                                               method=method)
         out = finish(ctx, method="integrated_gradients", args=args, target_fn=target_fn,
                      source=results[0], target=results[1], step_scores=logit_step_scores(
                          ctx, ends[0][0].logits, target_fn, step_scores))

@@ -130,7 +130,7 @@ def layer_integrated_gradients(
     [batch step] (sum of scores minus f(input) - f(baseline layer output)).
     """
     _converge.check_options(n_steps, tolerance, max_steps)
-    path_quadrature(_converge.AUTO_START if n_steps == "auto" else n_steps, method, internal_batch_size)
+    path_quadrature(n_steps, method, internal_batch_size)
     args = {"layer": layer, "n_steps": n_steps, "tolerance": tolerance, "max_steps": max_steps,
             "method": method,
             "internal_batch_size": internal_batch_size, "baseline": baseline,
@@ -153,8 +153,8 @@ def layer_integrated_gradients(
                                         replace=_layers.join(base, roles))[2]
         f_x = score_steps(target_fn, logits, ctx.batch, ctx.steps)
 
-        def compute(sub, n, rows):
-            alphas, weights = _paths.quadrature(method, n)
+        def compute(sub, n, rows, part=None):
+            alphas, weights = _paths.quadrature(method, n) if part is None else part
             grads = _layer_path_grads(sub, hooks, roles, target_fn, x, base, alphas, weights,
                                       internal_batch_size, rows, bar=bar)
             pairs = ((grads.source, x.source, base.source), (grads.target, x.target, base.target))
@@ -162,7 +162,8 @@ def layer_integrated_gradients(
             return (attrs if multiply_by_inputs else [grads.source, grads.target]), attrs
 
         results, delta, record = integrate(ctx, compute, (f_x, f_base), n_steps=n_steps,
-                                           tolerance=tolerance, max_steps=max_steps, bar=bar)
+                                           tolerance=tolerance, max_steps=max_steps, bar=bar,
+                                           method=method)
         out = _layers.finish_layer(ctx, "layer_integrated_gradients", args, target_fn,
                                    Acts(*results, None),
                                    logit_step_scores(ctx, logits, target_fn, step_scores), x)

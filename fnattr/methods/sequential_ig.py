@@ -241,8 +241,7 @@ def sequential_integrated_gradients(
     >>> out.delta.abs().max()   # total per-token completeness error
     """
     _converge.check_options(n_steps, tolerance, max_steps)
-    path_quadrature(_converge.AUTO_START if n_steps == "auto" else n_steps, method,
-                    internal_batch_size)
+    path_quadrature(n_steps, method, internal_batch_size)
     args = {"n_steps": n_steps, "tolerance": tolerance, "max_steps": max_steps, "method": method,
             "internal_batch_size": internal_batch_size, "baseline": baseline,
             "multiply_by_inputs": multiply_by_inputs, "attribute_target": attribute_target,

@@ -183,18 +183,46 @@ def test_auto_meets_tolerance_per_step(gpt2):
     assert out.meta["args"].count('"auto"') >= 1
 
 
-def test_auto_equals_fixed_rule_at_the_points_each_step_used(gpt2):
-    """Each step's refined scores are exactly those of a fixed rule with that step's points."""
+@pytest.mark.parametrize("method, tolerance, max_steps", [
+    ("gausslegendre", 5e-7, 32), ("riemann_trapezoid", 1e-3, 32), ("riemann_left", 2e-2, 64),
+    ("riemann_right", 2e-2, 64)])
+@pytest.mark.filterwarnings("ignore::fnattr.methods._converge.ConvergenceWarning")
+def test_auto_equals_fixed_rule_at_the_points_each_step_used(gpt2, method, tolerance, max_steps):
+    """Each step's refined scores are exactly those of a fixed rule with that step's points, also
+    where a level reuses the last one's points (the Riemann rules: 8, 15, 29 trapezoid points;
+    8, 16, 32, 64 left or right) and adds only the new ones."""
     model, tok = gpt2
     batch = prepare(model, tok, [SOURCE, "A dog"], [TARGET, " ran in the park"])
-    out = integrated_gradients(model, batch, tolerance=5e-7, max_steps=32)
+    out = integrated_gradients(model, batch, tolerance=tolerance, max_steps=max_steps, method=method)
     points = torch.tensor(_completeness(out)["points"])
     assert len(set(points[out.step_mask].tolist())) > 1  # the steps really differ
     for n in set(points[out.step_mask].tolist()):
-        fixed = integrated_gradients(model, batch, n_steps=n)
+        fixed = integrated_gradients(model, batch, n_steps=n, method=method)
         sel = (points == n) & out.step_mask
         torch.testing.assert_close(out.source[sel], fixed.source[sel], rtol=1e-10, atol=1e-14)
+        torch.testing.assert_close(out.target[sel], fixed.target[sel], rtol=1e-10, atol=1e-14)
         torch.testing.assert_close(out.delta[sel], fixed.delta[sel], rtol=1e-8, atol=1e-14)
+
+
+def test_nested_levels_compute_each_point_once(gpt2):
+    from fnattr.methods._converge import ConvergenceWarning
+    """Refining riemann_trapezoid to 29 points runs 29 forwards per row and step group, where
+    recomputing every level would run 8 + 15 + 29."""
+    model, tok = gpt2
+    batch = prepare(model, tok, [SOURCE], [TARGET])
+    seen = []
+    real = _paths.quadrature
+
+    def spy(method, n, *args):
+        seen.append(n)
+        return real(method, n, *args)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_paths, "quadrature", spy)
+        with pytest.warns(ConvergenceWarning):
+            out = integrated_gradients(model, batch, tolerance=1e-9, max_steps=29, method="riemann_trapezoid")
+    assert _completeness(out)["points"][0][:1] == [29]
+    assert [n for n in seen if n != 8] == [], "only the first level builds a whole rule"
 
 
 def test_auto_names_steps_that_miss_the_cap(gpt2):

@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 from captum.attr import LayerIntegratedGradients
@@ -104,6 +106,25 @@ def test_layer_ig_on_embeddings_equals_ig(any_model):
         if at:
             torch.testing.assert_close(lig.target, ig.target, rtol=1e-9, atol=1e-12)
         torch.testing.assert_close(lig.delta, ig.delta, rtol=1e-6, atol=1e-10)
+
+
+@pytest.mark.filterwarnings("ignore::fnattr.methods._converge.ConvergenceWarning")
+def test_layer_ig_auto_trapezoid_equals_fixed_rule_at_its_points(decoder_model):
+    """Nested refinement (8, 15, 29 trapezoid points, each reusing the last level's) at a deep
+    layer gives each step exactly the fixed rule with its points."""
+    model, tok = decoder_model
+    name = DEEP[type(model).__name__]
+    batch = prepare(model, tok, SOURCES, TARGETS)
+    tolerance = {"GPT2LMHeadModel": 1e-3, "LlamaForCausalLM": 2e-2}[type(model).__name__]
+    out = layer_integrated_gradients(model, batch, layer=name, tolerance=tolerance, max_steps=32,
+                                     method="riemann_trapezoid")
+    points = torch.tensor(json.loads(out.meta["completeness"])["points"])
+    assert len(set(points[out.step_mask].tolist())) > 1
+    for n in set(points[out.step_mask].tolist()):
+        fixed = layer_integrated_gradients(model, batch, layer=name, n_steps=n, method="riemann_trapezoid")
+        sel = (points == n) & out.step_mask
+        torch.testing.assert_close(out.source[sel], fixed.source[sel], rtol=1e-10, atol=1e-14)
+        torch.testing.assert_close(out.delta[sel], fixed.delta[sel], rtol=1e-8, atol=1e-14)
 
 
 def test_layer_ig_equals_captum_on_one_step(any_model):

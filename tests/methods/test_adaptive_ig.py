@@ -1,0 +1,134 @@
+"""method="adaptive": integrated gradients on a mesh refined per step where completeness fails."""
+
+import json
+
+import pytest
+import torch
+
+from fnattr import prepare
+from fnattr.methods import _adaptive, integrated_gradients
+from fnattr.targets import probability
+from tests.reference import prefix_inputs, step_score
+from tests.state import assert_unchanged, snapshot
+
+SOURCES, TARGETS = ["The capital of France is", "A dog"], [" Paris is a city", " ran in the park ."]
+
+
+def _info(out):
+    return json.loads(out.meta["completeness"])
+
+
+def _meshes(monkeypatch):
+    """Capture each step's final breakpoints (by (row, step index)) from `_adaptive._assemble`."""
+    seen = {}
+    real = _adaptive._assemble
+
+    def spy(ctx, mesh, *args):
+        seen.update(mesh)
+        return real(ctx, mesh, *args)
+
+    monkeypatch.setattr(_adaptive, "_assemble", spy)
+    return seen
+
+
+def test_rule_is_exact_on_linear_functions_and_sums_to_one():
+    mesh = [0.0, 0.0625, 0.125, 0.25, 0.5, 0.75, 1.0]
+    w = _adaptive.weights(mesh)
+    assert min(w) == 0.03125 and 0.0 not in w  # the first interval's midpoint, never 0
+    assert sum(w.values()) == pytest.approx(1, abs=1e-15)
+    assert sum(a * v for a, v in w.items()) == pytest.approx(0.5, abs=1e-15)
+
+
+def test_adaptive_meets_the_tolerance_on_every_step(any_model):
+    model, tok = any_model
+    batch = prepare(model, tok, SOURCES, TARGETS)
+    before = snapshot(model)
+    out = integrated_gradients(model, batch, method="adaptive", tolerance=2e-2)
+    assert_unchanged(model, before)
+    info = _info(out)
+    assert info["unconverged"] == []
+    real = out.step_mask
+    total = sum(t.flatten(2).sum(-1) for t in (out.source, out.target) if t is not None)
+    expected = total - out.delta
+    assert (out.delta.abs()[real] <= 2e-2 * expected.abs()[real] + 1e-12).all()
+    points = torch.tensor(info["points"])
+    assert (points[real] >= _adaptive.START + 1).all() and (points[~real] == 0).all()
+
+
+def test_adaptive_equals_a_per_step_reference_at_its_nodes(decoder_model, monkeypatch):
+    """Each step's scores are the rule's weighted sum of plain autograd gradients of that step
+    alone, on its own unpadded prefix, at the nodes its mesh kept."""
+    model, tok = decoder_model
+    batch = prepare(model, tok, SOURCES, TARGETS)
+    meshes = _meshes(monkeypatch)
+    out = integrated_gradients(model, batch, method="adaptive", tolerance=1e-3, baseline="zeros")
+    assert len({len(m) for m in meshes.values()}) > 1  # the steps were refined differently
+    for (b, k), mesh in meshes.items():
+        src = batch.source_ids[b][batch.source_mask[b]]
+        tgt = batch.target_ids[b][batch.target_mask[b]]
+        s, p = prefix_inputs(model, src, tgt, k, batch.decoder_start_id)
+        # the zero baseline, special tokens keeping their embedding
+        bs = torch.where(batch.source_special[b][batch.source_mask[b]][:, None], s, 0)
+        bp = torch.where(batch.target_special[b][:k][:, None], p, 0)
+        want_s, want_p = torch.zeros_like(s), torch.zeros_like(p)
+        for a, w in _adaptive.weights(mesh).items():
+            xs, xp = (bs + a * (s - bs)).requires_grad_(), (bp + a * (p - bp)).requires_grad_()
+            gs, gp = torch.autograd.grad(step_score(model, xs, xp, int(tgt[k]), probability), (xs, xp))
+            want_s, want_p = want_s + w * gs * (s - bs), want_p + w * gp * (p - bp)
+        torch.testing.assert_close(out.source[b, k][batch.source_mask[b]], want_s, rtol=1e-9, atol=1e-13)
+        torch.testing.assert_close(out.target[b, k, :k], want_p, rtol=1e-9, atol=1e-13)
+
+
+def test_batched_equals_rows_alone(gpt2):
+    model, tok = gpt2
+    batch = prepare(model, tok, SOURCES, TARGETS)
+    out = integrated_gradients(model, batch, method="adaptive", tolerance=1e-4)
+    for row in range(len(batch)):
+        one = integrated_gradients(model, batch.select([row]), method="adaptive", tolerance=1e-4)
+        n_tgt = int(batch.target_mask[row].sum())
+        src = batch.source_mask[row]
+        torch.testing.assert_close(out.source[row, :n_tgt][:, src],
+                                   one.source[0, :n_tgt, -int(src.sum()):], rtol=1e-9, atol=1e-13)
+        assert _info(out)["points"][row][:n_tgt] == _info(one)["points"][0][:n_tgt]
+
+
+@pytest.mark.filterwarnings("ignore::fnattr.methods._converge.ConvergenceWarning")
+def test_never_takes_a_gradient_at_the_baseline(decoder_model, monkeypatch):
+    """The first interval uses its midpoint: no node at alpha = 0, where a zero baseline's
+    gradients overflow in a bias-free model."""
+    model, tok = decoder_model
+    batch = prepare(model, tok, SOURCES[:1], TARGETS[:1])
+    alphas = []
+    real = _adaptive._evaluate
+
+    def spy(ctx, target_fn, x, base, wanted, *args):
+        alphas.extend(a for _, a in wanted)
+        return real(ctx, target_fn, x, base, wanted, *args)
+
+    monkeypatch.setattr(_adaptive, "_evaluate", spy)
+    out = integrated_gradients(model, batch, method="adaptive", baseline="zeros", tolerance=1e-6,
+                               max_steps=32)
+    assert 0 < min(alphas) < 1 / 16 and max(alphas) == 1  # [0, 1/8] was halved, never at 0
+    assert torch.isfinite(out.source).all()
+
+
+def test_cap_names_unconverged_steps(gpt2):
+    from fnattr.methods._converge import ConvergenceWarning
+    model, tok = gpt2
+    batch = prepare(model, tok, SOURCES[:1], TARGETS[:1])
+    with pytest.warns(ConvergenceWarning, match="max_steps"):
+        out = integrated_gradients(model, batch, method="adaptive", tolerance=1e-9, max_steps=12)
+    info = _info(out)
+    assert info["unconverged"] and max(max(r) for r in info["points"]) <= 12
+
+
+@pytest.mark.parametrize("options, match", [
+    ({"n_steps": 16}, "n_steps.*adaptive"), ({"method": "simpson"}, "method.*adaptive"),
+    ({"max_steps": 4}, "max_steps")])
+def test_bad_options_name_the_argument_and_leave_the_model(gpt2, options, match):
+    model, tok = gpt2
+    batch = prepare(model, tok, SOURCES[:1], TARGETS[:1])
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=match):
+        integrated_gradients(model, batch, **{"method": "adaptive", **options})
+    assert_unchanged(model, before)
