@@ -6,13 +6,24 @@ SmolLM2-135M, PROMPT + TARGET (20 + 20 tokens), target probability, and inseq's 
 (the UNK token at every position) for both libraries, so that the errors are comparable.
 
 Prints, each measured in this one run (CPU seconds of each process, `time.process_time`):
-- the peer, inseq 0.7.1, with its default IG (gausslegendre, 50 points): its CPU seconds and
-  its steps' completeness errors (from captum's convergence delta);
+- the peer, inseq 0.7.1, with its default IG (gausslegendre, 50 points) and with each of
+  `--peer-steps` (e.g. 128, the cap of fnattr's auto): its CPU seconds and its steps'
+  completeness errors (from captum's convergence delta);
 - fnattr with the same 50 points: the same errors (a check that both compute one integral) and
   its CPU seconds;
 - fnattr with n_steps="auto" for each rule: the points each step needed (8, 16, ... per step,
-  refined only where a step misses 5 %), how many steps met 5 %, and the CPU seconds;
-- the ratios: the peer's default against fnattr's auto, per rule.
+  refined only where a step misses 5 %), how many steps met 5 %, and the CPU seconds; and
+  method="adaptive" (`fnattr.methods._adaptive`: each step's mesh halved where its intervals'
+  completeness fails);
+- for the rules whose levels nest (riemann_trapezoid: 8, 15, 29, 57, 113 points; riemann_left and
+  riemann_right: 8, 16, ... 128), the same refinement with every level recomputed whole
+  (`_converge.REUSE_POINTS = False`): its CPU seconds, the ratio, and the largest difference of
+  the scores (the same points, so float rounding only);
+- the ratios: each peer run against fnattr's auto, per rule, with the steps each met 5 % on.
+
+`--profile N` prints instead the integrand at N equal points of the path: per step, the
+derivative g(a) = d f(baseline + a (x - baseline)) / da at its largest and where g changes most
+between neighbouring points (why fixed spacings need many points here).
 """
 
 import argparse
@@ -20,12 +31,15 @@ import json
 import subprocess
 import warnings
 from collections import Counter
+from unittest import mock
 
 import torch
 
 import fnattr
 from benchmarks._common import PROMPT, TARGET, load, timed
-from fnattr.methods import integrated_gradients
+from fnattr.methods import _adaptive, _converge, _paths, integrated_gradients
+from fnattr.methods.integrated_gradients import baselines
+from fnattr.targets import probability
 from fnattr.methods._converge import ConvergenceWarning
 from fnattr.methods._paths import RULES
 
@@ -58,41 +72,91 @@ def peer(python: str, n_steps: int) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def profile(model, batch, n: int) -> None:
+    """f and g = df/da of every step at n equal points of the UNK path (`_adaptive._evaluate`)."""
+    from fnattr.methods._common import attribution_context
+    from fnattr.progress import OFF
+
+    alphas = [i / (n - 1) for i in range(n)]
+    with (warnings.catch_warnings(), attribution_context(model, batch, attribute_target=None,
+                                                         attr_pos_start=None, attr_pos_end=None) as ctx):
+        warnings.simplefilter("ignore")
+        x = (ctx.embedded.source, ctx.embedded.target)
+        steps = set(range(len(ctx.steps)))
+        wanted = {(0, a): steps for a in alphas}
+        nodes = _adaptive._evaluate(ctx, probability, x, baselines(ctx, "unk"), wanted, 16, OFF)
+    print(f"the integrand of each step at {n} equal points of the path")
+    for k in sorted(steps):
+        g = [nodes[0, k, a].g for a in alphas]
+        jump = max(range(n - 1), key=lambda i: abs(g[i + 1] - g[i]))
+        f = nodes[0, k, alphas[-1]].f - nodes[0, k, alphas[0]].f
+        print(f"step {k:2d}: f(x) - f(baseline) {f:+.2e}  max |g| {max(map(abs, g)):8.3f}  largest "
+              f"change of g between neighbours {g[jump]:+8.3f} -> {g[jump + 1]:+8.3f} at a = "
+              f"{alphas[jump]:.3f}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--peer", help="python of a venv with inseq 0.7.1 (e.g. .peer/bin/python)")
-    parser.add_argument("--rules", nargs="+", default=list(RULES), choices=RULES)
+    parser.add_argument("--rules", nargs="+", default=[*RULES, "adaptive"], choices=[*RULES, "adaptive"])
     parser.add_argument("--fixed", type=int, default=50, help="the peer's default n_steps")
+    parser.add_argument("--peer-steps", nargs="*", type=int, default=[128],
+                        help="more n_steps to run the peer with (its cost at fnattr's cap)")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="print the integrand at N equal points instead")
     args = parser.parse_args()
     torch.set_grad_enabled(True)
     model, tok = load()
     batch = fnattr.prepare(model, tok, PROMPT, TARGET)
+    if args.profile:
+        return profile(model, batch, args.profile)
     print(f"SmolLM2-135M, {batch.source_ids.shape[1]} prompt + {batch.target_ids.shape[1]} target "
           f"tokens, target probability, baseline UNK ({tok.unk_token!r}) at every position; "
           f"torch threads {torch.get_num_threads()}", flush=True)
     ig = {"baseline": "unk", "tolerance": TOLERANCE}
-    rows = {}
+    rows, peers = {}, []
     if args.peer:
-        theirs = peer(args.peer, args.fixed)
-        rows["peer"] = theirs["cpu"]
-        print(line(f"inseq 0.7.1 IG, n_steps={args.fixed}", theirs["cpu"], theirs["wall"],
-                   theirs["relative_error"], None), flush=True)
+        for n in [args.fixed, *args.peer_steps]:
+            theirs = peer(args.peer, n)
+            rel = theirs["relative_error"]
+            peers.append((f"inseq n_steps={n}", theirs["cpu"], sum(r <= TOLERANCE for r in rel)))
+            print(line(f"inseq 0.7.1 IG, n_steps={n}", theirs["cpu"], theirs["wall"], rel, None), flush=True)
+            if n == args.fixed:
+                default = theirs
     wall, cpu, out = timed(lambda: integrated_gradients(model, batch, n_steps=args.fixed, **ig))
-    rows["fixed"] = cpu
+    rows["fixed"] = (cpu, sum(r <= TOLERANCE for r in errors(out)[0]))
+    steps = len(errors(out)[0])
     print(line(f"fnattr IG, n_steps={args.fixed}", cpu, wall, *errors(out)), flush=True)
     if args.peer:
-        gap = max(abs(a - b) for a, b in zip(errors(out)[0], theirs["relative_error"]))
+        gap = max(abs(a - b) for a, b in zip(errors(out)[0], default["relative_error"]))
         print(f"  same integral: largest difference of a step's relative error, fnattr - inseq: "
               f"{gap:.2e}", flush=True)
-    for rule in args.rules:
+
+    def auto(rule):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
-            wall, cpu, out = timed(lambda: integrated_gradients(model, batch, method=rule, **ig))
-        rows[rule] = cpu
-        print(line(f'fnattr IG, n_steps="auto", {rule}', cpu, wall, *errors(out)), flush=True)
-    ref, name = (rows["peer"], "inseq's default") if args.peer else (rows["fixed"], f"n_steps={args.fixed}")
+            return timed(lambda: integrated_gradients(model, batch, method=rule, **ig))
+
     for rule in args.rules:
-        print(f"{name} / fnattr auto {rule:<18}: {ref / rows[rule]:5.1f}x less CPU time")
+        wall, cpu, out = auto(rule)
+        rows[rule] = (cpu, sum(r <= TOLERANCE for r in errors(out)[0]))
+        name = "method='adaptive'" if rule == "adaptive" else f'n_steps="auto", {rule}'
+        print(line(f"fnattr IG, {name}", cpu, wall, *errors(out)), flush=True)
+        if rule == "adaptive" or _paths.next_level(rule, _converge.AUTO_START) is None:
+            continue
+        with mock.patch.object(_converge, "REUSE_POINTS", False):
+            wall, whole, again = auto(rule)
+        print(line("  the same, each level recomputed", whole, wall, *errors(again)), flush=True)
+        gap = max(float((a - b).abs().max() / b.abs().max())
+                  for a, b in ((out.source, again.source), (out.target, again.target)))
+        print(f"  reusing the last level's points: {whole / cpu:.2f}x less CPU time; largest "
+              f"score difference {gap:.1e} of the largest score", flush=True)
+    refs = peers or [(f"fnattr n_steps={args.fixed}", *rows["fixed"])]
+    for ref, ref_cpu, ref_met in refs:
+        for rule in args.rules:
+            cpu, met = rows[rule]
+            print(f"{ref:<18} ({ref_met:2d}/{steps} within 5%) / fnattr {rule:<18} ({met:2d}/{steps}): "
+                  f"{ref_cpu / cpu:5.2f}x less CPU time")
 
 
 if __name__ == "__main__":

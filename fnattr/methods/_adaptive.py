@@ -137,8 +137,8 @@ def integrate(ctx: Context, target_fn: TargetFn, x, base, expected: Tensor, f_ba
             m = mesh[b, k]
             r = _residuals(m, nodes, b, k, float(f_base[b, k]))
             worst = max(abs(v) for v in r)
-            trapezoid = sum(w * nodes[b, k, a].g for a, w in weights(m).items())
-            if max(abs(trapezoid - float(expected[b, k])), worst) <= float(bar[b, k]):
+            total = sum(w * nodes[b, k, a].g for a, w in weights(m).items())  # delta + expected
+            if max(abs(total - float(expected[b, k])), worst) <= float(bar[b, k]):
                 todo.discard((b, k))
                 continue
             room = max_steps - len(m)  # a step with n breakpoints (0 included) has n nodes

@@ -140,7 +140,10 @@ def integrated_gradients(
     (riemann_trapezoid: 8, 15, 29, ..., halving its intervals; up to `max_steps`) until its
     completeness error |delta| is at most `tolerance` times |f(x) - f(baseline)|; with
     riemann_left, riemann_right and riemann_trapezoid each level reuses the last one's points
-    and computes only the new ones; steps that miss it are named in one `ConvergenceWarning`. Every
+    and computes only the new ones. `method="adaptive"` (with n_steps="auto") instead halves, per
+    step, the intervals of its mesh whose own completeness error is largest, so the points go
+    where the integrand is sharp (`fnattr.methods._adaptive`; up to `max_steps` per step). Steps
+    that miss the tolerance are named in one `ConvergenceWarning`. Every
     result records the tolerance, each step's relative error, the unconverged steps and the
     points used in `meta["completeness"]`. `internal_batch_size` bounds how many interpolated
     sequences run in one forward, so memory stays flat as `n_steps` grows. Baselines: "auto" (the default: UNK, pad or
