@@ -102,6 +102,8 @@ def main() -> None:
     parser.add_argument("--fixed", type=int, default=50, help="the peer's default n_steps")
     parser.add_argument("--peer-steps", nargs="*", type=int, default=[128],
                         help="more n_steps to run the peer with (its cost at fnattr's cap)")
+    parser.add_argument("--baseline", default="unk",
+                        help="fnattr's baseline (the peer runs only with 'unk', its own)")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="print the integrand at N equal points instead")
     args = parser.parse_args()
@@ -110,12 +112,13 @@ def main() -> None:
     batch = fnattr.prepare(model, tok, PROMPT, TARGET)
     if args.profile:
         return profile(model, batch, args.profile)
+    said = f"UNK ({tok.unk_token!r}) at every position" if args.baseline == "unk" else args.baseline
     print(f"SmolLM2-135M, {batch.source_ids.shape[1]} prompt + {batch.target_ids.shape[1]} target "
-          f"tokens, target probability, baseline UNK ({tok.unk_token!r}) at every position; "
-          f"torch threads {torch.get_num_threads()}", flush=True)
-    ig = {"baseline": "unk", "tolerance": TOLERANCE}
+          f"tokens, target probability, baseline {said}; torch threads {torch.get_num_threads()}",
+          flush=True)
+    ig = {"baseline": args.baseline, "tolerance": TOLERANCE}
     rows, peers = {}, []
-    if args.peer:
+    if args.peer and args.baseline == "unk":
         for n in [args.fixed, *args.peer_steps]:
             theirs = peer(args.peer, n)
             rel = theirs["relative_error"]
@@ -127,7 +130,7 @@ def main() -> None:
     rows["fixed"] = (cpu, sum(r <= TOLERANCE for r in errors(out)[0]))
     steps = len(errors(out)[0])
     print(line(f"fnattr IG, n_steps={args.fixed}", cpu, wall, *errors(out)), flush=True)
-    if args.peer:
+    if peers:
         gap = max(abs(a - b) for a, b in zip(errors(out)[0], default["relative_error"]))
         print(f"  same integral: largest difference of a step's relative error, fnattr - inseq: "
               f"{gap:.2e}", flush=True)
