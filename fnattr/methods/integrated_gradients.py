@@ -142,7 +142,8 @@ def integrated_gradients(
     riemann_left, riemann_right and riemann_trapezoid each level reuses the last one's points
     and computes only the new ones. `method="adaptive"` (with n_steps="auto") instead halves, per
     step, the intervals of its mesh whose own completeness error is largest, so the points go
-    where the integrand is sharp (`fnattr.methods._adaptive`; up to `max_steps` per step). Steps
+    where the integrand is sharp (`fnattr.methods._adaptive`; up to `max_steps` per step; it keeps
+    every node's gradients until the end, so its memory grows with the points). Steps
     that miss the tolerance are named in one `ConvergenceWarning`. Every
     result records the tolerance, each step's relative error, the unconverged steps and the
     points used in `meta["completeness"]`. `internal_batch_size` bounds how many interpolated
