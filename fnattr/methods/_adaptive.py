@@ -28,8 +28,7 @@ from collections import defaultdict
 import torch
 from torch import Tensor
 
-from fnattr.engine import causal_target_mask
-from fnattr.methods import _triangular
+from fnattr.methods import _converge, _triangular
 from fnattr.methods._common import Context
 from fnattr.progress import Reporter
 from fnattr.types import TargetFn
@@ -47,15 +46,6 @@ class _Node:
     f: float
     g: float
     grads: tuple[Tensor | None, ...]
-
-
-def _derivative(ctx: Context, grads: list[Tensor], diffs: list[Tensor], rows: Tensor) -> Tensor:
-    """sum over visible positions of grad . (x - baseline): `[copies, step]`."""
-    masks = (ctx.batch.source_mask[rows][:, None, :], causal_target_mask(ctx.batch, ctx.steps)[rows])
-    total = 0
-    for g, d, m in zip(grads, diffs, masks):
-        total = total + ((g * d[rows][:, None]).sum(-1) * m).sum(-1)
-    return total
 
 
 def _evaluate(ctx: Context, target_fn: TargetFn, x, base, wanted: dict[tuple[int, float], set[int]],
@@ -76,12 +66,11 @@ def _evaluate(ctx: Context, target_fn: TargetFn, x, base, wanted: dict[tuple[int
             part = pairs[lo:lo + chunk]
             rows = torch.tensor([b for b, _ in part], device=x[0].device)
             alpha = torch.tensor([a for _, a in part], dtype=x[0].dtype, device=x[0].device)[:, None, None]
-            path = [(s[rows] + alpha * (t[rows] - s[rows])).requires_grad_() for t, s in zip(x, base)]
-            inputs = path if ctx.attribute_target else path[:1]
-            tgt = path[1] if ctx.attribute_target else x[1][rows]
-            got = _triangular.gradients(sub, target_fn, path[0], tgt, inputs, rows)
+            got = _triangular.along_path(sub, target_fn, x, base, alpha, rows)
             f = got.scores.detach().double().cpu()
-            g = _derivative(sub, got.grads, diffs, rows).double().cpu()
+            # g = d f / d alpha: the node's scores summed over the positions the step sees
+            attrs = [g * d[rows][:, None] for g, d in zip(got.grads, diffs)]
+            g = _converge.step_sums(sub, attrs, rows).detach().double().cpu()
             sides = list(got.grads) + [None] * (2 - len(got.grads))
             for i, (b, a) in enumerate(part):
                 for j, k in enumerate(ks):

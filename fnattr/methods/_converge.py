@@ -46,19 +46,21 @@ def check_options(n_steps: int | str, tolerance: float, max_steps: int, *,
         raise ValueError(f"`{name}`={max_steps}: it must be at least {start}.")
 
 
-def step_sums(ctx: Context, attrs: Sequence[Tensor | None]) -> Tensor:
-    """Sum of each step's scores `[rows, step]` over visible source and target positions."""
+def step_sums(ctx: Context, attrs: Sequence[Tensor | None], rows: Tensor | None = None) -> Tensor:
+    """Sum of each step's scores `[rows, step]` over visible source and target positions
+    (`rows`: the batch row of each row of `attrs`, default every row in order)."""
     batch, total = ctx.batch, 0
+    rows = slice(None) if rows is None else rows
     for side, attr in zip(("source", "target"), attrs):
         if attr is None:
             continue
         flat = attr.flatten(3).sum(-1) if attr.ndim > 3 else attr
         if side == "source":
-            mask = batch.source_mask[:, None, :].expand_as(flat)
+            mask = batch.source_mask[rows][:, None, :].expand_as(flat)
         else:
-            mask = causal_target_mask(batch, ctx.steps)
+            mask = causal_target_mask(batch, ctx.steps)[rows]
         total = total + (flat * mask).sum(-1)
-    return total * batch.target_mask[:, ctx.steps]
+    return total * batch.target_mask[rows][:, ctx.steps]
 
 
 def allowed_error(expected: Tensor, f_x: Tensor, f_base: Tensor, tolerance: float) -> Tensor:

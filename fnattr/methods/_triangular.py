@@ -137,6 +137,15 @@ def gradients(ctx: Context, target_fn: TargetFn, source: Tensor, target: Tensor,
     return Scored(logits, scores, [torch.cat(g, 1) for g in zip(*per_group)])
 
 
+def along_path(ctx: Context, target_fn: TargetFn, x, base, alpha: Tensor, rows: Tensor) -> Scored:
+    """`gradients` at `base + alpha (x - base)` (per side; `alpha` [copies 1 1]) for batch
+    `rows`; the target side moves, and is an input, only where `ctx.attribute_target`."""
+    path = [(b[rows] + alpha * (t[rows] - b[rows])).requires_grad_() for t, b in zip(x, base)]
+    tgt = path[1] if ctx.attribute_target else x[1][rows]
+    inputs = path if ctx.attribute_target else path[:1]
+    return gradients(ctx, target_fn, path[0], tgt, inputs, rows)
+
+
 def _replicated(ctx: Context, target_fn: TargetFn, source: Tensor, target: Tensor,
                 inputs: list[Tensor], rows: Tensor | None) -> Scored | None:
     """`gradients` without vmap, for a compiled model (whose backward vmap cannot run): a group

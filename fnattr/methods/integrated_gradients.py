@@ -36,14 +36,6 @@ def path_quadrature(n_steps: int | str, method: str, internal_batch_size: int, *
     return _paths.quadrature(method, _converge.AUTO_START if n_steps == "auto" else n_steps)
 
 
-def _chunk_grads(ctx, target_fn, x, base, alpha, rows):
-    """Per-step gradients at `base + alpha (x - base)` for `rows`; its autograd graph dies here."""
-    path = [(b[rows] + alpha * (t[rows] - b[rows])).requires_grad_() for t, b in zip(x, base)]
-    tgt = path[1] if ctx.attribute_target else x[1][rows]
-    inputs = path if ctx.attribute_target else path[:1]
-    return _triangular.gradients(ctx, target_fn, path[0], tgt, inputs, rows).grads
-
-
 def _path_grads(ctx, target_fn, x, base, alphas, weights, chunk, rows=None, *, bar: Reporter):
     """sum_a w_a * grad f_step(base + a (x - base)), for source and target, chunked over rows
     of like length (`_buckets`; `rows`: the batch rows to integrate, default all; the others stay
@@ -57,7 +49,7 @@ def _path_grads(ctx, target_fn, x, base, alphas, weights, chunk, rows=None, *, b
     for pairs in _buckets.chunks(ctx.batch, list(rows), len(alphas), chunk):
         a_idx, rows = (torch.tensor(v, device=x[0].device) for v in zip(*pairs))
         alpha = alphas.to(x[0])[a_idx][:, None, None]
-        grads = _chunk_grads(ctx, target_fn, x, base, alpha, rows)
+        grads = _triangular.along_path(ctx, target_fn, x, base, alpha, rows).grads
         w = weights.to(x[0])[a_idx][(..., *(None,) * (grads[0].ndim - 1))]
         for total, g in zip(acc, grads):
             total.index_add_(0, rows, g * w)
