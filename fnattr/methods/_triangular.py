@@ -21,12 +21,14 @@ Used where it is exact and pays: on a CPU, for decoder-only models whose cache i
 `DynamicCache` (`_prefix.new_cache`), target functions that read the logits only, and when the
 plan has more than one group or stops before the last position. Elsewhere (accelerators, which
 take every step in one backward; encoder-decoders; contrast reruns; compiled models) it is the
-one forward and the batched backward of `engine.step_gradients`.
+one forward and the batched backward of `engine.step_gradients`. Layer methods pass the layer's
+replaced outputs (`Layer`): each piece reads its positions of them, so layer IG takes the same
+route.
 
 Two more things happen here, for every model. A chunk of rows runs without the columns that all
 its rows leave padded (`_cropped`; `_buckets` groups rows of like length into chunks). A
 compiled model off the CPU takes its per-step gradients from replicated rows and plain
-backwards (`_replicated`), since vmap cannot run a compiled backward.
+backwards (`_replicated`, not for layer methods), since vmap cannot run a compiled backward.
 """
 
 import dataclasses
@@ -36,7 +38,8 @@ from torch import Tensor
 
 from fnattr import engine
 from fnattr.engine import decoder_inputs, output_layer_inputs, score_steps, step_gradients
-from fnattr.methods import _prefix
+from fnattr.hooks.layer import LayerHandle
+from fnattr.methods import _layers, _prefix
 from fnattr.methods._common import Context, run_scored
 from fnattr.types import TargetFn
 
@@ -61,6 +64,24 @@ class Scored:
     logits: Tensor
     scores: Tensor
     grads: list[Tensor]
+
+
+@dataclasses.dataclass(frozen=True)
+class Layer:
+    """A hooked layer's outputs that the forward reads instead of its own (layer methods):
+    `calls`, one tensor per call of `hooks`' modules `[rows, seq, *]` (`_layers.join`), whose
+    calls have `roles` (`_layers.roles`)."""
+
+    hooks: LayerHandle
+    roles: tuple[str, ...]
+    calls: list[Tensor]
+
+    def columns(self, src_cols: Tensor, n_src: int, n_tgt: int) -> "Layer":
+        """The calls at the source columns `src_cols` (of `n_src`) and the first `n_tgt`
+        target tokens (`_cropped`)."""
+        cols = {"joint": torch.cat([src_cols, n_src + torch.arange(n_tgt - 1, device=src_cols.device)]),
+                "source": src_cols, "target": torch.arange(n_tgt, device=src_cols.device)}
+        return Layer(self.hooks, self.roles, [c[:, cols[r].to(c.device)] for c, r in zip(self.calls, self.roles)])
 
 
 def pieces(reads: list[int], n_rows: int, cap: int) -> list[tuple[int, int]]:
@@ -104,11 +125,13 @@ def plan(ctx: Context, target_fn: TargetFn, n_rows: int) -> list[tuple[int, int]
 
 
 def gradients(ctx: Context, target_fn: TargetFn, source: Tensor, target: Tensor,
-              inputs: list[Tensor], rows: Tensor | None = None) -> Scored:
-    """`run_scored` at `source`/`target` (rows `rows` of the batch) and the per-step gradients
-    of `engine.step_gradients` w.r.t. `inputs` (tensors that `source`/`target` are built from),
-    by step groups on a forward in pieces where `plan` allows (the same values)."""
-    if hasattr(ctx.model, "_orig_mod") and (source.device.type != "cpu" or REPLICATE_ON_CPU):
+              inputs: list[Tensor], rows: Tensor | None = None, *, layer: Layer | None = None) -> Scored:
+    """`run_scored` at `source`/`target` (rows `rows` of the batch; with `layer`, that layer's
+    outputs replaced by its `calls`) and the per-step gradients of `engine.step_gradients`
+    w.r.t. `inputs` (tensors that `source`/`target`, or the layer's calls, are built from), by
+    step groups on a forward in pieces where `plan` allows (the same values)."""
+    if (layer is None and hasattr(ctx.model, "_orig_mod")
+            and (source.device.type != "cpu" or REPLICATE_ON_CPU)):
         # a compiled model (its backward cannot run under vmap), at the batch's full width
         got = _replicated(ctx, target_fn, source, target, inputs, rows)
         if got is not None:
@@ -117,18 +140,24 @@ def gradients(ctx: Context, target_fn: TargetFn, source: Tensor, target: Tensor,
     if cropped is not None:  # run without the padding columns that none of `rows` uses
         sub, src_cols, keep = cropped
         n_tgt, n_steps = sub.batch.target_ids.shape[1], len(ctx.steps)
-        got = gradients(sub, target_fn, source[:, src_cols], target[:, :n_tgt], inputs, rows)
+        n_src = ctx.batch.source_ids.shape[1]
+        got = gradients(sub, target_fn, source[:, src_cols], target[:, :n_tgt], inputs, rows,
+                        layer=None if layer is None else layer.columns(src_cols, n_src, n_tgt))
         wide = ctx.batch.target_ids.shape[1]
         return Scored(_widen(got.logits, 1, torch.arange(n_tgt), wide), _widen(got.scores, 1, keep, n_steps),
                       [_widen(g, 1, keep, n_steps) for g in got.grads])
     n_rows = len(ctx.batch) if rows is None else len(rows)
     parts = plan(ctx, target_fn, n_rows)
-    if parts is None:
-        out, scores = run_scored(ctx, target_fn, source, target, rows)
+    if parts is None or (layer is not None and layer.roles != ("joint",)):
+        if layer is None:
+            out, scores = run_scored(ctx, target_fn, source, target, rows)
+        else:
+            out, _, scores = _layers.run_scored(ctx, layer.hooks, layer.roles, target_fn, source,
+                                                target, rows, list(layer.calls))
         return Scored(out.logits, scores, step_gradients(scores, inputs, out.at(ctx.steps)))
     if rows is None:
         rows = torch.arange(len(ctx.batch), device=source.device)
-    logits, hidden, first = _pieces(ctx, target_fn, source, target, rows, parts)
+    logits, hidden, first = _pieces(ctx, target_fn, source, target, rows, parts, layer)
     scores = score_steps(target_fn, logits, ctx.batch, ctx.steps, rows)
     per_group = []
     for (i, j), h, lo in zip(parts, hidden, first):
@@ -213,10 +242,12 @@ def _widen(t: Tensor, dim: int, at: Tensor, size: int) -> Tensor:
 
 
 def _pieces(ctx: Context, target_fn: TargetFn, source: Tensor, target: Tensor, rows: Tensor,
-            parts: list[tuple[int, int]]) -> tuple[Tensor, list[Tensor | None], list[int]]:
+            parts: list[tuple[int, int]], layer: Layer | None = None
+            ) -> tuple[Tensor, list[Tensor | None], list[int]]:
     """The forward in pieces that end where each step group's last step reads: the logits of
     steps 0 .. last `[rows, tgt, vocab]` (zero after the last attributed step), each piece's
-    output-layer input (None where not seen) and the step its first logits belong to."""
+    output-layer input (None where not seen) and the step its first logits belong to. A
+    decoder-only `layer` (one joint call) reads its call's positions of each piece."""
     model, batch = ctx.model, ctx.batch
     ids, mask, positions = decoder_inputs(batch, rows)
     embeds = torch.cat([source, target[:, :-1]], 1)
@@ -228,11 +259,17 @@ def _pieces(ctx: Context, target_fn: TargetFn, source: Tensor, target: Tensor, r
             hi = n_src + int(ctx.steps[j - 1])  # step k's logits sit at position n_src - 1 + k
             keep = hi - max(lo, n_src - 1)
             ctx.handle.replace(source=embeds[:, lo:hi])
+            if layer is not None:
+                layer.hooks.take()
+                layer.hooks.replace(layer.calls[0][:, lo:hi])
             seen.clear()
             out = model(input_ids=ids[:, lo:hi], attention_mask=mask[:, :hi],
                         position_ids=positions[:, lo:hi], past_key_values=cache, use_cache=True,
                         logits_to_keep=keep)
             ctx.handle.check_used()
+            if layer is not None:
+                layer.hooks.check_used()
+                layer.hooks.take()
             logits.append(out.logits)
             ok = len(seen) == 1 and seen[0].shape[1] == keep
             hidden.append(seen[0] if ok else None)

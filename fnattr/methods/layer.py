@@ -4,11 +4,12 @@ from contextlib import ExitStack
 from typing import Literal
 
 import torch
+from torch import Tensor
 
 from fnattr.batch import Batch
 from fnattr.engine import score_steps, step_gradients
 from fnattr.hooks.layer import LayerSpec, layer_hooks
-from fnattr.methods import _converge, _layers, _paths
+from fnattr.methods import _buckets, _converge, _layers, _paths, _triangular
 from fnattr.methods._common import StepScoreSpec, attribution_context, logit_step_scores
 from fnattr.methods._layers import Acts
 from fnattr.methods.integrated_gradients import Baseline, baselines, integrate, path_quadrature
@@ -80,31 +81,44 @@ def _mix(x: Acts, base: Acts, attribute_target: bool) -> Acts:
 def _layer_path_grads(ctx, hooks, roles, target_fn, x: Acts, base: Acts, alphas, weights, chunk,
                       rows=None, *, bar: Reporter):
     """sum_a w_a * grad f_step(base + a (x - base)) over the layer's attributed positions, at
-    the batch rows `rows` (default all; the others stay zero); forwards counted on `bar`."""
-    names = [n for n in ("source", "target") if getattr(x, n) is not None
-             and (n == "source" or ctx.attribute_target)]
-    n_rows = len(ctx.batch)
-    acc = {n: torch.zeros(n_rows, len(ctx.steps), *getattr(x, n).shape[1:], dtype=getattr(x, n).dtype,
-                          device=getattr(x, n).device) for n in names}
-    pairs = [(a, r) for a in range(len(alphas)) for r in (range(n_rows) if rows is None else rows)]
-    emb = ctx.embedded
-    bar.expect(len(pairs))
-    for lo in range(0, len(pairs), chunk):
-        a_idx, rows = (torch.tensor(v, device=emb.source.device) for v in zip(*pairs[lo:lo + chunk]))
-        alpha = alphas.to(emb.source)[a_idx]
-        xr, br = x.rows(rows), base.rows(rows)
-        path = {n: (getattr(br, n) + alpha.view(-1, *[1] * (getattr(xr, n).ndim - 1))
-                    * (getattr(xr, n) - getattr(br, n))).requires_grad_() for n in names}
-        acts = Acts(path.get("source", xr.source), path.get("target", xr.target), xr.start)
-        out, _, scores = _layers.run_scored(ctx, hooks, roles, target_fn, emb.source[rows],
-                                            emb.target[rows], rows, _layers.join(acts, roles))
-        grads = step_gradients(scores, [path[n] for n in names], out.at(ctx.steps))
-        del out, scores  # this chunk's graph goes before the next forward
-        w = weights.to(emb.source)[a_idx]
+    the batch rows `rows` (default all; the others stay zero), in chunks of rows of like length
+    (`_buckets`) whose per-step gradients come from `_triangular`; forwards counted on `bar`."""
+    names = _path_names(ctx, x)
+    acc = {n: torch.zeros(len(ctx.batch), len(ctx.steps), *getattr(x, n).shape[1:],
+                          dtype=getattr(x, n).dtype, device=getattr(x, n).device) for n in names}
+    rows = range(len(ctx.batch)) if rows is None else rows
+    bar.expect(len(alphas) * len(rows))
+    for pairs in _buckets.chunks(ctx.batch, list(rows), len(alphas), chunk):
+        a_idx, part = (torch.tensor(v, device=ctx.embedded.source.device) for v in zip(*pairs))
+        grads = _layer_node(ctx, hooks, roles, target_fn, x, base,
+                            alphas.to(ctx.embedded.source)[a_idx], part).grads
+        w = weights.to(ctx.embedded.source)[a_idx]
         for n, g in zip(names, grads):
-            acc[n].index_add_(0, rows, g * w.view(-1, *[1] * (g.ndim - 1)))
-        bar.advance(len(rows))
+            acc[n].index_add_(0, part, g * w.view(-1, *[1] * (g.ndim - 1)))
+        del grads  # this chunk's graph goes before the next forward
+        bar.advance(len(part))
     return Acts(acc.get("source"), acc.get("target"), None)
+
+
+def _path_names(ctx, x: Acts) -> list[str]:
+    """The sides of the layer's output that are attributed (and move along the path)."""
+    return [n for n in ("source", "target") if getattr(x, n) is not None
+            and (n == "source" or ctx.attribute_target)]
+
+
+def _layer_node(ctx, hooks, roles, target_fn, x: Acts, base: Acts, alpha: Tensor,
+                rows: Tensor) -> _triangular.Scored:
+    """Scores and per-step gradients w.r.t. the layer's attributed sides (`_path_names` order)
+    at `base + alpha (x - base)` (`alpha` [copies]) for batch `rows`."""
+    names = _path_names(ctx, x)
+    xr, br = x.rows(rows), base.rows(rows)
+    path = {n: (getattr(br, n) + alpha.view(-1, *[1] * (getattr(xr, n).ndim - 1))
+                * (getattr(xr, n) - getattr(br, n))).requires_grad_() for n in names}
+    acts = Acts(path.get("source", xr.source), path.get("target", xr.target), xr.start)
+    emb = ctx.embedded
+    return _triangular.gradients(ctx, target_fn, emb.source[rows], emb.target[rows],
+                                 [path[n] for n in names], rows,
+                                 layer=_triangular.Layer(hooks, roles, _layers.join(acts, roles)))
 
 
 def layer_integrated_gradients(

@@ -10,8 +10,8 @@ from fnattr import prepare
 from fnattr.contrast import prepare_contrast
 from fnattr.engine import step_gradients
 from fnattr.methods import (
-    _triangular, discretized_integrated_gradients, gradient_shap, integrated_gradients, saliency,
-    sequential_integrated_gradients,
+    _triangular, discretized_integrated_gradients, gradient_shap, integrated_gradients,
+    layer_integrated_gradients, saliency, sequential_integrated_gradients,
 )
 from fnattr.methods._common import attribution_context, run_scored
 from fnattr.targets import contrast_prob_diff, logprob
@@ -54,6 +54,11 @@ RUNS = {  # every method whose gradients come from `_triangular.gradients`, with
         m, b, n_steps=3, n_neighbors=8, points_per_segment=2, internal_batch_size=5),
     "sequential_integrated_gradients": lambda m, b: sequential_integrated_gradients(
         m, b, n_steps=2, internal_batch_size=7),
+    # the layer's replaced outputs read piece by piece, at the embeddings and inside the model
+    "layer_integrated_gradients": lambda m, b: layer_integrated_gradients(
+        m, b, n_steps=3, internal_batch_size=5, attribute_target=True),
+    "layer_integrated_gradients at a block": lambda m, b: layer_integrated_gradients(
+        m, b, layer="transformer.h.0", n_steps=3, internal_batch_size=4, attribute_target=True),
 }
 
 
@@ -149,3 +154,22 @@ def test_replicated_rows_give_the_batched_backwards_gradients(any_model, monkeyp
         torch.testing.assert_close(g, w, rtol=0, atol=1e-12)
     torch.testing.assert_close(got.scores, want_scores.detach(), rtol=0, atol=1e-12)
     assert got.grads[0].abs().sum() > 0
+
+
+def test_layer_ig_chunks_run_without_the_padding_columns(any_model, monkeypatch):
+    """Layer IG on a padded batch, one row per chunk: each chunk's layer outputs are cut to its
+    row's columns (per call role: joint, encoder, decoder), with the full width's results."""
+    model, tok = any_model
+    batch = prepare(model, tok, ["The capital of France is", "A dog"], [" Paris", " ran in the park today"])
+    crops = []
+    cropped = _triangular._cropped
+    monkeypatch.setattr(_triangular, "_cropped", lambda *a: crops.append(cropped(*a)) or crops[-1])
+    run = lambda: layer_integrated_gradients(model, batch, n_steps=2, internal_batch_size=1,  # noqa: E731
+                                             attribute_target=True)
+    got = run()
+    assert any(c is not None for c in crops)
+    monkeypatch.setattr(_triangular, "_cropped", lambda *a: None)
+    want = run()
+    assert got.source.abs().sum() > 0
+    for field in ("source", "target", "delta"):
+        torch.testing.assert_close(getattr(got, field), getattr(want, field), rtol=0, atol=1e-12)
