@@ -20,10 +20,14 @@ path, which 128 Gauss-Legendre points miss (`benchmarks/bench_equal_accuracy.py`
 
 Each node's gradients are kept until the end, as halving an interval changes the weights of its
 ends: memory grows with the points, about (nodes per step) x one step's gradients.
+
+The path's inputs are a `Node` function's business: IG moves the embeddings (`ig_node`), layer
+IG a layer's outputs (`fnattr.methods.layer`); both give per-step gradients per side.
 """
 
 import dataclasses
 from collections import defaultdict
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -37,6 +41,20 @@ START = 8  # intervals of the first mesh
 SPLIT = 0.5  # halve the intervals whose |r| is at least this fraction of the step's largest
 NARROWEST = 2.0 ** -40  # an interval this narrow is not halved again
 
+# (ctx with the steps wanted, alpha [copies], batch rows [copies]) -> the copies' scores
+# [copies step] and their gradients per side (source, target; None where a side does not move)
+Node = Callable[[Context, Tensor, Tensor], tuple[Tensor, list[Tensor | None]]]
+
+
+def ig_node(target_fn: TargetFn, x, base) -> Node:
+    """IG's nodes: gradients w.r.t. the embeddings at `base + alpha (x - base)`."""
+
+    def node(sub: Context, alpha: Tensor, rows: Tensor):
+        got = _triangular.along_path(sub, target_fn, x, base, alpha[:, None, None], rows)
+        return got.scores, [*got.grads, None][:2]
+
+    return node
+
 
 @dataclasses.dataclass(frozen=True)
 class _Node:
@@ -48,15 +66,15 @@ class _Node:
     grads: tuple[Tensor | None, ...]
 
 
-def _evaluate(ctx: Context, target_fn: TargetFn, x, base, wanted: dict[tuple[int, float], set[int]],
-              chunk: int, bar: Reporter) -> dict[tuple[int, int, float], _Node]:
+def _evaluate(ctx: Context, node: Node, diffs: list[Tensor | None],
+              wanted: dict[tuple[int, float], set[int]], chunk: int,
+              bar: Reporter) -> dict[tuple[int, int, float], _Node]:
     """The nodes `wanted` ((row, alpha) -> step indexes), in chunks of at most `chunk` copies of
-    the rows that need the same steps."""
+    the rows that need the same steps; `diffs` = x - baseline per side."""
     groups: dict[tuple[int, ...], list[tuple[int, float]]] = defaultdict(list)
     for (b, a), ks in wanted.items():
         groups[tuple(sorted(ks))].append((b, a))
     lengths = (ctx.batch.source_mask.sum(1) + ctx.batch.target_mask.sum(1)).tolist()
-    diffs = [t - s for t, s in zip(x, base)]
     out = {}
     bar.expect(len(wanted))
     for ks, pairs in groups.items():
@@ -64,14 +82,14 @@ def _evaluate(ctx: Context, target_fn: TargetFn, x, base, wanted: dict[tuple[int
         pairs.sort(key=lambda p: (lengths[p[0]], p))  # rows of like length share a chunk
         for lo in range(0, len(pairs), chunk):
             part = pairs[lo:lo + chunk]
-            rows = torch.tensor([b for b, _ in part], device=x[0].device)
-            alpha = torch.tensor([a for _, a in part], dtype=x[0].dtype, device=x[0].device)[:, None, None]
-            got = _triangular.along_path(sub, target_fn, x, base, alpha, rows)
-            f = got.scores.detach().double().cpu()
+            like = next(d for d in diffs if d is not None)
+            rows = torch.tensor([b for b, _ in part], device=like.device)
+            alpha = torch.tensor([a for _, a in part], dtype=like.dtype, device=like.device)
+            scores, sides = node(sub, alpha, rows)
+            f = scores.detach().double().cpu()
             # g = d f / d alpha: the node's scores summed over the positions the step sees
-            attrs = [g * d[rows][:, None] for g, d in zip(got.grads, diffs)]
+            attrs = [None if g is None else g * d[rows][:, None] for g, d in zip(sides, diffs)]
             g = _converge.step_sums(sub, attrs, rows).detach().double().cpu()
-            sides = list(got.grads) + [None] * (2 - len(got.grads))
             for i, (b, a) in enumerate(part):
                 for j, k in enumerate(ks):
                     out[b, k, a] = _Node(float(f[i, j]), float(g[i, j]),
@@ -101,12 +119,13 @@ def weights(mesh: list[float]) -> dict[float, float]:
     return dict(out)
 
 
-def integrate(ctx: Context, target_fn: TargetFn, x, base, expected: Tensor, f_base: Tensor,
-              bar: Tensor, *, max_steps: int, chunk: int,
+def integrate(ctx: Context, node: Node, diffs: list[Tensor | None], expected: Tensor,
+              f_base: Tensor, bar: Tensor, *, max_steps: int, chunk: int,
               reporter: Reporter) -> tuple[list[Tensor | None], Tensor]:
     """Gradients integrated on each step's refined mesh, per side `[batch, step, ...]` (zero at
-    padding steps), and the nodes each step used `[batch step]`. `expected` = f(x) - f(baseline)
-    and `bar`, the largest |delta| a step may keep, are `[batch step]`."""
+    padding steps; None for a side whose `diffs`, x - baseline, is None), and the nodes each
+    step used `[batch step]`. `expected` = f(x) - f(baseline) and `bar`, the largest |delta| a
+    step may keep, are `[batch step]`."""
     real = ctx.batch.target_mask[:, ctx.steps].cpu()
     expected, f_base, bar = (t.detach().double().cpu() for t in (expected, f_base, bar))
     first = [i / START for i in range(START + 1)]
@@ -120,7 +139,7 @@ def integrate(ctx: Context, target_fn: TargetFn, x, base, expected: Tensor, f_ba
     while wanted:
         reporter.update(detail=f"round {level}: {len(todo)} steps refining, "
                                f"{max(len(mesh[s]) for s in todo)} points at most")
-        nodes.update(_evaluate(ctx, target_fn, x, base, wanted, chunk, reporter))
+        nodes.update(_evaluate(ctx, node, diffs, wanted, chunk, reporter))
         wanted, level = defaultdict(set), level + 1
         for b, k in sorted(todo):
             m = mesh[b, k]
@@ -140,15 +159,14 @@ def integrate(ctx: Context, target_fn: TargetFn, x, base, expected: Tensor, f_ba
             for i in split:  # halving [0, c] makes c/2 a breakpoint and needs c/4
                 wanted[b, m[1] / 4 if i == 0 else (m[i] + m[i + 1]) / 2].add(k)
             mesh[b, k] = sorted(m + new)
-    return _assemble(ctx, mesh, nodes, x, real)
+    return _assemble(mesh, nodes, diffs, real)
 
 
-def _assemble(ctx: Context, mesh, nodes, x, real: Tensor) -> tuple[list[Tensor | None], Tensor]:
+def _assemble(mesh, nodes, diffs: list[Tensor | None], real: Tensor) -> tuple[list[Tensor | None], Tensor]:
     """Each step's weighted sum of its nodes' gradients, per side, and its node counts."""
     n_rows, n_steps = real.shape
-    sides = [torch.zeros(n_rows, n_steps, *t.shape[1:], dtype=t.dtype, device=t.device) for t in x]
-    if not ctx.attribute_target:
-        sides[1] = None
+    sides = [None if t is None else torch.zeros(n_rows, n_steps, *t.shape[1:], dtype=t.dtype,
+                                                device=t.device) for t in diffs]
     points = torch.zeros(n_rows, n_steps, dtype=torch.long)
     for (b, k), m in mesh.items():
         rule = weights(m)

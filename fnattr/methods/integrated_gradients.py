@@ -99,18 +99,19 @@ def integrate(ctx: Context, compute: _converge.LevelFn, ends: tuple[Tensor, Tens
     return results, delta, _converge.record(ctx, delta, expected, f_x, f_base, tolerance, points)
 
 
-def _adaptive_result(ctx: Context, target_fn: TargetFn, x, base, ends: tuple[Tensor, Tensor], *,
-                     tolerance: float, max_steps: int, chunk: int, multiply_by_inputs: bool,
-                     bar: Reporter):
-    """IG with `method="adaptive"` (`_adaptive`): results per side, `delta` [batch step] and
-    `meta["completeness"]`, as `integrate` gives them."""
+def adaptive_integrate(ctx: Context, node: _adaptive.Node, diffs: list[Tensor | None],
+                       ends: tuple[Tensor, Tensor], *, tolerance: float, max_steps: int, chunk: int,
+                       multiply_by_inputs: bool, bar: Reporter):
+    """A path method with `method="adaptive"` (`_adaptive`; its gradients from `node`, `diffs` =
+    x - baseline per side, None where a side does not move): results per side, `delta`
+    [batch step] and `meta["completeness"]`, as `integrate` gives them."""
     f_x, f_base = ends
     expected = f_x - f_base
     grads, points = _adaptive.integrate(
-        ctx, target_fn, x, base, expected, f_base,
+        ctx, node, diffs, expected, f_base,
         _converge.allowed_error(expected, f_x, f_base, tolerance),
         max_steps=max_steps, chunk=chunk, reporter=bar)
-    attrs = [None if g is None else g * (t - b)[:, None] for g, t, b in zip(grads, x, base)]
+    attrs = [None if g is None else g * d[:, None] for g, d in zip(grads, diffs)]
     delta = (_converge.step_sums(ctx, attrs) - expected) * ctx.batch.target_mask[:, ctx.steps]
     record = _converge.record(ctx, delta, expected, f_x, f_base, tolerance, points)
     return (attrs if multiply_by_inputs else grads), delta, record
@@ -165,8 +166,10 @@ def integrated_gradients(
         with torch.no_grad():
             ends = [run_scored(ctx, target_fn, s, t) for s, t in (x, base)]
         if method == "adaptive":
-            results, delta, record = _adaptive_result(
-                ctx, target_fn, x, base, (ends[0][1], ends[1][1]), tolerance=tolerance,
+            diffs = [x[0] - base[0], x[1] - base[1] if ctx.attribute_target else None]
+            results, delta, record = adaptive_integrate(
+                ctx, _adaptive.ig_node(target_fn, x, base), diffs, (ends[0][1], ends[1][1]),
+                tolerance=tolerance,
                 max_steps=max_steps, chunk=internal_batch_size, multiply_by_inputs=multiply_by_inputs,
                 bar=bar)
         else:

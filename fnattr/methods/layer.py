@@ -9,10 +9,12 @@ from torch import Tensor
 from fnattr.batch import Batch
 from fnattr.engine import score_steps, step_gradients
 from fnattr.hooks.layer import LayerSpec, layer_hooks
-from fnattr.methods import _buckets, _converge, _layers, _paths, _triangular
+from fnattr.methods import _adaptive, _buckets, _converge, _layers, _paths, _triangular
 from fnattr.methods._common import StepScoreSpec, attribution_context, logit_step_scores
 from fnattr.methods._layers import Acts
-from fnattr.methods.integrated_gradients import Baseline, baselines, integrate, path_quadrature
+from fnattr.methods.integrated_gradients import (
+    Baseline, adaptive_integrate, baselines, integrate, path_quadrature,
+)
 from fnattr.progress import Reporter, report
 from fnattr.result import AttributionTensors
 from fnattr.targets import probability
@@ -121,6 +123,23 @@ def _layer_node(ctx, hooks, roles, target_fn, x: Acts, base: Acts, alpha: Tensor
                                  layer=_triangular.Layer(hooks, roles, _layers.join(acts, roles)))
 
 
+def _path_diffs(ctx, x: Acts, base: Acts) -> list[Tensor | None]:
+    """x - baseline per side (source, target) of the layer's output; None where not attributed."""
+    names = _path_names(ctx, x)
+    return [getattr(x, n) - getattr(base, n) if n in names else None for n in ("source", "target")]
+
+
+def _layer_nodes(hooks, roles, target_fn, x: Acts, base: Acts) -> _adaptive.Node:
+    """Layer IG's nodes for `method="adaptive"`: gradients w.r.t. the layer's outputs."""
+
+    def node(sub, alpha: Tensor, rows: Tensor):
+        got = _layer_node(sub, hooks, roles, target_fn, x, base, alpha, rows)
+        grads = dict(zip(_path_names(sub, x), got.grads))
+        return got.scores, [grads.get("source"), grads.get("target")]
+
+    return node
+
+
 def layer_integrated_gradients(
     model: Model, batch: Batch, target_fn: TargetFn = probability, *,
     layer: LayerSpec | None = None, n_steps: int | Literal["auto"] = "auto",
@@ -138,13 +157,15 @@ def layer_integrated_gradients(
     `integrated_gradients`). Positions that are not attributed (target positions without
     `attribute_target`, the decoder start) keep their actual activations on the whole path.
     `baseline`, `n_steps` (default "auto": refined per step to `tolerance`, up to `max_steps`),
-    `method`, `internal_batch_size`, `progress` as in `integrated_gradients`; `meta["completeness"]` too.
+    `method` (a quadrature rule, or "adaptive": each step's mesh halved where its completeness
+    fails), `internal_batch_size`, `progress` as in `integrated_gradients`;
+    `meta["completeness"]` too.
 
     Returns `source` [batch step src hidden], `target` [batch step tgt hidden] and `delta`
     [batch step] (sum of scores minus f(input) - f(baseline layer output)).
     """
     _converge.check_options(n_steps, tolerance, max_steps)
-    path_quadrature(n_steps, method, internal_batch_size)
+    path_quadrature(n_steps, method, internal_batch_size, adaptive=True)
     args = {"layer": layer, "n_steps": n_steps, "tolerance": tolerance, "max_steps": max_steps,
             "method": method,
             "internal_batch_size": internal_batch_size, "baseline": baseline,
@@ -175,9 +196,15 @@ def layer_integrated_gradients(
             attrs = [None if g is None else g * (a - b)[:, None] for g, a, b in pairs]
             return (attrs if multiply_by_inputs else [grads.source, grads.target]), attrs
 
-        results, delta, record = integrate(ctx, compute, (f_x, f_base), n_steps=n_steps,
-                                           tolerance=tolerance, max_steps=max_steps, bar=bar,
-                                           method=method)
+        if method == "adaptive":
+            results, delta, record = adaptive_integrate(
+                ctx, _layer_nodes(hooks, roles, target_fn, x, base), _path_diffs(ctx, x, base),
+                (f_x, f_base), tolerance=tolerance, max_steps=max_steps, chunk=internal_batch_size,
+                multiply_by_inputs=multiply_by_inputs, bar=bar)
+        else:
+            results, delta, record = integrate(ctx, compute, (f_x, f_base), n_steps=n_steps,
+                                               tolerance=tolerance, max_steps=max_steps, bar=bar,
+                                               method=method)
         out = _layers.finish_layer(ctx, "layer_integrated_gradients", args, target_fn,
                                    Acts(*results, None),
                                    logit_step_scores(ctx, logits, target_fn, step_scores), x)

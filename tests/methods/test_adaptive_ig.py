@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fnattr import prepare
-from fnattr.methods import _adaptive, integrated_gradients
+from fnattr.methods import _adaptive, _paths, integrated_gradients, layer_integrated_gradients
 from fnattr.targets import probability
 from tests.reference import prefix_inputs, step_score
 from tests.state import assert_unchanged, snapshot
@@ -23,9 +23,9 @@ def _meshes(monkeypatch):
     seen = {}
     real = _adaptive._assemble
 
-    def spy(ctx, mesh, *args):
+    def spy(mesh, *args):
         seen.update(mesh)
-        return real(ctx, mesh, *args)
+        return real(mesh, *args)
 
     monkeypatch.setattr(_adaptive, "_assemble", spy)
     return seen
@@ -101,9 +101,9 @@ def test_never_takes_a_gradient_at_the_baseline(decoder_model, monkeypatch):
     alphas = []
     real = _adaptive._evaluate
 
-    def spy(ctx, target_fn, x, base, wanted, *args):
+    def spy(ctx, node, diffs, wanted, *args):
         alphas.extend(a for _, a in wanted)
-        return real(ctx, target_fn, x, base, wanted, *args)
+        return real(ctx, node, diffs, wanted, *args)
 
     monkeypatch.setattr(_adaptive, "_evaluate", spy)
     out = integrated_gradients(model, batch, method="adaptive", baseline="zeros", tolerance=1e-6,
@@ -122,13 +122,74 @@ def test_cap_names_unconverged_steps(gpt2):
     assert info["unconverged"] and max(max(r) for r in info["points"]) <= 12
 
 
+@pytest.mark.parametrize("method", [integrated_gradients, layer_integrated_gradients])
 @pytest.mark.parametrize("options, match", [
     ({"n_steps": 16}, "n_steps.*adaptive"), ({"method": "simpson"}, "method.*adaptive"),
     ({"max_steps": 4}, "max_steps")])
-def test_bad_options_name_the_argument_and_leave_the_model(gpt2, options, match):
+def test_bad_options_name_the_argument_and_leave_the_model(gpt2, options, match, method):
     model, tok = gpt2
     batch = prepare(model, tok, SOURCES[:1], TARGETS[:1])
     before = snapshot(model)
     with pytest.raises(ValueError, match=match):
-        integrated_gradients(model, batch, **{"method": "adaptive", **options})
+        method(model, batch, **{"method": "adaptive", **options})
     assert_unchanged(model, before)
+
+
+@pytest.mark.filterwarnings("ignore::fnattr.methods._converge.ConvergenceWarning")
+def test_layer_ig_on_embeddings_equals_ig(any_model):
+    """At the embedding layer layer IG's path is IG's: the same meshes and the same scores."""
+    model, tok = any_model
+    batch = prepare(model, tok, SOURCES, TARGETS)
+    for at in (False, True):
+        ig = integrated_gradients(model, batch, method="adaptive", tolerance=1e-2, max_steps=32,
+                                  attribute_target=at)
+        lig = layer_integrated_gradients(model, batch, method="adaptive", tolerance=1e-2, max_steps=32,
+                                         attribute_target=at, internal_batch_size=5)
+        assert _info(lig)["points"] == _info(ig)["points"]
+        for field in ("source", "target", "delta"):
+            a, b = getattr(lig, field), getattr(ig, field)
+            assert (a is None) == (b is None)
+            if a is not None:
+                torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+# a block per model, and a tolerance that its steps reach within 128 nodes (these random models'
+# paths are sharp)
+LAYERS = {"gpt2": ("transformer.h.0", 1e-3), "llama": ("model.layers.0", 1e-3),
+          "bart": ("model.decoder.layers.0", 1e-3), "t5": ("decoder.block.0", 1e-2)}
+
+
+def test_layer_ig_inside_the_model_converges_to_the_rule_at_its_nodes(any_model, monkeypatch):
+    """At a block's output (a decoder block for encoder-decoders): every step within the
+    tolerance, and each step's scores the fixed-rule path's at that step's final mesh."""
+    from fnattr.methods import layer as layer_module
+
+    model, tok = any_model
+    name, tol = LAYERS[model.config.model_type]
+    batch = prepare(model, tok, SOURCES, TARGETS)
+    before = snapshot(model)
+    meshes = _meshes(monkeypatch)
+    runs = []
+    real = layer_module._layer_path_grads
+    monkeypatch.setattr(layer_module, "_layer_path_grads",
+                        lambda *a, **k: runs.append((a, k)) or real(*a, **k))
+    out = layer_integrated_gradients(model, batch, layer=name, method="adaptive", tolerance=tol,
+                                     attribute_target=True)
+    assert_unchanged(model, before)
+    assert not runs  # the adaptive nodes do not take the fixed-rule path
+    info = _info(out)
+    assert info["unconverged"] == []
+    real_steps = out.step_mask
+    total = sum(t.flatten(2).sum(-1) for t in (out.source, out.target))
+    assert (out.delta.abs()[real_steps] <= tol * (total - out.delta).abs()[real_steps] + 1e-12).all()
+    assert len({len(m) for m in meshes.values()}) > 1  # the steps were refined differently
+    for (b, k), mesh in list(meshes.items())[::3]:  # the fixed-rule path at this step's nodes
+        rule = _adaptive.weights(mesh)
+        points = (torch.tensor(list(rule), dtype=torch.float64),
+                  torch.tensor(list(rule.values()), dtype=torch.float64))
+        monkeypatch.setattr(_paths, "quadrature", lambda *a, **k: points)
+        want = layer_integrated_gradients(model, batch, layer=name, n_steps=len(rule),
+                                          attribute_target=True)
+        for field in ("source", "target"):
+            torch.testing.assert_close(getattr(out, field)[b, k], getattr(want, field)[b, k],
+                                       rtol=1e-8, atol=1e-12)
