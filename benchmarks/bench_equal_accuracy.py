@@ -2,6 +2,8 @@
 to |delta| <= 5 % of |f(x) - f(baseline)|, per quadrature rule, against the peer's default.
 
 Run: python -m benchmarks.bench_equal_accuracy [--peer .peer/bin/python] [--rules ...]
+[--method layer_integrated_gradients] (layer IG at the embedding layer, fnattr only: inseq 0.7.1's
+layer IG on SmolLM2 returns all-zero scores with zero delta, its baseline equal to the input)
 SmolLM2-135M, PROMPT + TARGET (20 + 20 tokens), target probability, and inseq's own baseline
 (the UNK token at every position) for both libraries, so that the errors are comparable.
 
@@ -37,7 +39,7 @@ import torch
 
 import fnattr
 from benchmarks._common import PROMPT, TARGET, load, timed
-from fnattr.methods import _adaptive, _converge, _paths, integrated_gradients
+from fnattr.methods import _adaptive, _converge, _paths, integrated_gradients, layer_integrated_gradients
 from fnattr.methods.integrated_gradients import baselines
 from fnattr.targets import probability
 from fnattr.methods._converge import ConvergenceWarning
@@ -82,9 +84,11 @@ def profile(model, batch, n: int) -> None:
                                                          attr_pos_start=None, attr_pos_end=None) as ctx):
         warnings.simplefilter("ignore")
         x = (ctx.embedded.source, ctx.embedded.target)
+        base = baselines(ctx, "unk")
         steps = set(range(len(ctx.steps)))
         wanted = {(0, a): steps for a in alphas}
-        nodes = _adaptive._evaluate(ctx, probability, x, baselines(ctx, "unk"), wanted, 16, OFF)
+        diffs = [x[0] - base[0], None]
+        nodes = _adaptive._evaluate(ctx, _adaptive.ig_node(probability, x, base), diffs, wanted, 16, OFF)
     print(f"the integrand of each step at {n} equal points of the path")
     for k in sorted(steps):
         g = [nodes[0, k, a].g for a in alphas]
@@ -104,6 +108,10 @@ def main() -> None:
                         help="more n_steps to run the peer with (its cost at fnattr's cap)")
     parser.add_argument("--baseline", default="unk",
                         help="fnattr's baseline (the peer runs only with 'unk', its own)")
+    parser.add_argument("--method", default="integrated_gradients",
+                        choices=["integrated_gradients", "layer_integrated_gradients"],
+                        help="IG, or layer IG (fnattr only; at --layer)")
+    parser.add_argument("--layer", default=None, help="layer IG's layer (default: the embeddings)")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="print the integrand at N equal points instead")
     args = parser.parse_args()
@@ -117,19 +125,26 @@ def main() -> None:
           f"tokens, target probability, baseline {said}; torch threads {torch.get_num_threads()}",
           flush=True)
     ig = {"baseline": args.baseline, "tolerance": TOLERANCE}
+    run = integrated_gradients
+    if args.method == "layer_integrated_gradients":
+        run, ig["layer"] = layer_integrated_gradients, args.layer
+    short = "IG" if run is integrated_gradients else "layer IG"
+    print(f"method: {args.method}" + ("" if run is integrated_gradients else
+                                       f" at {args.layer or 'the input embeddings (its default layer)'}"))
     rows, peers = {}, []
-    if args.peer and args.baseline == "unk":
+    if args.peer and args.baseline == "unk" and run is integrated_gradients:
         for n in [args.fixed, *args.peer_steps]:
             theirs = peer(args.peer, n)
             rel = theirs["relative_error"]
             peers.append((f"inseq n_steps={n}", theirs["cpu"], sum(r <= TOLERANCE for r in rel)))
-            print(line(f"inseq 0.7.1 IG, n_steps={n}", theirs["cpu"], theirs["wall"], rel, None), flush=True)
+            print(line(f"inseq 0.7.1 {short}, n_steps={n}", theirs["cpu"], theirs["wall"], rel, None),
+                  flush=True)
             if n == args.fixed:
                 default = theirs
-    wall, cpu, out = timed(lambda: integrated_gradients(model, batch, n_steps=args.fixed, **ig))
+    wall, cpu, out = timed(lambda: run(model, batch, n_steps=args.fixed, **ig))
     rows["fixed"] = (cpu, sum(r <= TOLERANCE for r in errors(out)[0]))
     steps = len(errors(out)[0])
-    print(line(f"fnattr IG, n_steps={args.fixed}", cpu, wall, *errors(out)), flush=True)
+    print(line(f"fnattr {short}, n_steps={args.fixed}", cpu, wall, *errors(out)), flush=True)
     if peers:
         gap = max(abs(a - b) for a, b in zip(errors(out)[0], default["relative_error"]))
         print(f"  same integral: largest difference of a step's relative error, fnattr - inseq: "
@@ -138,13 +153,13 @@ def main() -> None:
     def auto(rule):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
-            return timed(lambda: integrated_gradients(model, batch, method=rule, **ig))
+            return timed(lambda: run(model, batch, method=rule, **ig))
 
     for rule in args.rules:
         wall, cpu, out = auto(rule)
         rows[rule] = (cpu, sum(r <= TOLERANCE for r in errors(out)[0]))
         name = "method='adaptive'" if rule == "adaptive" else f'n_steps="auto", {rule}'
-        print(line(f"fnattr IG, {name}", cpu, wall, *errors(out)), flush=True)
+        print(line(f"fnattr {short}, {name}", cpu, wall, *errors(out)), flush=True)
         if rule == "adaptive" or _paths.next_level(rule, _converge.AUTO_START) is None:
             continue
         with mock.patch.object(_converge, "REUSE_POINTS", False):
