@@ -97,3 +97,21 @@ def test_demo_integrated_gradients_converges_or_says_which_steps_did_not(smollm2
     assert len(messages) == (1 if missed else 0)
     for k in missed:
         assert f"step {int(out.steps[k])} " in messages[0]
+
+
+def test_a_rule_that_reads_the_zero_baseline_itself_names_the_fix(smollm2):
+    """SmolLM2 (RMSNorm, no biases) fed the zero vector: the gradient at alpha = 0 overflows
+    float32. `riemann_left` takes it and fails with the rule and its fix named, leaving the model
+    as it was; `riemann_right` (no point at 0) on the same input is finite."""
+    from tests.state import assert_unchanged, snapshot
+
+    model, tok = smollm2
+    batch = fnattr.prepare(model, tok, ["The capital of France is"], [" Paris"])
+    before = snapshot(model)
+    run = lambda rule: fnattr.methods.integrated_gradients(  # noqa: E731
+        model, batch, n_steps=2, method=rule, baseline="zeros")
+    with pytest.raises(FloatingPointError, match=r"`method`='riemann_left' takes a gradient at the "
+                       r"baseline itself .* use method='gausslegendre'"):
+        run("riemann_left")
+    assert_unchanged(model, before)
+    assert torch.isfinite(run("riemann_right").source).all()

@@ -162,9 +162,16 @@ def baseline_meta(batch: Batch, args: Mapping[str, Any], *, attribute_target: bo
     return baselines.baseline_meta(batch, args["baseline"], attribute_target=attribute_target)
 
 
-def check_finite(ctx: Context, method: str, parts: Mapping[str, Tensor | None]) -> None:
+# rules that take a gradient at the baseline itself (alpha = 0), where a zero baseline overflows
+# in a bias-free model: every RMSNorm of an all-zero residual stream scales it by 1/sqrt(eps)
+AT_BASELINE = ("riemann_left", "riemann_trapezoid")
+
+
+def check_finite(ctx: Context, method: str, parts: Mapping[str, Tensor | None],
+                 args: Mapping[str, Any] | None = None) -> None:
     """Raise if any result `[batch, step, ...]` is NaN or infinite at a real step, naming the rows
-    and the steps, and whether the model's own output (a step score) is already non-finite there."""
+    and the steps, and whether the model's own output (a step score) is already non-finite there;
+    `args` (the method's options) name a path rule's fix where its rule is the likely cause."""
     real = ctx.batch.target_mask[:, ctx.steps]
     bad = {name: ~torch.isfinite(t.flatten(2) if t.ndim > 2 else t[..., None]).all(-1) & real
            for name, t in parts.items() if t is not None and t.ndim >= 2}
@@ -182,6 +189,12 @@ def check_finite(ctx: Context, method: str, parts: Mapping[str, Tensor | None]) 
     padded = [r for r in rows if not (ctx.batch.source_mask[r].all() and ctx.batch.target_mask[r].all())]
     hint = (f"; rows {padded} are padded: if a row is finite alone (`batch.select([{padded[0]}])`), "
             "padding is the cause" if padded else "")
+    rule = (args or {}).get("method")
+    if not scored and rule in AT_BASELINE:
+        hint += (f"; `method`={rule!r} takes a gradient at the baseline itself (alpha = 0), which "
+                 "overflows where the baseline is the zero vector and the model has RMSNorm and no "
+                 "biases (Llama): use method='gausslegendre', 'riemann_right' or 'adaptive', or "
+                 "another `baseline`")
     raise FloatingPointError(f"`{method}` gave non-finite values (NaN or inf) in {', '.join(fields)}: "
                              f"{where}. {cause[0].upper()}{cause[1:]}{hint}.")
 
@@ -200,7 +213,7 @@ def finish(
     source = source.where((step_mask[:, :, None] & scored[:, None, :])[(..., *extra)], 0)
     if target is not None:
         target = target.where((step_mask[:, :, None] & causal_target_mask(batch, ctx.steps))[(..., *extra)], 0)
-    check_finite(ctx, method, {"source": source, "target": target, "delta": delta, **step_scores})
+    check_finite(ctx, method, {"source": source, "target": target, "delta": delta, **step_scores}, args)
     meta = {
         "method": method,
         "args": json.dumps({k: _jsonable(v) for k, v in args.items()}),
