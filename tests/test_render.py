@@ -281,6 +281,20 @@ def test_unconverged_steps_are_flagged_in_console_html_and_png(tmp_path):
     assert "every step has |delta| <= 5% of |f(x) - f(baseline)|" in plain(ok)
 
 
+@pytest.mark.parametrize("method, args, says", [
+    ("integrated_gradients", {"n_steps": "auto", "method": "gausslegendre"}, True),
+    ("layer_integrated_gradients", {"n_steps": "auto", "method": "riemann_trapezoid"}, True),
+    ("integrated_gradients", {"n_steps": "auto", "method": "adaptive"}, False),
+    ("integrated_gradients", {"n_steps": 16, "method": "gausslegendre"}, False),
+    ("sequential_integrated_gradients", {"n_steps": "auto", "method": "gausslegendre"}, False)])
+def test_unconverged_ig_on_a_fixed_rule_points_to_adaptive(method, args, says):
+    out = flagged_result()
+    out = out.replace(meta={**out.meta, "method": method, "args": json.dumps(args)})
+    assert ("|delta| > 5% of |f(x) - f(baseline)|; try method='adaptive'" in plain(out)) == says
+    ok = flagged_result({**RECORD, "unconverged": []})
+    assert "adaptive" not in plain(ok.replace(meta={**ok.meta, "method": method, "args": json.dumps(args)}))
+
+
 def test_without_a_record_delta_is_compared_with_the_step_score():
     out = flagged_result(None)  # probability is rand(): |delta| 0.5 at step 1 exceeds 5% of it
     prob = out.step_scores["probability"][0]

@@ -103,9 +103,9 @@ def completeness_delta(out: AttributionTensors, expected: Tensor) -> Tensor:
 
 
 def warn_unconverged(ctx: Context, method: str, meta: dict[str, str], cap: int, *,
-                     name: str = "max_steps") -> None:
+                     name: str = "max_steps", also: str = "") -> None:
     """One warning that lists every step above the tolerance (row, step position, token);
-    `name` is the argument that raises the cap."""
+    `name` is the argument that raises the cap, `also` another remedy to name."""
     info = json.loads(meta["completeness"])
     if not info["unconverged"]:
         return
@@ -116,8 +116,14 @@ def warn_unconverged(ctx: Context, method: str, meta: dict[str, str], cap: int, 
     warnings.warn(
         f"{method}: {len(info['unconverged'])} step(s) missed |delta| <= {100 * info['tolerance']:g}% of "
         f"|f(x) - f(baseline)| with up to {cap} points: {', '.join(parts)}"
-        f"{f' and {more} more' if more > 0 else ''}. Raise `{name}`, or read them with care "
+        f"{f' and {more} more' if more > 0 else ''}. Raise `{name}`{also}, or read them with care "
         "(listed in meta['completeness']).", ConvergenceWarning, stacklevel=3)
+
+
+# for IG and layer IG with a fixed rule: the remedy that met the tolerance on more steps for
+# less work on SmolLM2 (README, "IG at equal accuracy")
+TRY_ADAPTIVE = (", try method='adaptive' (its points go where a step's integrand is sharp, which "
+                "a fixed spacing misses)")
 
 
 # compute(sub_ctx, n_points, rows) -> (results, attrs): per side, tensors [batch, sub_steps, ...]

@@ -182,7 +182,8 @@ def integrated_gradients(
                      source=results[0], target=results[1], step_scores=logit_step_scores(
                          ctx, ends[0][0].logits, target_fn, step_scores))
         if n_steps == "auto":
-            _converge.warn_unconverged(ctx, "integrated_gradients", record, max_steps)
+            _converge.warn_unconverged(ctx, "integrated_gradients", record, max_steps,
+                                       also="" if method == "adaptive" else _converge.TRY_ADAPTIVE)
         return out.replace(delta=delta.cpu() if multiply_by_inputs else None,
                            meta={**out.meta, **record})
 

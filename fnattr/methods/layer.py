@@ -209,6 +209,7 @@ def layer_integrated_gradients(
                                    Acts(*results, None),
                                    logit_step_scores(ctx, logits, target_fn, step_scores), x)
         if n_steps == "auto":
-            _converge.warn_unconverged(ctx, "layer_integrated_gradients", record, max_steps)
+            _converge.warn_unconverged(ctx, "layer_integrated_gradients", record, max_steps,
+                                       also="" if method == "adaptive" else _converge.TRY_ADAPTIVE)
         return out.replace(delta=delta.cpu() if multiply_by_inputs else None,
                            meta={**out.meta, **record})

@@ -123,6 +123,17 @@ def test_cap_names_unconverged_steps(gpt2):
 
 
 @pytest.mark.parametrize("method", [integrated_gradients, layer_integrated_gradients])
+def test_a_fixed_rule_that_misses_the_tolerance_points_to_adaptive(gpt2, method):
+    from fnattr.methods._converge import ConvergenceWarning
+    model, tok = gpt2
+    batch = prepare(model, tok, SOURCES[:1], TARGETS[:1])
+    for rule, cap, says in (("gausslegendre", 8, True), ("adaptive", 12, False)):
+        with pytest.warns(ConvergenceWarning, match="max_steps") as caught:
+            method(model, batch, method=rule, tolerance=1e-12, max_steps=cap)
+        assert [("method='adaptive'" in str(w.message)) for w in caught] == [says]
+
+
+@pytest.mark.parametrize("method", [integrated_gradients, layer_integrated_gradients])
 @pytest.mark.parametrize("options, match", [
     ({"n_steps": 16}, "n_steps.*adaptive"), ({"method": "simpson"}, "method.*adaptive"),
     ({"max_steps": 4}, "max_steps")])
