@@ -16,7 +16,7 @@ Prints, each measured in this one run (CPU seconds of each process, `time.proces
 - fnattr with n_steps="auto" for each rule: the points each step needed (8, 16, ... per step,
   refined only where a step misses 5 %), how many steps met 5 %, and the CPU seconds; and
   method="adaptive" (`fnattr.methods._adaptive`: each step's mesh halved where its intervals'
-  completeness fails);
+  completeness fails), with the memory its node gradients held at most against all it computed;
 - for the rules whose levels nest (riemann_trapezoid: 8, 15, 29, 57, 113 points; riemann_left and
   riemann_right: 8, 16, ... 128), the same refinement with every level recomputed whole
   (`_converge.REUSE_POINTS = False`): its CPU seconds, the ratio, and the largest difference of
@@ -29,9 +29,11 @@ between neighbouring points (why fixed spacings need many points here).
 """
 
 import argparse
+import contextlib
 import json
 import subprocess
 import warnings
+import weakref
 from collections import Counter
 from unittest import mock
 
@@ -72,6 +74,27 @@ def peer(python: str, n_steps: int) -> dict:
     out = subprocess.run([python, "benchmarks/peer_inseq.py", str(gguf_cache_path(default_model_path())),
                           "convergence", str(n_steps)], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@contextlib.contextmanager
+def node_memory():
+    """For method="adaptive": the most bytes of node gradients alive at once (a round's new
+    nodes with those of the steps still refining; a finished step's are freed) and the bytes of
+    all nodes computed."""
+    refs, memory = [], {"peak": 0, "made": 0}
+    real = _adaptive._evaluate
+
+    def spy(*args):
+        alive = sum(g.nbytes for r in refs if (g := r()) is not None)
+        got = real(*args)
+        grads = [g for n in got.values() for g in n.grads if g is not None]
+        new = sum(g.nbytes for g in grads)
+        memory["peak"], memory["made"] = max(memory["peak"], alive + new), memory["made"] + new
+        refs.extend(map(weakref.ref, grads))
+        return got
+
+    with mock.patch.object(_adaptive, "_evaluate", spy):
+        yield memory
 
 
 def profile(model, batch, n: int) -> None:
@@ -156,10 +179,14 @@ def main() -> None:
             return timed(lambda: run(model, batch, method=rule, **ig))
 
     for rule in args.rules:
-        wall, cpu, out = auto(rule)
+        with node_memory() as memory:
+            wall, cpu, out = auto(rule)
         rows[rule] = (cpu, sum(r <= TOLERANCE for r in errors(out)[0]))
         name = "method='adaptive'" if rule == "adaptive" else f'n_steps="auto", {rule}'
         print(line(f"fnattr {short}, {name}", cpu, wall, *errors(out)), flush=True)
+        if memory["made"]:
+            print(f"  node gradients: at most {memory['peak'] / 2**20:.1f} MiB alive at once, of "
+                  f"{memory['made'] / 2**20:.1f} MiB computed", flush=True)
         if rule == "adaptive" or _paths.next_level(rule, _converge.AUTO_START) is None:
             continue
         with mock.patch.object(_converge, "REUSE_POINTS", False):

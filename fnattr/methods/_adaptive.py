@@ -18,8 +18,10 @@ by the steps that need them), up to `max_steps` nodes per step. So the points go
 integrand is sharp: on SmolLM2 with the UNK baseline a step's score jumps within 1/256 of the
 path, which 128 Gauss-Legendre points miss (`benchmarks/bench_equal_accuracy.py`).
 
-Each node's gradients are kept until the end, as halving an interval changes the weights of its
-ends: memory grows with the points, about (nodes per step) x one step's gradients.
+Each node's gradients are kept until its step is done, as halving an interval changes the
+weights of its ends; a step's sum is taken and its nodes freed as soon as it meets the tolerance
+or its cap. Memory grows with the points of the steps still refining, about (their nodes) x one
+step's gradients, on top of the result.
 
 The path's inputs are a `Node` function's business: IG moves the embeddings (`ig_node`), layer
 IG a layer's outputs (`fnattr.methods.layer`); both give per-step gradients per side.
@@ -93,7 +95,8 @@ def _evaluate(ctx: Context, node: Node, diffs: list[Tensor | None],
             for i, (b, a) in enumerate(part):
                 for j, k in enumerate(ks):
                     out[b, k, a] = _Node(float(f[i, j]), float(g[i, j]),
-                                         tuple(None if s is None else s[i, j] for s in sides))
+                                         # copies, so that a step's nodes free on its own
+                                         tuple(None if s is None else s[i, j].clone() for s in sides))
             bar.advance(len(part))
     return out
 
@@ -134,6 +137,7 @@ def integrate(ctx: Context, node: Node, diffs: list[Tensor | None], expected: Te
     for b, k in mesh:
         for a in [first[1] / 2, *first[1:]]:
             wanted[b, a].add(k)
+    done = _Done(real, diffs)
     nodes: dict[tuple[int, int, float], _Node] = {}
     todo, level = set(mesh), 0
     while wanted:
@@ -146,32 +150,36 @@ def integrate(ctx: Context, node: Node, diffs: list[Tensor | None], expected: Te
             r = _residuals(m, nodes, b, k, float(f_base[b, k]))
             worst = max(abs(v) for v in r)
             total = sum(w * nodes[b, k, a].g for a, w in weights(m).items())  # delta + expected
-            if max(abs(total - float(expected[b, k])), worst) <= float(bar[b, k]):
-                todo.discard((b, k))
-                continue
             room = max_steps - len(m)  # a step with n breakpoints (0 included) has n nodes
             split = sorted((i for i, v in enumerate(r) if abs(v) >= SPLIT * worst
                             and m[i + 1] - m[i] > NARROWEST), key=lambda i: -abs(r[i]))[:room]
-            if not split:
+            if max(abs(total - float(expected[b, k])), worst) <= float(bar[b, k]) or not split:
                 todo.discard((b, k))
+                done.add(b, k, m, nodes)  # its mesh is final: its nodes' memory goes now
                 continue
             new = [(m[i] + m[i + 1]) / 2 for i in split]
             for i in split:  # halving [0, c] makes c/2 a breakpoint and needs c/4
                 wanted[b, m[1] / 4 if i == 0 else (m[i] + m[i + 1]) / 2].add(k)
             mesh[b, k] = sorted(m + new)
-    return _assemble(mesh, nodes, diffs, real)
+    return done.sides, done.points
 
 
-def _assemble(mesh, nodes, diffs: list[Tensor | None], real: Tensor) -> tuple[list[Tensor | None], Tensor]:
-    """Each step's weighted sum of its nodes' gradients, per side, and its node counts."""
-    n_rows, n_steps = real.shape
-    sides = [None if t is None else torch.zeros(n_rows, n_steps, *t.shape[1:], dtype=t.dtype,
-                                                device=t.device) for t in diffs]
-    points = torch.zeros(n_rows, n_steps, dtype=torch.long)
-    for (b, k), m in mesh.items():
-        rule = weights(m)
-        points[b, k] = len(rule)
-        for s, total in enumerate(sides):
+class _Done:
+    """Each finished step's weighted sum of its nodes' gradients, per side `[batch, step, ...]`
+    (None for a side whose `diffs` is None), and its node counts `[batch step]`."""
+
+    def __init__(self, real: Tensor, diffs: list[Tensor | None]):
+        n_rows, n_steps = real.shape
+        self.sides = [None if t is None else torch.zeros(n_rows, n_steps, *t.shape[1:], dtype=t.dtype,
+                                                         device=t.device) for t in diffs]
+        self.points = torch.zeros(n_rows, n_steps, dtype=torch.long)
+
+    def add(self, b: int, k: int, mesh: list[float], nodes: dict) -> None:
+        """Step k of row b on its final `mesh`: summed here, its nodes dropped from `nodes`."""
+        rule = weights(mesh)
+        self.points[b, k] = len(rule)
+        for s, total in enumerate(self.sides):
             if total is not None:
                 total[b, k] = sum(w * nodes[b, k, a].grads[s] for a, w in rule.items())
-    return sides, points
+        for a in rule:
+            del nodes[b, k, a]

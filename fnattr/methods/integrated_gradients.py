@@ -136,7 +136,8 @@ def integrated_gradients(
     and computes only the new ones. `method="adaptive"` (with n_steps="auto") instead halves, per
     step, the intervals of its mesh whose own completeness error is largest, so the points go
     where the integrand is sharp (`fnattr.methods._adaptive`; up to `max_steps` per step; it keeps
-    every node's gradients until the end, so its memory grows with the points). Steps
+    a step's node gradients until that step is done, so its memory grows with the points of the
+    steps still refining). Steps
     that miss the tolerance are named in one `ConvergenceWarning`. Every
     result records the tolerance, each step's relative error, the unconverged steps and the
     points used in `meta["completeness"]`. `internal_batch_size` bounds how many interpolated

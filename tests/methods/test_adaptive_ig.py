@@ -19,15 +19,15 @@ def _info(out):
 
 
 def _meshes(monkeypatch):
-    """Capture each step's final breakpoints (by (row, step index)) from `_adaptive._assemble`."""
+    """Capture each step's final breakpoints (by (row, step index)) as `_adaptive` sums it."""
     seen = {}
-    real = _adaptive._assemble
+    real = _adaptive._Done.add
 
-    def spy(mesh, *args):
-        seen.update(mesh)
-        return real(mesh, *args)
+    def spy(self, b, k, mesh, nodes):
+        seen[b, k] = list(mesh)
+        return real(self, b, k, mesh, nodes)
 
-    monkeypatch.setattr(_adaptive, "_assemble", spy)
+    monkeypatch.setattr(_adaptive._Done, "add", spy)
     return seen
 
 
@@ -77,6 +77,32 @@ def test_adaptive_equals_a_per_step_reference_at_its_nodes(decoder_model, monkey
             want_s, want_p = want_s + w * gs * (s - bs), want_p + w * gp * (p - bp)
         torch.testing.assert_close(out.source[b, k][batch.source_mask[b]], want_s, rtol=1e-9, atol=1e-13)
         torch.testing.assert_close(out.target[b, k, :k], want_p, rtol=1e-9, atol=1e-13)
+
+
+def test_a_finished_steps_nodes_are_freed_before_the_others_finish(gpt2, monkeypatch):
+    """Memory: a step that meets the tolerance sums its nodes and drops them at once, so fewer
+    node gradients are alive in later rounds than were computed; none outlives the call."""
+    import weakref
+
+    model, tok = gpt2
+    batch = prepare(model, tok, SOURCES, TARGETS)
+    refs, alive = [], []
+    real = _adaptive._evaluate
+
+    def spy(*args):
+        alive.append((sum(r() is not None for r in refs), len(refs)))
+        got = real(*args)
+        grads = [g for n in got.values() for g in n.grads if g is not None]
+        assert all(g._base is None for g in grads)  # own storage: no chunk's tensor kept alive
+        refs.extend(map(weakref.ref, grads))
+        return got
+
+    monkeypatch.setattr(_adaptive, "_evaluate", spy)
+    meshes = _meshes(monkeypatch)
+    integrated_gradients(model, batch, method="adaptive", tolerance=1e-4)
+    assert len({len(m) for m in meshes.values()}) > 1  # some steps finished earlier than others
+    assert any(live < made for live, made in alive[1:]), alive
+    assert all(r() is None for r in refs)
 
 
 def test_batched_equals_rows_alone(gpt2):
