@@ -84,7 +84,9 @@ def _arch(archs: dict, name: str, dtype: torch.dtype | None = None) -> Arch:
     return archs[(name, dtype)]
 
 
-FLOAT32_INSIDE = ("gptj",)  # float64 weights, but attention scores taken in float32
+# float64 weights, but attention scores taken in float32 on every path the gradients take (GPT-J;
+# Bloom's and Gemma 2's eager attention take a float32 softmax)
+FLOAT32_INSIDE = ("gptj", "bloom", "gemma2")
 
 
 def _tol(model) -> dict:
@@ -93,6 +95,15 @@ def _tol(model) -> dict:
     if type(model).__name__.lower().startswith(FLOAT32_INSIDE):
         return {"rtol": 1e-6, "atol": 1e-9}
     return {"rtol": 1e-9, "atol": 1e-12}
+
+
+def _weights_tol(model) -> dict:
+    """For attention weights: transformers' eager attention takes its softmax in float32 in most
+    models, whose rounding differs by a unit in the last place between a padded batch and one
+    row on some CPUs (their vector code depends on the row's length): 2^-26 at weights <= 1."""
+    if next(model.parameters()).dtype != torch.float64:
+        return _tol(model)
+    return {"rtol": 1e-6, "atol": 1e-7}
 
 
 def test_batch_is_padded_both_ways(archs):
@@ -158,9 +169,9 @@ def test_attention_equals_output_attentions(archs, name):
                     row = ref.attentions[layer][0, :, len(src) - 1 + k]
                     want_src, want_tgt = row[:, :len(src)], row[:, len(src):len(src) + k]
                 torch.testing.assert_close(out.source[b, k, cols, layer], want_src.T.to(out.source.dtype),
-                                           **_tol(a.model))
+                                           **_weights_tol(a.model))
                 torch.testing.assert_close(out.target[b, k, :k, layer], want_tgt.T.to(out.source.dtype),
-                                           **_tol(a.model))
+                                           **_weights_tol(a.model))
     assert torch.isfinite(out.source).all() and out.source.amax() > 0
 
 
@@ -185,6 +196,8 @@ def _alone(a: Arch, method: str, out, kwargs: dict) -> None:
     n_tgt = one.target_ids.shape[1]
     cols = a.batch.source_mask[1]
     tol = {"rtol": 1e-7, "atol": 1e-10} if _tol(a.model)["rtol"] < 1e-6 else {"rtol": 2e-3, "atol": 1e-5}
+    if method == "attention":
+        tol = _weights_tol(a.model) if _tol(a.model)["rtol"] < 1e-6 else tol
     got = out.source[1, :n_tgt][:, cols]
     if method == "value_zeroing" and out.extra_dims == ("layer", "query"):
         got = got[..., cols]
@@ -310,7 +323,8 @@ def test_padded_rows_stay_finite_in_float64(archs, name):
         with finite_masks(model):
             fixed = model(input_ids=ids, attention_mask=mask).logits
         alone = model(input_ids=ids[1:, mask[1].bool()]).logits
-    torch.testing.assert_close(fixed[1, mask[1].bool()], alone[0], rtol=1e-10, atol=1e-12)
+    # their float32 softmax rounds differently at another row length on some CPUs
+    torch.testing.assert_close(fixed[1, mask[1].bool()], alone[0], rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(fixed[0], plain[0], rtol=0, atol=0)  # the unpadded row: untouched
 
 

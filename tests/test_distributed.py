@@ -65,7 +65,9 @@ def _ray_run(saved, out_dir, **kwargs):
 
 
 def _same_run(a, b):
-    """Two run folders hold the same shards (bit for bit) and the same run.json."""
+    """Two run folders hold the same shards and the same run.json: tokens, ids and metadata bit
+    for bit, scores to float64 rounding (Ray's workers run one thread each, the single process
+    two; on some CPUs the matrix products round differently with the thread count)."""
     assert json.loads((a / dataset.RUN_FILE).read_text()) == json.loads((b / dataset.RUN_FILE).read_text())
     sa, sb = dataset.shards(a), dataset.shards(b)
     assert [p.name for p in sa] == [p.name for p in sb]
@@ -73,9 +75,13 @@ def _same_run(a, b):
         x, y = load(pa), load(pb)
         assert x.meta == y.meta and x.source_tokens == y.source_tokens
         assert x.target_tokens == y.target_tokens
-        for name in ("source", "target", "source_ids", "target_ids"):
+        for name in ("source_ids", "target_ids"):
             assert torch.equal(getattr(x, name), getattr(y, name)), (pa.name, name)
-        assert torch.equal(x.step_scores["logprob"], y.step_scores["logprob"])
+        for name in ("source", "target"):
+            torch.testing.assert_close(getattr(x, name), getattr(y, name), rtol=1e-12, atol=1e-15,
+                                       msg=f"{pa.name} {name}")
+            assert torch.equal(getattr(x, name) == 0, getattr(y, name) == 0)  # padding exactly 0
+        torch.testing.assert_close(x.step_scores["logprob"], y.step_scores["logprob"], rtol=1e-12, atol=0)
 
 
 def test_two_workers_equal_the_single_process_run(cluster, saved, tmp_path):

@@ -98,8 +98,11 @@ def test_batched_equals_single(any_model):
     for i in range(len(sources)):
         one = attention(model, prepare(model, tok, sources[i], targets[i]), attribute_target=True)
         n_tgt, cols = one.target_ids.shape[1], batch.source_mask[i]
-        torch.testing.assert_close(out.source[i, :n_tgt][:, cols], one.source[0], rtol=1e-9, atol=1e-13)
-        torch.testing.assert_close(out.target[i, :n_tgt, :n_tgt], one.target[0], rtol=1e-9, atol=1e-13)
+        # transformers' eager attention takes a float32 softmax (Llama): on some CPUs its last bit
+        # depends on the row's length, 2^-26 at weights <= 1
+        tol = {"rtol": 1e-6, "atol": 1e-7}
+        torch.testing.assert_close(out.source[i, :n_tgt][:, cols], one.source[0], **tol)
+        torch.testing.assert_close(out.target[i, :n_tgt, :n_tgt], one.target[0], **tol)
         assert torch.all(out.source[i, :, ~cols] == 0) and torch.all(out.source[i, n_tgt:] == 0)
 
 
