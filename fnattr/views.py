@@ -140,8 +140,10 @@ def _remedy(out: AttributionTensors) -> str:
     """For IG and layer IG on a fixed rule's refinement: the option that met the tolerance on
     more steps for less work on SmolLM2 (README, "IG at equal accuracy")."""
     args = method_args(out)
+    used = read_meta(out, "completeness", {})
+    used = used.get("rule", args.get("method")) if isinstance(used, dict) else args.get("method")
     if (out.meta.get("method") not in ("integrated_gradients", "layer_integrated_gradients")
-            or args.get("n_steps") != "auto" or args.get("method") == "adaptive"):
+            or args.get("n_steps") != "auto" or used in ("adaptive", "auto")):
         return ""
     return "; try method='adaptive'"
 

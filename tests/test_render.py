@@ -281,14 +281,17 @@ def test_unconverged_steps_are_flagged_in_console_html_and_png(tmp_path):
     assert "every step has |delta| <= 5% of |f(x) - f(baseline)|" in plain(ok)
 
 
-@pytest.mark.parametrize("method, args, says", [
-    ("integrated_gradients", {"n_steps": "auto", "method": "gausslegendre"}, True),
-    ("layer_integrated_gradients", {"n_steps": "auto", "method": "riemann_trapezoid"}, True),
-    ("integrated_gradients", {"n_steps": "auto", "method": "adaptive"}, False),
-    ("integrated_gradients", {"n_steps": 16, "method": "gausslegendre"}, False),
-    ("sequential_integrated_gradients", {"n_steps": "auto", "method": "gausslegendre"}, False)])
-def test_unconverged_ig_on_a_fixed_rule_points_to_adaptive(method, args, says):
-    out = flagged_result()
+@pytest.mark.parametrize("method, args, rule, says", [
+    ("integrated_gradients", {"n_steps": "auto", "method": "gausslegendre"}, None, True),
+    ("layer_integrated_gradients", {"n_steps": "auto", "method": "riemann_trapezoid"}, None, True),
+    ("integrated_gradients", {"n_steps": "auto", "method": "adaptive"}, None, False),
+    ("integrated_gradients", {"n_steps": "auto", "method": "auto"}, "adaptive", False),
+    ("integrated_gradients", {"n_steps": "auto", "method": "auto"}, "gausslegendre", True),
+    ("integrated_gradients", {"n_steps": 16, "method": "gausslegendre"}, None, False),
+    ("sequential_integrated_gradients", {"n_steps": "auto", "method": "gausslegendre"}, None, False)])
+def test_unconverged_ig_on_a_fixed_rule_points_to_adaptive(method, args, rule, says):
+    """The rule that ran is the record's (method="auto" resolves per call), else the argument."""
+    out = flagged_result(RECORD if rule is None else {**RECORD, "rule": rule})
     out = out.replace(meta={**out.meta, "method": method, "args": json.dumps(args)})
     assert ("|delta| > 5% of |f(x) - f(baseline)|; try method='adaptive'" in plain(out)) == says
     ok = flagged_result({**RECORD, "unconverged": []})

@@ -141,7 +141,7 @@ def integrate(ctx: Context, node: Node, diffs: list[Tensor | None], expected: Te
     nodes: dict[tuple[int, int, float], _Node] = {}
     todo, level = set(mesh), 0
     while wanted:
-        reporter.update(detail=f"round {level}: {len(todo)} steps refining, "
+        reporter.update(detail=f"round {level}, {len(todo)} steps refining, "
                                f"{max(len(mesh[s]) for s in todo)} points at most")
         nodes.update(_evaluate(ctx, node, diffs, wanted, chunk, reporter))
         wanted, level = defaultdict(set), level + 1

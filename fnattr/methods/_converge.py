@@ -71,9 +71,10 @@ def allowed_error(expected: Tensor, f_x: Tensor, f_base: Tensor, tolerance: floa
 
 
 def record(ctx: Context, delta: Tensor, expected: Tensor, f_x: Tensor, f_base: Tensor,
-           tolerance: float, points: Tensor | int | None) -> dict[str, str]:
+           tolerance: float, points: Tensor | int | None, rule: str | None = None) -> dict[str, str]:
     """`meta["completeness"]`: tolerance, relative error per step, unconverged steps, points
-    (left out for methods without quadrature points, such as DeepLIFT)."""
+    (left out for methods without quadrature points, such as DeepLIFT) and the `rule` that
+    placed them, where named."""
     real = ctx.batch.target_mask[:, ctx.steps].cpu()
     delta, expected = delta.detach().cpu(), expected.detach().cpu()
     bad = (delta.abs() > allowed_error(expected, f_x.cpu(), f_base.cpu(), tolerance)) & real
@@ -83,6 +84,8 @@ def record(ctx: Context, delta: Tensor, expected: Tensor, f_x: Tensor, f_base: T
             "unconverged": [[int(b), int(k)] for b, k in bad.nonzero().tolist()]}
     if points is not None:
         info["points"] = points if isinstance(points, int) else points.cpu().tolist()
+    if rule is not None:
+        info["rule"] = rule
     return {"completeness": json.dumps(info)}
 
 

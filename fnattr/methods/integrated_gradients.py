@@ -19,21 +19,44 @@ from fnattr.targets import probability
 from fnattr.types import Model, TargetFn
 
 
+# method="auto" takes "adaptive" unless its node gradients would pass this many bytes (about
+# (START + 1) nodes per step, each the size of one step's result), then "gausslegendre", whose
+# memory is set by `internal_batch_size` (`rule`)
+ADAPTIVE_BYTES = 2 * 2**30
+
+
 def path_quadrature(n_steps: int | str, method: str, internal_batch_size: int, *,
                     adaptive: bool = False) -> tuple[Tensor, Tensor] | None:
     """Points and weights of a path method's rule (its first level for n_steps="auto"), after
     checking its chunk size; None for `method="adaptive"` where the method offers it
-    (`adaptive`), which takes n_steps="auto" only."""
+    (`adaptive`, also "auto"), which takes n_steps="auto" only."""
     if internal_batch_size < 1:
         raise ValueError(f"`internal_batch_size`={internal_batch_size}: it must be at least 1.")
+    if adaptive and method == "auto":
+        method = "adaptive" if n_steps == "auto" else "gausslegendre"
     if adaptive and method == "adaptive":
         if n_steps != "auto":
             raise ValueError(f"`n_steps`={n_steps!r}: method='adaptive' places its own points; use "
                              f"n_steps='auto' (`max_steps` caps them), or a fixed rule {list(_paths.RULES)}.")
         return None
     if adaptive and method not in _paths.RULES:
-        raise ValueError(f"`method`={method!r}: use 'adaptive' or a quadrature rule {list(_paths.RULES)}.")
+        raise ValueError(f"`method`={method!r}: use 'auto', 'adaptive' or a quadrature rule "
+                         f"{list(_paths.RULES)}.")
     return _paths.quadrature(method, _converge.AUTO_START if n_steps == "auto" else n_steps)
+
+
+def rule(method: str, n_steps: int | str, sides: list[Tensor | None], n_steps_attributed: int) -> str:
+    """The rule that `method` names: for "auto", "adaptive" with n_steps="auto" where its node
+    gradients (`_adaptive.START` + 1 per step to begin with, each as large as one step's result
+    for `sides`, the attributed inputs [batch pos *]) stay under `ADAPTIVE_BYTES`, else
+    "gausslegendre"."""
+    if method != "auto":
+        return method
+    if n_steps != "auto":
+        return "gausslegendre"
+    per_step = sum(t.numel() * t.element_size() for t in sides if t is not None)
+    nodes = (_adaptive.START + 1) * n_steps_attributed * per_step
+    return "adaptive" if nodes <= ADAPTIVE_BYTES else "gausslegendre"
 
 
 def _path_grads(ctx, target_fn, x, base, alphas, weights, chunk, rows=None, *, bar: Reporter):
@@ -96,7 +119,7 @@ def integrate(ctx: Context, compute: _converge.LevelFn, ends: tuple[Tensor, Tens
         delta = _converge.step_sums(ctx, attrs) - expected
         points = n_steps
     delta = delta * ctx.batch.target_mask[:, ctx.steps]
-    return results, delta, _converge.record(ctx, delta, expected, f_x, f_base, tolerance, points)
+    return results, delta, _converge.record(ctx, delta, expected, f_x, f_base, tolerance, points, method)
 
 
 def adaptive_integrate(ctx: Context, node: _adaptive.Node, diffs: list[Tensor | None],
@@ -113,14 +136,14 @@ def adaptive_integrate(ctx: Context, node: _adaptive.Node, diffs: list[Tensor | 
         max_steps=max_steps, chunk=chunk, reporter=bar)
     attrs = [None if g is None else g * d[:, None] for g, d in zip(grads, diffs)]
     delta = (_converge.step_sums(ctx, attrs) - expected) * ctx.batch.target_mask[:, ctx.steps]
-    record = _converge.record(ctx, delta, expected, f_x, f_base, tolerance, points)
+    record = _converge.record(ctx, delta, expected, f_x, f_base, tolerance, points, "adaptive")
     return (attrs if multiply_by_inputs else grads), delta, record
 
 
 def integrated_gradients(
     model: Model, batch: Batch, target_fn: TargetFn = probability, *,
     n_steps: int | Literal["auto"] = "auto", tolerance: float = _converge.TOLERANCE,
-    max_steps: int = 128, method: str = "gausslegendre",
+    max_steps: int = 128, method: str = "auto",
     internal_batch_size: int = 64, baseline: Baseline = "auto",
     multiply_by_inputs: bool = True, attribute_target: bool | None = None,
     attr_pos_start: int | None = None, attr_pos_end: int | None = None,
@@ -128,19 +151,19 @@ def integrated_gradients(
 ) -> AttributionTensors:
     """Integrated gradients (Sundararajan et al. 2017, arXiv:1703.01365) for every step.
 
-    The path from `baseline` to the input embeddings is integrated with `n_steps` points of the
-    quadrature `method`. With `n_steps="auto"` (the default) each step gets 8, 16, 32, ... points
-    (riemann_trapezoid: 8, 15, 29, ..., halving its intervals; up to `max_steps`) until its
-    completeness error |delta| is at most `tolerance` times |f(x) - f(baseline)|; with
-    riemann_left, riemann_right and riemann_trapezoid each level reuses the last one's points
-    and computes only the new ones. `method="adaptive"` (with n_steps="auto") instead halves, per
-    step, the intervals of its mesh whose own completeness error is largest, so the points go
-    where the integrand is sharp (`fnattr.methods._adaptive`; up to `max_steps` per step; it keeps
-    a step's node gradients until that step is done, so its memory grows with the points of the
-    steps still refining). Steps
-    that miss the tolerance are named in one `ConvergenceWarning`. Every
-    result records the tolerance, each step's relative error, the unconverged steps and the
-    points used in `meta["completeness"]`. `internal_batch_size` bounds how many interpolated
+    The path from `baseline` to the input embeddings is integrated to a completeness target:
+    with `n_steps="auto"` and `method="auto"` (the defaults) each step's points go where its
+    integrand is sharp (`method="adaptive"`, `fnattr.methods._adaptive`): the intervals of its
+    mesh whose own completeness error is largest are halved until |delta| is at most `tolerance`
+    times |f(x) - f(baseline)|, up to `max_steps` points per step. It keeps a step's node
+    gradients until that step is done, so "auto" takes Gauss-Legendre instead where they would
+    pass `ADAPTIVE_BYTES`. A quadrature rule `method` ("gausslegendre", "riemann_*") with
+    n_steps="auto" gives each step 8, 16, 32, ... points (riemann_trapezoid: 8, 15, 29, ...) until
+    it meets the tolerance (riemann_left, riemann_right and riemann_trapezoid reuse the last
+    level's points); a number `n_steps` uses that many points of the rule (Gauss-Legendre for
+    "auto"). Steps that miss the tolerance are named in one `ConvergenceWarning`. Every result
+    records the tolerance, each step's relative error, the unconverged steps, the points used
+    and the rule in `meta["completeness"]`. `internal_batch_size` bounds how many interpolated
     sequences run in one forward, so memory stays flat as `n_steps` grows. Baselines: "auto" (the default: UNK, pad or
     the zero vector, whichever `fnattr.baselines.resolve_baseline` finds neutral for this
     tokenizer; `meta["baseline"]` names it), "unk", "pad", "zeros", or a source tensor
@@ -166,6 +189,7 @@ def integrated_gradients(
         base = baselines(ctx, baseline)
         with torch.no_grad():
             ends = [run_scored(ctx, target_fn, s, t) for s, t in (x, base)]
+        method = rule(method, n_steps, [x[0], x[1] if ctx.attribute_target else None], len(ctx.steps))
         if method == "adaptive":
             diffs = [x[0] - base[0], x[1] - base[1] if ctx.attribute_target else None]
             results, delta, record = adaptive_integrate(

@@ -13,7 +13,7 @@ from fnattr.methods import _adaptive, _buckets, _converge, _layers, _paths, _tri
 from fnattr.methods._common import StepScoreSpec, attribution_context, logit_step_scores
 from fnattr.methods._layers import Acts
 from fnattr.methods.integrated_gradients import (
-    Baseline, adaptive_integrate, baselines, integrate, path_quadrature,
+    Baseline, adaptive_integrate, baselines, integrate, path_quadrature, rule,
 )
 from fnattr.progress import Reporter, report
 from fnattr.result import AttributionTensors
@@ -143,7 +143,7 @@ def _layer_nodes(hooks, roles, target_fn, x: Acts, base: Acts) -> _adaptive.Node
 def layer_integrated_gradients(
     model: Model, batch: Batch, target_fn: TargetFn = probability, *,
     layer: LayerSpec | None = None, n_steps: int | Literal["auto"] = "auto",
-    tolerance: float = _converge.TOLERANCE, max_steps: int = 128, method: str = "gausslegendre",
+    tolerance: float = _converge.TOLERANCE, max_steps: int = 128, method: str = "auto",
     internal_batch_size: int = 64, baseline: Baseline = "auto", multiply_by_inputs: bool = True,
     attribute_target: bool | None = None,
     attr_pos_start: int | None = None, attr_pos_end: int | None = None,
@@ -157,9 +157,9 @@ def layer_integrated_gradients(
     `integrated_gradients`). Positions that are not attributed (target positions without
     `attribute_target`, the decoder start) keep their actual activations on the whole path.
     `baseline`, `n_steps` (default "auto": refined per step to `tolerance`, up to `max_steps`),
-    `method` (a quadrature rule, or "adaptive": each step's mesh halved where its completeness
-    fails), `internal_batch_size`, `progress` as in `integrated_gradients`;
-    `meta["completeness"]` too.
+    `method` (default "auto": "adaptive", each step's mesh halved where its completeness fails,
+    with n_steps="auto"; else a quadrature rule), `internal_batch_size`, `progress` as in
+    `integrated_gradients`; `meta["completeness"]` too.
 
     Returns `source` [batch step src hidden], `target` [batch step tgt hidden] and `delta`
     [batch step] (sum of scores minus f(input) - f(baseline layer output)).
@@ -187,6 +187,7 @@ def layer_integrated_gradients(
             f_base = _layers.run_scored(ctx, hooks, roles, target_fn, emb.source, emb.target,
                                         replace=_layers.join(base, roles))[2]
         f_x = score_steps(target_fn, logits, ctx.batch, ctx.steps)
+        method = rule(method, n_steps, [getattr(x, n) for n in _path_names(ctx, x)], len(ctx.steps))
 
         def compute(sub, n, rows, part=None):
             alphas, weights = _paths.quadrature(method, n) if part is None else part

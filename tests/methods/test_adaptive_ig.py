@@ -230,3 +230,30 @@ def test_layer_ig_inside_the_model_converges_to_the_rule_at_its_nodes(any_model,
         for field in ("source", "target"):
             torch.testing.assert_close(getattr(out, field)[b, k], getattr(want, field)[b, k],
                                        rtol=1e-8, atol=1e-12)
+
+
+@pytest.mark.filterwarnings("ignore::fnattr.methods._converge.ConvergenceWarning")
+@pytest.mark.parametrize("method", [integrated_gradients, layer_integrated_gradients])
+def test_the_default_rule_is_adaptive_within_its_memory_bound(gpt2, monkeypatch, method):
+    """method="auto": adaptive with n_steps="auto" (the same result as naming it), Gauss-Legendre
+    for a number of points, and Gauss-Legendre where adaptive's first nodes would pass
+    `ADAPTIVE_BYTES`; the record names the rule that ran."""
+    import importlib
+
+    ig_module = importlib.import_module("fnattr.methods.integrated_gradients")  # not the function
+    model, tok = gpt2
+    batch = prepare(model, tok, SOURCES, TARGETS)
+    default = method(model, batch)
+    named = method(model, batch, method="adaptive")
+    assert _info(default)["rule"] == "adaptive" and json.loads(default.meta["args"])["method"] == "auto"
+    for field in ("source", "delta"):
+        torch.testing.assert_close(getattr(default, field), getattr(named, field), rtol=0, atol=0)
+    fixed = method(model, batch, n_steps=8)
+    assert _info(fixed)["rule"] == "gausslegendre" and _info(fixed)["points"] == 8
+    torch.testing.assert_close(fixed.source, method(model, batch, n_steps=8, method="gausslegendre").source,
+                               rtol=0, atol=0)
+    monkeypatch.setattr(ig_module, "ADAPTIVE_BYTES", 0)
+    capped = method(model, batch)
+    assert _info(capped)["rule"] == "gausslegendre"
+    torch.testing.assert_close(capped.source, method(model, batch, method="gausslegendre").source,
+                               rtol=0, atol=0)

@@ -169,10 +169,11 @@ def _expected(out):
 
 
 def test_auto_meets_tolerance_per_step(gpt2):
-    """n_steps="auto": every step ends within the tolerance, with the points it needed."""
+    """n_steps="auto" with Gauss-Legendre: every step ends within the tolerance, with the points
+    of the level it needed."""
     model, tok = gpt2
     batch = prepare(model, tok, [SOURCE, "A dog"], [TARGET, " ran in the park"])
-    out = integrated_gradients(model, batch, tolerance=0.01)
+    out = integrated_gradients(model, batch, tolerance=0.01, method="gausslegendre")
     info = _completeness(out)
     assert info["tolerance"] == 0.01 and info["unconverged"] == []
     expected = _expected(out)
@@ -230,7 +231,7 @@ def test_auto_names_steps_that_miss_the_cap(gpt2):
     model, tok = gpt2
     batch = prepare(model, tok, [SOURCE], [TARGET])
     with pytest.warns(ConvergenceWarning, match=r"missed \|delta\| <= 1e-06%.*row 0 step 0 ' Paris'"):
-        out = integrated_gradients(model, batch, tolerance=1e-8, max_steps=15)
+        out = integrated_gradients(model, batch, tolerance=1e-8, max_steps=15, method="gausslegendre")
     info = _completeness(out)
     n_real = int(out.step_mask.sum())
     assert len(info["unconverged"]) == n_real and info["points"] == [[8] * n_real]
