@@ -190,7 +190,8 @@ def check_finite(ctx: Context, method: str, parts: Mapping[str, Tensor | None],
     hint = (f"; rows {padded} are padded: if a row is finite alone (`batch.select([{padded[0]}])`), "
             "padding is the cause" if padded else "")
     rule = (args or {}).get("method")
-    if not scored and rule in AT_BASELINE:
+    if not scored and rule in AT_BASELINE and method in ("integrated_gradients",
+                                                         "layer_integrated_gradients"):
         hint += (f"; `method`={rule!r} takes a gradient at the baseline itself (alpha = 0), which "
                  "overflows where the baseline is the zero vector and the model has RMSNorm and no "
                  "biases (Llama): use method='gausslegendre', 'riemann_right' or 'adaptive', or "
