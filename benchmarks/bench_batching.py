@@ -78,7 +78,8 @@ def main() -> None:
 
 def default_ig(model, tok, rounds: int) -> None:
     """IG with its defaults, a batch of the eight prompts (their greedy 8 tokens forced) against
-    the rows alone; the batch's rows must equal the singles' (adaptive refines per row and step)."""
+    the rows alone, with the points each computed (adaptive refines per row and step, so a batch
+    and its singles compute the same nodes; tests/methods/test_adaptive_ig.py checks the scores)."""
     import json
     import warnings
 

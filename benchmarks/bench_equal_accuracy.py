@@ -3,7 +3,7 @@ to |delta| <= 5 % of |f(x) - f(baseline)|, per quadrature rule, against the peer
 
 Run: python -m benchmarks.bench_equal_accuracy [--peer .peer/bin/python] [--rules ...]
 [--method layer_integrated_gradients] (layer IG at the embedding layer, fnattr only: inseq 0.7.1's
-layer IG on SmolLM2 returns all-zero scores with zero delta, its baseline equal to the input)
+layer IG on SmolLM2 returns all-zero scores with zero delta: no accuracy to match)
 SmolLM2-135M, PROMPT + TARGET (20 + 20 tokens), target probability, and inseq's own baseline
 (the UNK token at every position) for both libraries, so that the errors are comparable.
 

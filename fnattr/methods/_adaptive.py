@@ -24,7 +24,8 @@ or its cap. Memory grows with the points of the steps still refining, about (the
 step's gradients, on top of the result.
 
 The path's inputs are a `Node` function's business: IG moves the embeddings (`ig_node`), layer
-IG a layer's outputs (`fnattr.methods.layer`); both give per-step gradients per side.
+IG a layer's outputs (`fnattr.methods.layer`); both give per-step gradients per side, and the
+fixed rules sum the same nodes (`integrated_gradients.path_sums`).
 """
 
 import dataclasses
@@ -77,6 +78,7 @@ def _evaluate(ctx: Context, node: Node, diffs: list[Tensor | None],
     for (b, a), ks in wanted.items():
         groups[tuple(sorted(ks))].append((b, a))
     lengths = (ctx.batch.source_mask.sum(1) + ctx.batch.target_mask.sum(1)).tolist()
+    like = next(d for d in diffs if d is not None)
     out = {}
     bar.expect(len(wanted))
     for ks, pairs in groups.items():
@@ -84,7 +86,6 @@ def _evaluate(ctx: Context, node: Node, diffs: list[Tensor | None],
         pairs.sort(key=lambda p: (lengths[p[0]], p))  # rows of like length share a chunk
         for lo in range(0, len(pairs), chunk):
             part = pairs[lo:lo + chunk]
-            like = next(d for d in diffs if d is not None)
             rows = torch.tensor([b for b, _ in part], device=like.device)
             alpha = torch.tensor([a for _, a in part], dtype=like.dtype, device=like.device)
             scores, sides = node(sub, alpha, rows)

@@ -8,7 +8,7 @@ from torch import Tensor
 
 from fnattr.baselines import Baseline, baselines  # re-exported: the other methods import them here
 from fnattr.batch import Batch
-from fnattr.methods import _adaptive, _buckets, _converge, _paths, _triangular
+from fnattr.methods import _adaptive, _buckets, _converge, _paths
 from fnattr.methods._converge import completeness_delta as completeness_delta  # older import path
 from fnattr.methods._common import (
     Context, StepScoreSpec, attribution_context, finish, logit_step_scores, run_scored,
@@ -59,25 +59,28 @@ def rule(method: str, n_steps: int | str, sides: list[Tensor | None], n_steps_at
     return "adaptive" if nodes <= ADAPTIVE_BYTES else "gausslegendre"
 
 
-def _path_grads(ctx, target_fn, x, base, alphas, weights, chunk, rows=None, *, bar: Reporter):
-    """sum_a w_a * grad f_step(base + a (x - base)), for source and target, chunked over rows
-    of like length (`_buckets`; `rows`: the batch rows to integrate, default all; the others stay
-    zero). `bar` counts the forwards (one per point and row).
+def path_sums(ctx: Context, node: _adaptive.Node, like: list[Tensor | None], alphas: Tensor,
+              weights: Tensor, chunk: int, rows=None, *, bar: Reporter) -> list[Tensor | None]:
+    """sum_a w_a * the gradients that `node` gives at alpha a, per side `[batch, step, ...]`
+    (None where `like`, the side's input `[batch pos *]`, is None), chunked over rows of like
+    length (`_buckets`; `rows`: the batch rows to integrate, default all; the others stay zero).
+    `bar` counts the forwards (one per point and row).
 
     One chunk's graph is alive at a time, so peak memory does not grow with `n_steps`."""
-    acc = [torch.zeros(len(ctx.batch), len(ctx.steps), *t.shape[1:], dtype=t.dtype, device=t.device)
-           for t in x]
+    acc = [None if t is None else torch.zeros(len(ctx.batch), len(ctx.steps), *t.shape[1:],
+                                              dtype=t.dtype, device=t.device) for t in like]
+    first = next(t for t in like if t is not None)
     rows = range(len(ctx.batch)) if rows is None else rows
     bar.expect(len(alphas) * len(rows))
     for pairs in _buckets.chunks(ctx.batch, list(rows), len(alphas), chunk):
-        a_idx, rows = (torch.tensor(v, device=x[0].device) for v in zip(*pairs))
-        alpha = alphas.to(x[0])[a_idx][:, None, None]
-        grads = _triangular.along_path(ctx, target_fn, x, base, alpha, rows).grads
-        w = weights.to(x[0])[a_idx][(..., *(None,) * (grads[0].ndim - 1))]
+        a_idx, part = (torch.tensor(v, device=first.device) for v in zip(*pairs))
+        grads = node(ctx, alphas.to(first)[a_idx], part)[1]
+        w = weights.to(first)[a_idx]
         for total, g in zip(acc, grads):
-            total.index_add_(0, rows, g * w)
-        del grads
-        bar.advance(len(rows))
+            if total is not None:
+                total.index_add_(0, part, g * w.view(-1, *[1] * (g.ndim - 1)))
+        del grads  # this chunk's graph goes before the next forward
+        bar.advance(len(part))
     return acc
 
 
@@ -86,12 +89,12 @@ def path_level(ctx: Context, target_fn: TargetFn, x, base, method: str, chunk: i
     """IG with n points of `method` at some rows and steps (or only the points `part`, a nested
     level's new ones): (results, attributions) per side; its forwards counted on `bar`."""
     diffs = [t - b for t, b in zip(x, base)]
+    node = _adaptive.ig_node(target_fn, x, base)
 
     def compute(sub: Context, n: int, rows: list[int], part: tuple[Tensor, Tensor] | None = None):
         alphas, weights = _paths.quadrature(method, n) if part is None else part
-        grads = _path_grads(sub, target_fn, x, base, alphas, weights, chunk, rows, bar=bar)
-        if not sub.attribute_target:
-            grads[1] = None
+        like = [x[0], x[1] if sub.attribute_target else None]
+        grads = path_sums(sub, node, like, alphas, weights, chunk, rows, bar=bar)
         attrs = [None if g is None else g * d[:, None] for g, d in zip(grads, diffs)]
         return (attrs if multiply_by_inputs else grads), attrs
 

@@ -9,13 +9,13 @@ from torch import Tensor
 from fnattr.batch import Batch
 from fnattr.engine import score_steps, step_gradients
 from fnattr.hooks.layer import LayerSpec, layer_hooks
-from fnattr.methods import _adaptive, _buckets, _converge, _layers, _paths, _triangular
+from fnattr.methods import _adaptive, _converge, _layers, _paths, _triangular
 from fnattr.methods._common import StepScoreSpec, attribution_context, logit_step_scores
 from fnattr.methods._layers import Acts
 from fnattr.methods.integrated_gradients import (
-    Baseline, adaptive_integrate, baselines, integrate, path_quadrature, rule,
+    Baseline, adaptive_integrate, baselines, integrate, path_quadrature, path_sums, rule,
 )
-from fnattr.progress import Reporter, report
+from fnattr.progress import report
 from fnattr.result import AttributionTensors
 from fnattr.targets import probability
 from fnattr.types import Model, TargetFn
@@ -80,47 +80,10 @@ def _mix(x: Acts, base: Acts, attribute_target: bool) -> Acts:
     return Acts(base.source, base.target if attribute_target else x.target, x.start)
 
 
-def _layer_path_grads(ctx, hooks, roles, target_fn, x: Acts, base: Acts, alphas, weights, chunk,
-                      rows=None, *, bar: Reporter):
-    """sum_a w_a * grad f_step(base + a (x - base)) over the layer's attributed positions, at
-    the batch rows `rows` (default all; the others stay zero), in chunks of rows of like length
-    (`_buckets`) whose per-step gradients come from `_triangular`; forwards counted on `bar`."""
-    names = _path_names(ctx, x)
-    acc = {n: torch.zeros(len(ctx.batch), len(ctx.steps), *getattr(x, n).shape[1:],
-                          dtype=getattr(x, n).dtype, device=getattr(x, n).device) for n in names}
-    rows = range(len(ctx.batch)) if rows is None else rows
-    bar.expect(len(alphas) * len(rows))
-    for pairs in _buckets.chunks(ctx.batch, list(rows), len(alphas), chunk):
-        a_idx, part = (torch.tensor(v, device=ctx.embedded.source.device) for v in zip(*pairs))
-        grads = _layer_node(ctx, hooks, roles, target_fn, x, base,
-                            alphas.to(ctx.embedded.source)[a_idx], part).grads
-        w = weights.to(ctx.embedded.source)[a_idx]
-        for n, g in zip(names, grads):
-            acc[n].index_add_(0, part, g * w.view(-1, *[1] * (g.ndim - 1)))
-        del grads  # this chunk's graph goes before the next forward
-        bar.advance(len(part))
-    return Acts(acc.get("source"), acc.get("target"), None)
-
-
 def _path_names(ctx, x: Acts) -> list[str]:
     """The sides of the layer's output that are attributed (and move along the path)."""
     return [n for n in ("source", "target") if getattr(x, n) is not None
             and (n == "source" or ctx.attribute_target)]
-
-
-def _layer_node(ctx, hooks, roles, target_fn, x: Acts, base: Acts, alpha: Tensor,
-                rows: Tensor) -> _triangular.Scored:
-    """Scores and per-step gradients w.r.t. the layer's attributed sides (`_path_names` order)
-    at `base + alpha (x - base)` (`alpha` [copies]) for batch `rows`."""
-    names = _path_names(ctx, x)
-    xr, br = x.rows(rows), base.rows(rows)
-    path = {n: (getattr(br, n) + alpha.view(-1, *[1] * (getattr(xr, n).ndim - 1))
-                * (getattr(xr, n) - getattr(br, n))).requires_grad_() for n in names}
-    acts = Acts(path.get("source", xr.source), path.get("target", xr.target), xr.start)
-    emb = ctx.embedded
-    return _triangular.gradients(ctx, target_fn, emb.source[rows], emb.target[rows],
-                                 [path[n] for n in names], rows,
-                                 layer=_triangular.Layer(hooks, roles, _layers.join(acts, roles)))
 
 
 def _path_diffs(ctx, x: Acts, base: Acts) -> list[Tensor | None]:
@@ -130,11 +93,21 @@ def _path_diffs(ctx, x: Acts, base: Acts) -> list[Tensor | None]:
 
 
 def _layer_nodes(hooks, roles, target_fn, x: Acts, base: Acts) -> _adaptive.Node:
-    """Layer IG's nodes for `method="adaptive"`: gradients w.r.t. the layer's outputs."""
+    """Layer IG's nodes: scores and per-step gradients w.r.t. the layer's attributed sides
+    (source, target; None where not attributed) at `base + alpha (x - base)` (`alpha` [copies])
+    for batch `rows`, through `_triangular` with the layer's outputs replaced."""
 
     def node(sub, alpha: Tensor, rows: Tensor):
-        got = _layer_node(sub, hooks, roles, target_fn, x, base, alpha, rows)
-        grads = dict(zip(_path_names(sub, x), got.grads))
+        names = _path_names(sub, x)
+        xr, br = x.rows(rows), base.rows(rows)
+        path = {n: (getattr(br, n) + alpha.view(-1, *[1] * (getattr(xr, n).ndim - 1))
+                    * (getattr(xr, n) - getattr(br, n))).requires_grad_() for n in names}
+        acts = Acts(path.get("source", xr.source), path.get("target", xr.target), xr.start)
+        emb = sub.embedded
+        got = _triangular.gradients(sub, target_fn, emb.source[rows], emb.target[rows],
+                                    [path[n] for n in names], rows,
+                                    layer=_triangular.Layer(hooks, roles, _layers.join(acts, roles)))
+        grads = dict(zip(names, got.grads))
         return got.scores, [grads.get("source"), grads.get("target")]
 
     return node
@@ -189,17 +162,18 @@ def layer_integrated_gradients(
         f_x = score_steps(target_fn, logits, ctx.batch, ctx.steps)
         method = rule(method, n_steps, [getattr(x, n) for n in _path_names(ctx, x)], len(ctx.steps))
 
+        node, diffs = _layer_nodes(hooks, roles, target_fn, x, base), _path_diffs(ctx, x, base)
+        like = [getattr(x, n) if d is not None else None for n, d in zip(("source", "target"), diffs)]
+
         def compute(sub, n, rows, part=None):
             alphas, weights = _paths.quadrature(method, n) if part is None else part
-            grads = _layer_path_grads(sub, hooks, roles, target_fn, x, base, alphas, weights,
-                                      internal_batch_size, rows, bar=bar)
-            pairs = ((grads.source, x.source, base.source), (grads.target, x.target, base.target))
-            attrs = [None if g is None else g * (a - b)[:, None] for g, a, b in pairs]
-            return (attrs if multiply_by_inputs else [grads.source, grads.target]), attrs
+            grads = path_sums(sub, node, like, alphas, weights, internal_batch_size, rows, bar=bar)
+            attrs = [None if g is None else g * d[:, None] for g, d in zip(grads, diffs)]
+            return (attrs if multiply_by_inputs else grads), attrs
 
         if method == "adaptive":
             results, delta, record = adaptive_integrate(
-                ctx, _layer_nodes(hooks, roles, target_fn, x, base), _path_diffs(ctx, x, base),
+                ctx, node, diffs,
                 (f_x, f_base), tolerance=tolerance, max_steps=max_steps, chunk=internal_batch_size,
                 multiply_by_inputs=multiply_by_inputs, bar=bar)
         else:

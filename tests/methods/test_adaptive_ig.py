@@ -207,8 +207,8 @@ def test_layer_ig_inside_the_model_converges_to_the_rule_at_its_nodes(any_model,
     before = snapshot(model)
     meshes = _meshes(monkeypatch)
     runs = []
-    real = layer_module._layer_path_grads
-    monkeypatch.setattr(layer_module, "_layer_path_grads",
+    real = layer_module.path_sums
+    monkeypatch.setattr(layer_module, "path_sums",
                         lambda *a, **k: runs.append((a, k)) or real(*a, **k))
     out = layer_integrated_gradients(model, batch, layer=name, method="adaptive", tolerance=tol,
                                      attribute_target=True)
