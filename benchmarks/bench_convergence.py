@@ -15,7 +15,7 @@ import torch
 import fnattr
 from benchmarks._common import PROMPT, TARGET, load, timed
 from fnattr.methods import integrated_gradients
-from fnattr.methods._converge import ConvergenceWarning
+from fnattr.methods._path.refine import ConvergenceWarning
 
 
 def summary(name: str, wall: float, cpu: float, out) -> str:

@@ -15,7 +15,7 @@ Prints, each measured in this one run (CPU seconds of each process, `time.proces
   its CPU seconds;
 - fnattr with n_steps="auto" for each rule: the points each step needed (8, 16, ... per step,
   refined only where a step misses 5 %), how many steps met 5 %, and the CPU seconds; and
-  method="adaptive" (`fnattr.methods._adaptive`: each step's mesh halved where its intervals'
+  method="adaptive" (`fnattr.methods._path.adaptive`: each step's mesh halved where its intervals'
   completeness fails), with the memory its node gradients held at most against all it computed;
 - for the rules whose levels nest (riemann_trapezoid: 8, 15, 29, 57, 113 points; riemann_left and
   riemann_right: 8, 16, ... 128), the same refinement with every level recomputed whole
@@ -41,11 +41,14 @@ import torch
 
 import fnattr
 from benchmarks._common import PROMPT, TARGET, load, timed
-from fnattr.methods import _adaptive, _converge, _paths, integrated_gradients, layer_integrated_gradients
+from fnattr.methods import integrated_gradients, layer_integrated_gradients
+from fnattr.methods._path import adaptive as _adaptive
+from fnattr.methods._path import refine as _converge
+from fnattr.methods._path import quadrature as _paths
 from fnattr.methods.integrated_gradients import baselines
 from fnattr.targets import probability
-from fnattr.methods._converge import ConvergenceWarning
-from fnattr.methods._paths import RULES
+from fnattr.methods._path.refine import ConvergenceWarning
+from fnattr.methods._path.quadrature import RULES
 
 TOLERANCE = 0.05
 
@@ -99,7 +102,7 @@ def node_memory():
 
 def profile(model, batch, n: int) -> None:
     """f and g = df/da of every step at n equal points of the UNK path (`_adaptive._evaluate`)."""
-    from fnattr.methods._common import attribution_context
+    from fnattr.attribution import attribution_context
     from fnattr.progress import OFF
 
     alphas = [i / (n - 1) for i in range(n)]

@@ -1,4 +1,4 @@
-"""Cost of scoring one attribution's faithfulness (`fnattr.evaluate.faithfulness`) on the demo.
+"""Cost of scoring one attribution's faithfulness (`fnattr.evaluate.metrics`) on the demo.
 
 Run: python -m benchmarks.bench_evaluate
 SmolLM2-135M, "The capital of France is" + 8 greedy tokens, saliency attributions, the four

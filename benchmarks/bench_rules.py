@@ -17,8 +17,8 @@ import torch
 import fnattr
 from benchmarks._common import PROMPTS, load, timed
 from fnattr.methods import integrated_gradients
-from fnattr.methods._converge import ConvergenceWarning
-from fnattr.methods._paths import RULES
+from fnattr.methods._path.refine import ConvergenceWarning
+from fnattr.methods._path.quadrature import RULES
 
 TOLERANCE = 0.05
 

@@ -15,7 +15,7 @@ from fnattr.batch import Batch, prepare
 from fnattr.contrast import Alignments, Contrast, force_inputs, prepare_contrast
 from fnattr.engine import score_steps, step_range
 from fnattr.methods import METHODS
-from fnattr.methods._common import (
+from fnattr.attribution import (
     StepScoreSpec, attribution_context, clean_logits, resolve_step_scores,
 )
 from fnattr.progress import status

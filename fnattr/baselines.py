@@ -16,13 +16,16 @@ completeness by at most 2e-4, from `<|endoftext|>` by up to 9e-3, from `<|im_end
 import re
 import warnings
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
 from fnattr.batch import Batch
-from fnattr.methods._common import Context
+
+if TYPE_CHECKING:  # the type only: fnattr.attribution imports this module
+    from fnattr.attribution import Context
 
 # "auto" | "unk" | "pad" | "zeros" | a tensor; checked by `resolve_baseline`.
 Baseline = str | Float[Tensor, "batch src d"]
@@ -132,7 +135,7 @@ def baseline_meta(
     return {"baseline": " | ".join(texts), "baseline_kind": ",".join(kinds)}
 
 
-def _fill(ctx: Context, side: str, emb: Tensor, token_id: int | None) -> Tensor:
+def _fill(ctx: "Context", side: str, emb: Tensor, token_id: int | None) -> Tensor:
     """Baseline embeddings for one side: the token's embedding (zeros for None) at ordinary
     tokens, special tokens kept as they are."""
     ids, special = getattr(ctx.batch, f"{side}_ids"), getattr(ctx.batch, f"{side}_special")
@@ -154,7 +157,7 @@ def _warn_if_separator(batch: Batch, baseline: Baseline) -> None:
                       f"{resolve_baseline(batch, 'auto')[2]}.", UserWarning, stacklevel=3)
 
 
-def baselines(ctx: Context, baseline: Baseline) -> tuple[Tensor, Tensor]:
+def baselines(ctx: "Context", baseline: Baseline) -> tuple[Tensor, Tensor]:
     """Source and target baselines. A tensor sets the source side; the target side uses "auto"."""
     emb = ctx.embedded
     kind, token_id, _ = resolve_baseline(ctx.batch, baseline)

@@ -12,7 +12,8 @@ import time
 
 import pytest
 
-from fnattr import _cli_catalog, cli
+from fnattr import cli
+from fnattr.cli import catalog as _cli_catalog
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 HEAVY = ("torch", "transformers", "numpy", "matplotlib", "rich")

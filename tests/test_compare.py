@@ -12,7 +12,8 @@ import pytest
 import torch
 from rich.console import Console
 
-from fnattr import _compare_result, cli, compare, evaluate, prepare
+from fnattr import cli, compare, evaluate, prepare
+from fnattr.evaluate import compare_result as _compare_result
 from fnattr.compare import Comparison, bootstrap, compare_methods, plot_curves, table
 from fnattr.evaluate import HIGHER_IS_BETTER, faithfulness
 from fnattr.loading import load_model

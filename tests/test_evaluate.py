@@ -7,7 +7,7 @@ import torch
 
 import fnattr
 from fnattr import AttributionTensors, evaluate, prepare, targets
-from fnattr._evaluate_rank import count_of, keys, ranks
+from fnattr.evaluate.ranking import count_of, keys, ranks
 from fnattr.contrast import prepare_contrast
 from fnattr.evaluate import Faithfulness, faithfulness
 from fnattr.methods import input_x_gradient

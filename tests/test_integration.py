@@ -79,7 +79,7 @@ def test_demo_integrated_gradients_converges_or_says_which_steps_did_not(smollm2
     import json
     import warnings
 
-    from fnattr.methods._converge import ConvergenceWarning
+    from fnattr.methods._path.refine import ConvergenceWarning
 
     model, tok = smollm2
     batch = fnattr.prepare(model, tok, ["The capital of France is"], max_new_tokens=8)

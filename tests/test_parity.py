@@ -427,7 +427,7 @@ def _shape_tag(words):
 
 
 def test_reagent_pos_proposals_equal_the_direct_definition(any_model):
-    from fnattr.methods._common import attribution_context, clean_logits
+    from fnattr.attribution import attribution_context, clean_logits
     from fnattr.methods.reagent import pos_proposals, pos_tags, proposals
     model, tok = any_model
     batch = prepare(model, tok, SOURCES, TARGETS)

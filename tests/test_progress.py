@@ -10,7 +10,7 @@ import torch
 import fnattr
 from fnattr import prepare, progress
 from fnattr.methods import METHODS
-from fnattr.methods._converge import ConvergenceWarning
+from fnattr.methods._path.refine import ConvergenceWarning
 
 SOURCES, TARGETS = ["The capital of France is", "A dog"], [" Paris is", " ran in the park"]
 # Small settings, so that both runs of every method stay fast on the tiny models.

@@ -18,7 +18,7 @@ from fnattr.engine import Output, score_steps
 from fnattr.engine import run as run_model
 from fnattr.hooks.embedding import embedding_modules
 from fnattr.hooks.layer import LayerHandle
-from fnattr.methods._common import Context, at_input, finish, without_shortcut
+from fnattr.attribution import Context, at_input, finish, without_shortcut
 from fnattr.result import AttributionTensors
 from fnattr.types import TargetFn
 

@@ -14,7 +14,7 @@ from jaxtyping import Float
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
-from fnattr.methods._common import Context
+from fnattr.attribution import Context
 
 TagFn = Callable[[Sequence[str]], Sequence[str]]
 
@@ -28,6 +28,10 @@ class PosTags:
     tag_fn: TagFn
     vocab: Tensor  # [vocab] index into names
     names: tuple[str, ...]
+
+    def to_meta(self) -> list[str]:
+        """What a result's `meta["args"]` records of it: the tag names."""
+        return list(self.names)
 
 
 def pos_tags(tokenizer: PreTrainedTokenizerBase, tag_fn: TagFn) -> PosTags:

@@ -20,7 +20,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from fnattr.engine import _accepts, decoder_inputs, score_steps
-from fnattr.methods._common import Context, perturbed_inputs
+from fnattr.attribution import Context, perturbed_inputs
 from fnattr.progress import OFF, Reporter
 from fnattr.types import TargetFn
 

@@ -40,7 +40,7 @@ from fnattr import engine
 from fnattr.engine import decoder_inputs, output_layer_inputs, score_steps, step_gradients
 from fnattr.hooks.layer import LayerHandle
 from fnattr.methods import _layers, _prefix
-from fnattr.methods._common import Context, run_scored
+from fnattr.attribution import Context, run_scored
 from fnattr.types import TargetFn
 
 # fixed costs, in positions of one row (see the module docstring)

@@ -9,9 +9,11 @@ from torch import Tensor
 
 from fnattr.batch import Batch
 from fnattr.hooks.attention import capture_attention
-from fnattr.methods._common import (
+from fnattr.attribution import (
     Context, StepScoreSpec, attribution_context, clean_logits, finish, logit_step_scores,
 )
+from fnattr.attribution import call_args
+from fnattr.registry import attribution_method
 from fnattr.progress import report
 from fnattr.result import AttributionTensors
 from fnattr.targets import probability
@@ -82,6 +84,7 @@ def _select(t: Tensor | None, dims: tuple, layers: Tensor | None, heads: Tensor 
     return t
 
 
+@attribution_method(family="internals", reduction="mean")
 def attention(
     model: Model, batch: Batch, target_fn: TargetFn = probability, *,
     layers: Sequence[int] | None = None, heads: Sequence[int] | None = None,
@@ -117,9 +120,7 @@ def attention(
         raise ValueError("`source_attention='encoder'` adds a 'query' dim that the target side does "
                          "not have: run with attribute_target=False, then once more for the target.")
     average = tuple(average)
-    args = {"layers": layers, "heads": heads, "average": average, "source_attention": source_attention,
-            "attribute_target": attribute_target, "attr_pos_start": attr_pos_start,
-            "attr_pos_end": attr_pos_end}
+    args = call_args(attention, locals())
     with (report(progress, "attention", unit="forwards") as bar,
           attribution_context(model, batch, attribute_target=attribute_target,
                               attr_pos_start=attr_pos_start, attr_pos_end=attr_pos_end) as ctx):

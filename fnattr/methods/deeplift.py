@@ -10,13 +10,16 @@ from fnattr.batch import Batch
 from fnattr.engine import step_gradients
 from fnattr.hooks.checkpoint import is_checkpointed
 from fnattr.hooks.layer import LayerSpec, layer_hooks
-from fnattr.methods import _converge, _layers
-from fnattr.methods._common import (
+from fnattr.methods import _layers
+from fnattr.methods._path import refine as _converge
+from fnattr.attribution import (
     Context, StepScoreSpec, attribution_context, finish, logit_step_scores, run_scored,
 )
 from fnattr.methods._deeplift_rules import deeplift_rules
 from fnattr.methods._layers import Acts
 from fnattr.methods.integrated_gradients import Baseline, baselines
+from fnattr.attribution import call_args
+from fnattr.registry import attribution_method
 from fnattr.progress import report
 from fnattr.result import AttributionTensors
 from fnattr.targets import probability
@@ -56,6 +59,7 @@ def _run(ctx, target_fn, source, target, rows):
         return out.logits, scores
 
 
+@attribution_method(family="gradients", reduction="sum")
 def deeplift(
     model: Model, batch: Batch, target_fn: TargetFn = probability, *,
     baseline: Baseline = "auto", multiply_by_inputs: bool = True,
@@ -75,9 +79,7 @@ def deeplift(
     Returns `source` [batch step src hidden], `target` [batch step tgt hidden] and `delta`
     [batch step]: sum of scores minus (f(input) - f(reference)), ~0 (summation-to-delta).
     """
-    args = {"baseline": baseline, "multiply_by_inputs": multiply_by_inputs,
-            "attribute_target": attribute_target, "attr_pos_start": attr_pos_start,
-            "attr_pos_end": attr_pos_end}
+    args = call_args(deeplift, locals())
     _not_checkpointed(model, "deeplift")
     with ExitStack() as stack:
         bar = stack.enter_context(report(progress, "deeplift", unit="forwards"))
@@ -115,6 +117,7 @@ def _leaf(a: Tensor, *, role: str, n_src: int, attribute_target: bool) -> Tensor
     return a.requires_grad_()
 
 
+@attribution_method(family="layers", reduction="sum")
 def layer_deeplift(
     model: Model, batch: Batch, target_fn: TargetFn = probability, *,
     layer: LayerSpec | None = None, baseline: Baseline = "auto", multiply_by_inputs: bool = True,
@@ -137,9 +140,7 @@ def layer_deeplift(
 
     Returns `source` [batch step src hidden], `target` [batch step tgt hidden], `delta` [batch step].
     """
-    args = {"layer": layer, "baseline": baseline, "multiply_by_inputs": multiply_by_inputs,
-            "attribute_target": attribute_target, "attr_pos_start": attr_pos_start,
-            "attr_pos_end": attr_pos_end}
+    args = call_args(layer_deeplift, locals())
     _not_checkpointed(model, "layer_deeplift")
     with ExitStack() as stack:
         bar = stack.enter_context(report(progress, "layer_deeplift", unit="forwards"))

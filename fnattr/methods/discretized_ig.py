@@ -8,11 +8,15 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from fnattr.batch import Batch
-from fnattr.methods import _buckets, _converge, _paths, _triangular
-from fnattr.methods._common import (
+from fnattr.methods import _buckets, _triangular
+from fnattr.methods._path import refine as _converge
+from fnattr.methods._path import quadrature as _paths
+from fnattr.attribution import (
     Context, StepScoreSpec, attribution_context, finish, logit_step_scores, run_scored,
 )
 from fnattr.methods.integrated_gradients import Baseline, baselines, integrate
+from fnattr.attribution import call_args
+from fnattr.registry import attribution_method
 from fnattr.progress import Reporter, report
 from fnattr.result import AttributionTensors
 from fnattr.targets import probability
@@ -156,6 +160,7 @@ def _per_path(record: dict[str, str], n_segments: int) -> dict[str, str]:
     return {"completeness": json.dumps(info)}
 
 
+@attribution_method(family="gradients", reduction="sum")
 def discretized_integrated_gradients(
     model: Model, batch: Batch, target_fn: TargetFn = probability, *,
     n_steps: int = 32, strategy: Strategy = "greedy", n_neighbors: int = 64,
@@ -208,12 +213,7 @@ def discretized_integrated_gradients(
         raise ValueError(f"`strategy`={strategy!r}: use 'greedy' or 'maxcount'.")
     auto = points_per_segment == "auto"
     _paths.quadrature(method, 1 if auto else points_per_segment)  # an unknown `method`: raises
-    args = {"n_steps": n_steps, "strategy": strategy, "n_neighbors": n_neighbors,
-            "points_per_segment": points_per_segment, "tolerance": tolerance,
-            "max_points_per_segment": max_points_per_segment, "method": method,
-            "internal_batch_size": internal_batch_size, "baseline": baseline,
-            "attribute_target": attribute_target, "attr_pos_start": attr_pos_start,
-            "attr_pos_end": attr_pos_end}
+    args = call_args(discretized_integrated_gradients, locals())
     with (report(progress, "discretized_integrated_gradients", unit="forwards") as bar,
           attribution_context(model, batch, attribute_target=attribute_target,
                               attr_pos_start=attr_pos_start, attr_pos_end=attr_pos_end) as ctx):

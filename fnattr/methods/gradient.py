@@ -5,7 +5,9 @@ from torch import Tensor
 
 from fnattr.batch import Batch
 from fnattr.methods import _buckets, _triangular
-from fnattr.methods._common import Context, StepScoreSpec, attribution_context, finish, logit_step_scores
+from fnattr.attribution import Context, StepScoreSpec, attribution_context, finish, logit_step_scores
+from fnattr.attribution import call_args
+from fnattr.registry import attribution_method
 from fnattr.progress import Reporter, report
 from fnattr.result import AttributionTensors
 from fnattr.targets import probability
@@ -45,6 +47,7 @@ def _times(grad: Tensor | None, x: Tensor) -> Tensor | None:
     return None if grad is None else grad * x[:, None]
 
 
+@attribution_method(family="gradients", reduction="l2")
 def saliency(
     model: Model, batch: Batch, target_fn: TargetFn = probability, *,
     abs: bool = True, attribute_target: bool | None = None,
@@ -60,8 +63,7 @@ def saliency(
 
     >>> out = saliency(model, prepare(model, tok, "The capital of France is"))
     """
-    args = {"abs": abs, "attribute_target": attribute_target,
-            "attr_pos_start": attr_pos_start, "attr_pos_end": attr_pos_end}
+    args = call_args(saliency, locals())
     with (report(progress, "saliency", unit="forwards") as bar,
           attribution_context(model, batch, attribute_target=attribute_target,
                               attr_pos_start=attr_pos_start, attr_pos_end=attr_pos_end) as ctx):
@@ -72,6 +74,7 @@ def saliency(
                       source=g_src, target=g_tgt, step_scores=scores)
 
 
+@attribution_method(family="gradients", reduction="sum")
 def input_x_gradient(
     model: Model, batch: Batch, target_fn: TargetFn = probability, *,
     attribute_target: bool | None = None,
@@ -84,8 +87,7 @@ def input_x_gradient(
     Returns `source` [batch step src hidden] (and `target` [batch step tgt hidden]).
     `progress=True` reports the forward on stderr.
     """
-    args = {"attribute_target": attribute_target,
-            "attr_pos_start": attr_pos_start, "attr_pos_end": attr_pos_end}
+    args = call_args(input_x_gradient, locals())
     with (report(progress, "input_x_gradient", unit="forwards") as bar,
           attribution_context(model, batch, attribute_target=attribute_target,
                               attr_pos_start=attr_pos_start, attr_pos_end=attr_pos_end) as ctx):

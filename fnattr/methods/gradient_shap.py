@@ -9,11 +9,14 @@ import torch
 from torch import Tensor
 
 from fnattr.batch import Batch
-from fnattr.methods import _buckets, _converge, _triangular
-from fnattr.methods._common import (
+from fnattr.methods import _buckets, _triangular
+from fnattr.methods._path import refine as _converge
+from fnattr.attribution import (
     Context, StepScoreSpec, attribution_context, clean_logits, finish, logit_step_scores, run_scored,
 )
 from fnattr.methods.integrated_gradients import Baseline, baselines
+from fnattr.attribution import call_args
+from fnattr.registry import attribution_method
 from fnattr.progress import Reporter, report
 from fnattr.result import AttributionTensors
 from fnattr.targets import probability
@@ -114,6 +117,7 @@ def _expected(ctx, target_fn, x, bases, dr: Draws, n_samples, chunk,
     return f_x, f_base
 
 
+@attribution_method(family="gradients", reduction="sum")
 def gradient_shap(
     model: Model, batch: Batch, target_fn: TargetFn = probability, *,
     n_samples: int = 32, stdevs: float = 0.0,
@@ -159,11 +163,7 @@ def gradient_shap(
     specs = list(baseline) if isinstance(baseline, (list, tuple)) else [baseline]
     if not specs:
         raise ValueError("`baseline` is an empty sequence: pass at least one baseline.")
-    args = {"n_samples": n_samples, "stdevs": stdevs, "baseline": baseline, "seed": seed,
-            "generator": "given" if generator is not None else None,
-            "internal_batch_size": internal_batch_size, "multiply_by_inputs": multiply_by_inputs,
-            "attribute_target": attribute_target,
-            "attr_pos_start": attr_pos_start, "attr_pos_end": attr_pos_end}
+    args = call_args(gradient_shap, locals())
     with (report(progress, "gradient_shap", unit="forwards") as bar,
           attribution_context(model, batch, attribute_target=attribute_target,
                               attr_pos_start=attr_pos_start, attr_pos_end=attr_pos_end) as ctx):

@@ -8,11 +8,16 @@ from torch import Tensor
 
 from fnattr.baselines import Baseline, baselines  # re-exported: the other methods import them here
 from fnattr.batch import Batch
-from fnattr.methods import _adaptive, _buckets, _converge, _paths
-from fnattr.methods._converge import completeness_delta as completeness_delta  # older import path
-from fnattr.methods._common import (
+from fnattr.methods import _buckets
+from fnattr.methods._path import adaptive as _adaptive
+from fnattr.methods._path import refine as _converge
+from fnattr.methods._path import quadrature as _paths
+from fnattr.methods._path.refine import completeness_delta as completeness_delta  # older import path
+from fnattr.attribution import (
     Context, StepScoreSpec, attribution_context, finish, logit_step_scores, run_scored,
 )
+from fnattr.attribution import call_args
+from fnattr.registry import attribution_method
 from fnattr.progress import Reporter, report
 from fnattr.result import AttributionTensors
 from fnattr.targets import probability
@@ -143,6 +148,7 @@ def adaptive_integrate(ctx: Context, node: _adaptive.Node, diffs: list[Tensor | 
     return (attrs if multiply_by_inputs else grads), delta, record
 
 
+@attribution_method(family="gradients", reduction="sum")
 def integrated_gradients(
     model: Model, batch: Batch, target_fn: TargetFn = probability, *,
     n_steps: int | Literal["auto"] = "auto", tolerance: float = _converge.TOLERANCE,
@@ -156,7 +162,7 @@ def integrated_gradients(
 
     The path from `baseline` to the input embeddings is integrated to a completeness target:
     with `n_steps="auto"` and `method="auto"` (the defaults) each step's points go where its
-    integrand is sharp (`method="adaptive"`, `fnattr.methods._adaptive`): the intervals of its
+    integrand is sharp (`method="adaptive"`, `fnattr.methods._path.adaptive`): the intervals of its
     mesh whose own completeness error is largest are halved until |delta| is at most `tolerance`
     times |f(x) - f(baseline)|, up to `max_steps` points per step. It keeps a step's node
     gradients until that step is done, so "auto" takes Gauss-Legendre instead where they would
@@ -181,10 +187,7 @@ def integrated_gradients(
     """
     _converge.check_options(n_steps, tolerance, max_steps)
     path_quadrature(n_steps, method, internal_batch_size, adaptive=True)
-    args = {"n_steps": n_steps, "tolerance": tolerance, "max_steps": max_steps, "method": method,
-            "internal_batch_size": internal_batch_size, "baseline": baseline,
-            "multiply_by_inputs": multiply_by_inputs, "attribute_target": attribute_target,
-            "attr_pos_start": attr_pos_start, "attr_pos_end": attr_pos_end}
+    args = call_args(integrated_gradients, locals())
     with (report(progress, "integrated_gradients", unit="forwards") as bar,
           attribution_context(model, batch, attribute_target=attribute_target,
                               attr_pos_start=attr_pos_start, attr_pos_end=attr_pos_end) as ctx):

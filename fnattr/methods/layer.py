@@ -9,12 +9,17 @@ from torch import Tensor
 from fnattr.batch import Batch
 from fnattr.engine import score_steps, step_gradients
 from fnattr.hooks.layer import LayerSpec, layer_hooks
-from fnattr.methods import _adaptive, _converge, _layers, _paths, _triangular
-from fnattr.methods._common import StepScoreSpec, attribution_context, logit_step_scores
+from fnattr.methods import _layers, _triangular
+from fnattr.methods._path import adaptive as _adaptive
+from fnattr.methods._path import refine as _converge
+from fnattr.methods._path import quadrature as _paths
+from fnattr.attribution import StepScoreSpec, attribution_context, logit_step_scores
 from fnattr.methods._layers import Acts
 from fnattr.methods.integrated_gradients import (
     Baseline, adaptive_integrate, baselines, integrate, path_quadrature, path_sums, rule,
 )
+from fnattr.attribution import call_args
+from fnattr.registry import attribution_method
 from fnattr.progress import report
 from fnattr.result import AttributionTensors
 from fnattr.targets import probability
@@ -33,6 +38,7 @@ def _open(stack: ExitStack, model, batch, layer, attribute_target, attr_pos_star
     return ctx, hooks, roles
 
 
+@attribution_method(family="layers", reduction="sum")
 def layer_gradient_x_activation(
     model: Model, batch: Batch, target_fn: TargetFn = probability, *,
     layer: LayerSpec | None = None, multiply_by_inputs: bool = True,
@@ -50,9 +56,7 @@ def layer_gradient_x_activation(
 
     Returns `source` [batch step src hidden] and `target` [batch step tgt hidden].
     """
-    args = {"layer": layer, "multiply_by_inputs": multiply_by_inputs,
-            "attribute_target": attribute_target, "attr_pos_start": attr_pos_start,
-            "attr_pos_end": attr_pos_end}
+    args = call_args(layer_gradient_x_activation, locals())
     with ExitStack() as stack:
         bar = stack.enter_context(report(progress, "layer_gradient_x_activation", unit="forwards"))
         ctx, hooks, roles = _open(stack, model, batch, layer, attribute_target,
@@ -113,6 +117,7 @@ def _layer_nodes(hooks, roles, target_fn, x: Acts, base: Acts) -> _adaptive.Node
     return node
 
 
+@attribution_method(family="layers", reduction="sum")
 def layer_integrated_gradients(
     model: Model, batch: Batch, target_fn: TargetFn = probability, *,
     layer: LayerSpec | None = None, n_steps: int | Literal["auto"] = "auto",
@@ -139,11 +144,7 @@ def layer_integrated_gradients(
     """
     _converge.check_options(n_steps, tolerance, max_steps)
     path_quadrature(n_steps, method, internal_batch_size, adaptive=True)
-    args = {"layer": layer, "n_steps": n_steps, "tolerance": tolerance, "max_steps": max_steps,
-            "method": method,
-            "internal_batch_size": internal_batch_size, "baseline": baseline,
-            "multiply_by_inputs": multiply_by_inputs, "attribute_target": attribute_target,
-            "attr_pos_start": attr_pos_start, "attr_pos_end": attr_pos_end}
+    args = call_args(layer_integrated_gradients, locals())
     with ExitStack() as stack:
         bar = stack.enter_context(report(progress, "layer_integrated_gradients", unit="forwards"))
         ctx, hooks, roles = _open(stack, model, batch, layer, attribute_target,

@@ -13,11 +13,13 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from fnattr.batch import Batch
-from fnattr.methods._common import (
+from fnattr.attribution import (
     Context, StepScoreSpec, attribution_context, clean_logits, finish, logit_step_scores,
 )
 from fnattr.methods.integrated_gradients import baselines
 from fnattr.methods.occlusion import Fill, occludable, perturbed_scores
+from fnattr.attribution import call_args
+from fnattr.registry import attribution_method
 from fnattr.progress import report
 from fnattr.result import AttributionTensors
 from fnattr.targets import probability
@@ -124,6 +126,7 @@ def _to_positions(ctx: Context, coef, side, pos, real) -> tuple[Tensor, Tensor]:
     return out[0], out[1]
 
 
+@attribution_method(family="perturbations", reduction="sum")
 def lime(
     model: Model, batch: Batch, target_fn: TargetFn = probability, *,
     n_samples: int = 200, kernel_width: float = 0.25, keep_prob: float = 0.5,
@@ -169,11 +172,7 @@ def lime(
                          f"positive, `alpha`={alpha} non-negative, both finite.")
     if seed is None:  # from the OS: torch's global generator stays as it was
         seed = torch.Generator().seed() % 2**62
-    args = {"n_samples": n_samples, "kernel_width": kernel_width, "keep_prob": keep_prob,
-            "alpha": alpha, "seed": seed, "baseline": baseline,
-            "internal_batch_size": internal_batch_size, "perturb_fn": perturb_fn,
-            "similarity_fn": similarity_fn, "surrogate_fn": surrogate_fn, "attribute_target": attribute_target,
-            "attr_pos_start": attr_pos_start, "attr_pos_end": attr_pos_end}
+    args = call_args(lime, locals())
     with (report(progress, "lime", unit="perturbations") as bar,
           attribution_context(model, batch, attribute_target=attribute_target,
                               attr_pos_start=attr_pos_start, attr_pos_end=attr_pos_end) as ctx):

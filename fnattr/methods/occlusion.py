@@ -14,11 +14,13 @@ from torch import Tensor
 from fnattr.batch import Batch
 from fnattr.engine import score_steps
 from fnattr.methods import _prefix
-from fnattr.methods._common import (
+from fnattr.attribution import (
     Context, StepScoreSpec, attribution_context, clean_logits, finish, logit_step_scores,
     perturbed_inputs, run_scored,
 )
 from fnattr.methods.integrated_gradients import baselines
+from fnattr.attribution import call_args
+from fnattr.registry import attribution_method
 from fnattr.progress import OFF, Reporter, report
 from fnattr.result import AttributionTensors
 from fnattr.targets import probability
@@ -104,6 +106,7 @@ def _occlusions(ctx: Context, window: int, stride: int, dims: tuple[int, int] | 
     return torch.tensor(rows, device=device), tuple(torch.stack(m) for m in masks)
 
 
+@attribution_method(family="perturbations", reduction="sum")
 def occlusion(
     model: Model, batch: Batch, target_fn: TargetFn = probability, *,
     window: int = 1, stride: int = 1, hidden_window: int | None = None,
@@ -144,10 +147,7 @@ def occlusion(
     dims = None if hidden_window is None else (hidden_window, hidden_stride or hidden_window)
     if baseline not in ("auto", "unk", "pad", "zeros"):
         raise ValueError(f"`baseline`={baseline!r}: use 'auto', 'unk', 'pad' or 'zeros'.")
-    args = {"window": window, "stride": stride, "hidden_window": hidden_window,
-            "hidden_stride": hidden_stride, "baseline": baseline,
-            "internal_batch_size": internal_batch_size, "attribute_target": attribute_target,
-            "attr_pos_start": attr_pos_start, "attr_pos_end": attr_pos_end}
+    args = call_args(occlusion, locals())
     with (report(progress, "occlusion", unit="perturbations") as bar,
           attribution_context(model, batch, attribute_target=attribute_target,
                               attr_pos_start=attr_pos_start, attr_pos_end=attr_pos_end) as ctx):

@@ -16,11 +16,13 @@ from torch import Tensor, nn
 
 from fnattr.batch import Batch
 from fnattr.engine import for_rows, forward
-from fnattr.methods._common import (
+from fnattr.attribution import (
     Context, StepScoreSpec, at_input, attribution_context, clean_logits, finish, logit_step_scores,
 )
 from fnattr.methods._pos import PosTags, pos_proposals
 from fnattr.methods._pos import pos_tags as _pos_tags
+from fnattr.attribution import call_args
+from fnattr.registry import attribution_method
 from fnattr.progress import Reporter, report
 from fnattr.result import AttributionTensors
 from fnattr.targets import probability
@@ -196,6 +198,7 @@ def _probe(ctx: Context, target_fn: TargetFn, probs: Tensor, opts: dict, g: torc
     return total / used.clamp(min=1)[..., None], converged, used / n
 
 
+@attribution_method(family="perturbations", reduction="sum")
 def reagent(
     model: Model, batch: Batch, target_fn: TargetFn = probability, *,
     keep_top_n: int | None = 3, keep_ratio: float | None = None, invert_keep: bool = False,
@@ -230,14 +233,7 @@ def reagent(
     """
     _validate(keep_top_n, keep_ratio, stopping_condition_top_k, replacing_ratio, max_probe_steps,
               num_probes, internal_batch_size)
-    args = {"keep_top_n": keep_top_n, "keep_ratio": keep_ratio, "invert_keep": invert_keep,
-            "stopping_condition_top_k": stopping_condition_top_k, "replacing_ratio": replacing_ratio,
-            "max_probe_steps": max_probe_steps, "num_probes": num_probes,
-            "replacing_model": None if replacing_model is None else type(replacing_model).__name__,
-            "pos_tags": None if pos_tags is None else list(pos_tags.names),
-            "generator": generator if isinstance(generator, int) else "torch.Generator",
-            "internal_batch_size": internal_batch_size, "attribute_target": attribute_target,
-            "attr_pos_start": attr_pos_start, "attr_pos_end": attr_pos_end}
+    args = call_args(reagent, locals())
     opts = {"keep_top_n": keep_top_n, "keep_ratio": keep_ratio, "invert_keep": invert_keep,
             "top_k": stopping_condition_top_k, "replacing_ratio": replacing_ratio,
             "max_probe_steps": max_probe_steps, "num_probes": num_probes,

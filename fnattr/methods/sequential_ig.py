@@ -13,11 +13,15 @@ import torch
 from torch import Tensor
 
 from fnattr.batch import Batch
-from fnattr.methods import _converge, _paths, _triangular
-from fnattr.methods._common import (
+from fnattr.methods import _triangular
+from fnattr.methods._path import refine as _converge
+from fnattr.methods._path import quadrature as _paths
+from fnattr.attribution import (
     Context, StepScoreSpec, attribution_context, finish, logit_step_scores, run_scored,
 )
 from fnattr.methods.integrated_gradients import Baseline, baselines, path_quadrature
+from fnattr.attribution import call_args
+from fnattr.registry import attribution_method
 from fnattr.progress import Reporter, report
 from fnattr.result import AttributionTensors
 from fnattr.targets import probability
@@ -203,6 +207,7 @@ def _integrate(ctx, target_fn, x, base, f_x, *, n_steps, tolerance, max_steps, m
     return grads, terms, points
 
 
+@attribution_method(family="gradients", reduction="sum")
 def sequential_integrated_gradients(
     model: Model, batch: Batch, target_fn: TargetFn = probability, *,
     n_steps: int | Literal["auto"] = "auto", tolerance: float = _converge.TOLERANCE,
@@ -242,10 +247,7 @@ def sequential_integrated_gradients(
     """
     _converge.check_options(n_steps, tolerance, max_steps)
     path_quadrature(n_steps, method, internal_batch_size)
-    args = {"n_steps": n_steps, "tolerance": tolerance, "max_steps": max_steps, "method": method,
-            "internal_batch_size": internal_batch_size, "baseline": baseline,
-            "multiply_by_inputs": multiply_by_inputs, "attribute_target": attribute_target,
-            "attr_pos_start": attr_pos_start, "attr_pos_end": attr_pos_end}
+    args = call_args(sequential_integrated_gradients, locals())
     with (report(progress, "sequential_integrated_gradients", unit="forwards") as bar,
           attribution_context(model, batch, attribute_target=attribute_target,
                               attr_pos_start=attr_pos_start, attr_pos_end=attr_pos_end) as ctx):

@@ -20,9 +20,11 @@ from fnattr.hooks.value_zeroing import (
     HeadSpec, LayerCall, ValueZeroingHandle, capture_layers, layer_stacks, resolve_heads,
 )
 from fnattr.hooks.value_zeroing import value_zeroing as zeroed_values
-from fnattr.methods._common import (
+from fnattr.attribution import (
     Context, StepScoreSpec, attribution_context, clean_logits, finish, logit_step_scores,
 )
+from fnattr.attribution import call_args
+from fnattr.registry import attribution_method
 from fnattr.progress import OFF, Reporter, report
 from fnattr.result import AttributionTensors
 from fnattr.targets import probability
@@ -176,6 +178,7 @@ def _encoder_decoder(ctx: Context, heads_by_kind, output, similarity, chunk, bar
     return logits, source, target
 
 
+@attribution_method(family="internals", reduction="mean")
 def value_zeroing(
     model: Model, batch: Batch, target_fn: TargetFn = probability, *,
     similarity: Similarity = "cosine", output: Output = "decoder",
@@ -224,10 +227,7 @@ def value_zeroing(
         output = "encoder_to_decoder"
     if internal_batch_size < 1:
         raise ValueError(f"`internal_batch_size`={internal_batch_size}: it must be at least 1.")
-    args = {"similarity": similarity, "output": output, "decoder_heads": decoder_heads,
-            "encoder_heads": encoder_heads, "cross_heads": cross_heads,
-            "internal_batch_size": internal_batch_size, "attribute_target": attribute_target,
-            "attr_pos_start": attr_pos_start, "attr_pos_end": attr_pos_end}
+    args = call_args(value_zeroing, locals())
     heads = {"decoder": decoder_heads, "encoder": encoder_heads, "cross": cross_heads}
     stacks = layer_stacks(model)
     for kind, spec in heads.items():  # validate layer numbers before touching the model

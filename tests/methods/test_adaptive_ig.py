@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from fnattr import prepare
-from fnattr.methods import _adaptive, _paths, integrated_gradients, layer_integrated_gradients
+from fnattr.methods import integrated_gradients, layer_integrated_gradients
+from fnattr.methods._path import adaptive as _adaptive
+from fnattr.methods._path import quadrature as _paths
 from fnattr.targets import probability
 from tests.reference import prefix_inputs, step_score
 from tests.state import assert_unchanged, snapshot
@@ -118,7 +120,7 @@ def test_batched_equals_rows_alone(gpt2):
         assert _info(out)["points"][row][:n_tgt] == _info(one)["points"][0][:n_tgt]
 
 
-@pytest.mark.filterwarnings("ignore::fnattr.methods._converge.ConvergenceWarning")
+@pytest.mark.filterwarnings("ignore::fnattr.methods._path.refine.ConvergenceWarning")
 def test_never_takes_a_gradient_at_the_baseline(decoder_model, monkeypatch):
     """The first interval uses its midpoint: no node at alpha = 0, where a zero baseline's
     gradients overflow in a bias-free model."""
@@ -139,7 +141,7 @@ def test_never_takes_a_gradient_at_the_baseline(decoder_model, monkeypatch):
 
 
 def test_cap_names_unconverged_steps(gpt2):
-    from fnattr.methods._converge import ConvergenceWarning
+    from fnattr.methods._path.refine import ConvergenceWarning
     model, tok = gpt2
     batch = prepare(model, tok, SOURCES[:1], TARGETS[:1])
     with pytest.warns(ConvergenceWarning, match="max_steps"):
@@ -150,7 +152,7 @@ def test_cap_names_unconverged_steps(gpt2):
 
 @pytest.mark.parametrize("method", [integrated_gradients, layer_integrated_gradients])
 def test_a_fixed_rule_that_misses_the_tolerance_points_to_adaptive(gpt2, method):
-    from fnattr.methods._converge import ConvergenceWarning
+    from fnattr.methods._path.refine import ConvergenceWarning
     model, tok = gpt2
     batch = prepare(model, tok, SOURCES[:1], TARGETS[:1])
     for rule, cap, says in (("gausslegendre", 8, True), ("adaptive", 12, False)):
@@ -172,7 +174,7 @@ def test_bad_options_name_the_argument_and_leave_the_model(gpt2, options, match,
     assert_unchanged(model, before)
 
 
-@pytest.mark.filterwarnings("ignore::fnattr.methods._converge.ConvergenceWarning")
+@pytest.mark.filterwarnings("ignore::fnattr.methods._path.refine.ConvergenceWarning")
 def test_layer_ig_on_embeddings_equals_ig(any_model):
     """At the embedding layer layer IG's path is IG's: the same meshes and the same scores."""
     model, tok = any_model
@@ -232,7 +234,7 @@ def test_layer_ig_inside_the_model_converges_to_the_rule_at_its_nodes(any_model,
                                        rtol=1e-8, atol=1e-12)
 
 
-@pytest.mark.filterwarnings("ignore::fnattr.methods._converge.ConvergenceWarning")
+@pytest.mark.filterwarnings("ignore::fnattr.methods._path.refine.ConvergenceWarning")
 @pytest.mark.parametrize("method", [integrated_gradients, layer_integrated_gradients])
 def test_the_default_rule_is_adaptive_within_its_memory_bound(gpt2, monkeypatch, method):
     """method="auto": adaptive with n_steps="auto" (the same result as naming it), Gauss-Legendre

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from fnattr import prepare
-from fnattr.methods import _paths
-from fnattr.methods._converge import ConvergenceWarning
+from fnattr.methods._path import quadrature as _paths
+from fnattr.methods._path.refine import ConvergenceWarning
 from fnattr.methods.discretized_ig import discretized_integrated_gradients as dig
 from fnattr.methods.discretized_ig import monotonic_paths
 from tests.methods.dig_reference import dig_path

@@ -4,7 +4,8 @@ from captum.attr import IntegratedGradients
 from captum.attr._utils.approximation_methods import approximation_parameters
 
 from fnattr import prepare
-from fnattr.methods import _paths, integrated_gradients
+from fnattr.methods import integrated_gradients
+from fnattr.methods._path import quadrature as _paths
 from fnattr.targets import probability
 from tests.reference import prefix_inputs, step_score
 from tests.state import assert_unchanged, snapshot
@@ -187,7 +188,7 @@ def test_auto_meets_tolerance_per_step(gpt2):
 @pytest.mark.parametrize("method, tolerance, max_steps", [
     ("gausslegendre", 5e-7, 32), ("riemann_trapezoid", 1e-3, 32), ("riemann_left", 2e-2, 64),
     ("riemann_right", 2e-2, 64)])
-@pytest.mark.filterwarnings("ignore::fnattr.methods._converge.ConvergenceWarning")
+@pytest.mark.filterwarnings("ignore::fnattr.methods._path.refine.ConvergenceWarning")
 def test_auto_equals_fixed_rule_at_the_points_each_step_used(gpt2, method, tolerance, max_steps):
     """Each step's refined scores are exactly those of a fixed rule with that step's points, also
     where a level reuses the last one's points (the Riemann rules: 8, 15, 29 trapezoid points;
@@ -206,7 +207,7 @@ def test_auto_equals_fixed_rule_at_the_points_each_step_used(gpt2, method, toler
 
 
 def test_nested_levels_compute_each_point_once(gpt2):
-    from fnattr.methods._converge import ConvergenceWarning
+    from fnattr.methods._path.refine import ConvergenceWarning
     """Refining riemann_trapezoid to 29 points runs 29 forwards per row and step group, where
     recomputing every level would run 8 + 15 + 29."""
     model, tok = gpt2
@@ -227,7 +228,7 @@ def test_nested_levels_compute_each_point_once(gpt2):
 
 
 def test_auto_names_steps_that_miss_the_cap(gpt2):
-    from fnattr.methods._converge import ConvergenceWarning
+    from fnattr.methods._path.refine import ConvergenceWarning
     model, tok = gpt2
     batch = prepare(model, tok, [SOURCE], [TARGET])
     with pytest.warns(ConvergenceWarning, match=r"missed \|delta\| <= 1e-06%.*row 0 step 0 ' Paris'"):

@@ -108,7 +108,7 @@ def test_layer_ig_on_embeddings_equals_ig(any_model):
         torch.testing.assert_close(lig.delta, ig.delta, rtol=1e-6, atol=1e-10)
 
 
-@pytest.mark.filterwarnings("ignore::fnattr.methods._converge.ConvergenceWarning")
+@pytest.mark.filterwarnings("ignore::fnattr.methods._path.refine.ConvergenceWarning")
 def test_layer_ig_auto_trapezoid_equals_fixed_rule_at_its_points(decoder_model):
     """Nested refinement (8, 15, 29 trapezoid points, each reusing the last level's) at a deep
     layer gives each step exactly the fixed rule with its points."""

@@ -3,7 +3,7 @@ import torch
 
 from fnattr import prepare
 from fnattr.methods import METHODS, occlusion
-from fnattr.methods._common import attribution_context
+from fnattr.attribution import attribution_context
 from fnattr.methods.occlusion import perturbed_scores, windows
 from fnattr.targets import logprob, probability
 from tests.reference import _embeddings, prefix_inputs, step_score

@@ -8,7 +8,7 @@ from fnattr import prepare
 from fnattr.contrast import prepare_contrast
 from fnattr.evaluate import faithfulness
 from fnattr.methods import _prefix, lime, occlusion, saliency
-from fnattr.methods._common import attribution_context
+from fnattr.attribution import attribution_context
 from fnattr.targets import contrast_prob_diff, logprob, probability
 from tests.state import assert_unchanged, snapshot
 

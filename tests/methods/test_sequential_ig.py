@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from fnattr import prepare
-from fnattr.methods import _paths
-from fnattr.methods._converge import ConvergenceWarning
+from fnattr.methods._path import quadrature as _paths
+from fnattr.methods._path.refine import ConvergenceWarning
 from fnattr.methods.sequential_ig import sequential_integrated_gradients as sig
 from fnattr.targets import logprob
 from tests.conftest import _get

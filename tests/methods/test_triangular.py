@@ -13,7 +13,7 @@ from fnattr.methods import (
     _triangular, discretized_integrated_gradients, gradient_shap, integrated_gradients,
     layer_integrated_gradients, saliency, sequential_integrated_gradients,
 )
-from fnattr.methods._common import attribution_context, run_scored
+from fnattr.attribution import attribution_context, run_scored
 from fnattr.targets import contrast_prob_diff, logprob
 from tests.state import assert_unchanged, snapshot
 

@@ -7,9 +7,9 @@ from collections.abc import Sequence
 
 import torch
 
-from fnattr import evaluate as ev
-from fnattr._compare_files import check_outputs
-from fnattr._compare_result import LEVEL, Comparison, Estimate
+from fnattr.evaluate import metrics as ev
+from fnattr.evaluate.compare_files import check_outputs
+from fnattr.evaluate.compare_result import LEVEL, Comparison, Estimate
 
 
 def _chance_rows(comp: Comparison, metrics: Sequence[str]) -> list[str]:

@@ -7,8 +7,8 @@ import pathlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from fnattr import evaluate as ev
-from fnattr._compare_result import Comparison, _build, _faith_meta
+from fnattr.evaluate import metrics as ev
+from fnattr.evaluate.compare_result import Comparison, _build, _faith_meta
 
 JSONL = "per_example.jsonl"
 RESULT = "{}.faithfulness.safetensors"

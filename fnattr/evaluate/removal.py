@@ -15,7 +15,7 @@ from torch import Tensor
 
 from fnattr.batch import Batch
 from fnattr.engine import forward, score_steps
-from fnattr.methods._common import Context
+from fnattr.attribution import Context
 from fnattr.methods.occlusion import perturbed_scores
 from fnattr.types import TargetFn
 
@@ -42,7 +42,7 @@ def masked_batch(
 def _contrast_at(ctx: Context, target_fn: TargetFn, rows: Tensor, source: Tensor, target: Tensor,
                  drop_src: Tensor, drop_tgt: Tensor) -> TargetFn:
     """`target_fn` with its contrast rerun on the masked copies, where the contrast shares a
-    side with the attributed input (`fnattr.methods._common.at_input` for masks)."""
+    side with the attributed input (`fnattr.attribution.at_input` for masks)."""
     contrast = getattr(target_fn, "contrast", None)
     if contrast is None or contrast.shared is None or contrast.batch is None:
         return target_fn

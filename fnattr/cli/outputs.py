@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from fnattr._cli_catalog import UsageError
+from fnattr.cli.catalog import UsageError
 
 SAVE_PATTERN = "fnattr-out-{stamp}.safetensors"  # the default --save: a new file every run
 

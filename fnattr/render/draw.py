@@ -15,15 +15,15 @@ import sys
 
 import torch
 
-from fnattr import views
+from fnattr.render import views
 from fnattr.aggregate import Reducer
 from fnattr.result import AttributionTensors
-from fnattr.views import FLAG
-from fnattr.views import Heatmap as Heatmap  # the matrices drawn here: importable from render too
-from fnattr.views import heatmap as heatmap
-from fnattr.views import heatmaps as heatmaps
-from fnattr.views import label as label
-from fnattr.views import visible as visible
+from fnattr.render.views import FLAG
+from fnattr.render.views import Heatmap as Heatmap  # the matrices drawn here: importable from render too
+from fnattr.render.views import heatmap as heatmap
+from fnattr.render.views import heatmaps as heatmaps
+from fnattr.render.views import label as label
+from fnattr.render.views import visible as visible
 
 
 # ---- colours -------------------------------------------------------------------------------

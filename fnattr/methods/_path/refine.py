@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from fnattr.engine import causal_target_mask
-from fnattr.methods._common import Context
+from fnattr.attribution import Context
 from fnattr.progress import Reporter
 from fnattr.result import AttributionTensors
 

@@ -26,8 +26,10 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from fnattr import aggregate, defaults, views
-from fnattr._input import (  # noqa: F401 (re-exported: the reading half of a dataset run)
+from fnattr import aggregate, defaults
+
+from fnattr.render import views
+from fnattr.dataset.readers import (  # noqa: F401 (re-exported: the reading half of a dataset run)
     FORMATS,
     ON_BAD_ROW,
     TABLES,

@@ -22,7 +22,7 @@ class UsageError(Exception):
 
 # ---- fnattr's tables and signatures, read from its source files (no torch) ----------------------
 
-_PACKAGE = os.path.dirname(os.path.abspath(__file__))
+_PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # fnattr/
 
 
 class _Unresolved(LookupError):
@@ -140,7 +140,10 @@ def table_names(module: str, name: str) -> tuple:
 
 
 def method_names() -> tuple[str, ...]:
-    return table_names("fnattr.methods", "METHODS")
+    """The declared methods (`fnattr.registry`), read from their files."""
+    from fnattr import registry
+
+    return tuple(registry.specs())
 
 
 # A spec says which JSON values an option takes: ("any",), ("none",), ("type", "int"),
@@ -332,9 +335,9 @@ class MethodInfo(NamedTuple):
 
 
 def _static_info(name: str) -> MethodInfo:
-    where, entries = _entries("fnattr.methods", "METHODS")
-    value = dict(entries)[name]
-    kind, module, fn = _resolve(where, value)
+    from fnattr import registry
+
+    kind, module, fn = _binding(registry.specs()[name].module, name)
     if kind != "def" or not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
         raise _Unresolved(name)
     options = tuple(

@@ -1,8 +1,16 @@
-"""What every method shares: set-up inside the restoring context managers, and the result."""
+"""The method-running core: what every method shares.
+
+`attribution_context` validates a call, then freezes the model and hooks its embeddings inside
+restoring context managers and yields a `Context`; `run_scored` and `at_input` run the model
+and score its steps (contrastive targets included); `finish` masks padding, checks the scores
+are finite and builds the `AttributionTensors` with its metadata (`call_args`: the options).
+A method of your own uses the same three steps (docs/adding-a-method.md).
+"""
 
 import dataclasses
+import inspect
 import json
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
@@ -10,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from fnattr import baselines
 from fnattr import targets as _targets
 from fnattr.batch import Batch
 from fnattr.contrast import rerun
@@ -142,9 +151,30 @@ def _versions() -> dict[str, str]:
     return out
 
 
+# options a method takes that do not change its numbers, so `meta["args"]` leaves them out
+NOT_RECORDED = ("step_scores", "progress")
+
+
+def call_args(method: Callable, values: Mapping[str, Any]) -> dict[str, Any]:
+    """The options of this call of `method` (its keyword-only parameters, read from the call's
+    `locals()` at the top of its body): what its result records in `meta["args"]`.
+
+    >>> args = call_args(saliency, locals())   # {"abs": True, "attribute_target": None, ...}
+    """
+    params = inspect.signature(inspect.unwrap(method)).parameters.values()
+    return {p.name: values[p.name] for p in params
+            if p.kind is p.KEYWORD_ONLY and p.name not in NOT_RECORDED}
+
+
 def _jsonable(value: Any) -> Any:
     if isinstance(value, Tensor):
         return f"<tensor {tuple(value.shape)}>"
+    if isinstance(value, torch.Generator):
+        return "torch.Generator"
+    if isinstance(value, torch.nn.Module):
+        return type(value).__name__
+    if hasattr(value, "to_meta"):
+        return value.to_meta()
     if isinstance(value, (str, int, float, bool, type(None))):
         return value
     if isinstance(value, (list, tuple)):
@@ -157,8 +187,6 @@ def baseline_meta(batch: Batch, args: Mapping[str, Any], *, attribute_target: bo
     with a `baseline` argument; nothing for the others."""
     if "baseline" not in args:
         return {}
-    from fnattr import baselines  # here, not at the top: fnattr.baselines imports this module
-
     return baselines.baseline_meta(batch, args["baseline"], attribute_target=attribute_target)
 
 

@@ -23,12 +23,12 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from fnattr import defaults
-from fnattr._cli_catalog import (  # noqa: F401 - the command line's public helpers live here too
+from fnattr.cli.catalog import (  # noqa: F401 - the command line's public helpers live here too
     COMMON, FIXED, MethodInfo, Option, UsageError, check_options, coerce, constant, json_part,
     method_info, method_names, method_options, methods_text, runtime_spec, spec_text, table_names,
 )
-from fnattr._cli_catalog import _json_value
-from fnattr._cli_outputs import (  # noqa: F401
+from fnattr.cli.catalog import _json_value
+from fnattr.cli.outputs import (  # noqa: F401
     SAVE_PATTERN, _render_jobs, _table, check_outputs, default_save, png_paths, write_output,
     write_outputs,
 )
@@ -70,7 +70,7 @@ def _check_model(model: str | None) -> None:
         raise FileNotFoundError(f"--model {model!r} could not be loaded: no such file or folder.")
 
 
-INPUTS = constant("fnattr._input", "FORMATS")  # the formats `dataset.read_examples` reads
+INPUTS = constant("fnattr.dataset.readers", "FORMATS")  # the formats `dataset.read_examples` reads
 
 
 def _check_input(path: str) -> None:
@@ -268,7 +268,7 @@ def _dataset_on_ray(args: argparse.Namespace, run: dict[str, Any]) -> int:
     """`attribute-dataset --workers N [--ray-address ADDR]`: `fnattr.distributed.run`. The driver
     checks every row and never loads the model; each Ray actor loads it once."""
     try:
-        from fnattr import distributed
+        from fnattr.dataset import distributed
     except ImportError as error:
         raise ImportError(f"--workers/--ray-address run on Ray, which is not installed ({error}): "
                           'pip install "fnattr[ray]".') from None
@@ -380,7 +380,8 @@ def _evaluate_checks(args: argparse.Namespace, rest: list[str]) -> dict[str, Any
 
 def cmd_evaluate(args: argparse.Namespace, rest: list[str]) -> int:
     run = _evaluate_checks(args, rest)
-    from fnattr import compare, dataset
+    from fnattr import dataset
+    from fnattr.evaluate import compare
     from fnattr.evaluate import METRICS
 
     faith = {k: run[k] for k in ("fractions", "removal", "n_random", "curve_levels")}

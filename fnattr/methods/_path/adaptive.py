@@ -35,8 +35,10 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from fnattr.methods import _converge, _triangular
-from fnattr.methods._common import Context
+from fnattr.methods import _triangular
+
+from fnattr.methods._path import refine as _converge
+from fnattr.attribution import Context
 from fnattr.progress import Reporter
 from fnattr.types import TargetFn
 

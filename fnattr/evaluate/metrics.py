@@ -50,17 +50,17 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from fnattr import _evaluate_rank as rk
-from fnattr._evaluate_result import HIGHER_IS_BETTER, METRICS, Faithfulness, load, save
-from fnattr._evaluate_run import copy_scores
+from fnattr.evaluate import ranking as rk
+from fnattr.evaluate.results import HIGHER_IS_BETTER, METRICS, Faithfulness, load, save
+from fnattr.evaluate.removal import copy_scores
 from fnattr.aggregate import Reducer
 from fnattr.baselines import baselines, resolve_baseline
 from fnattr.batch import Batch
-from fnattr.methods._common import attribution_context, fn_name, run_scored
+from fnattr.attribution import attribution_context, fn_name, run_scored
 from fnattr.result import AttributionTensors
 from fnattr.targets import probability
 from fnattr.types import Model, TargetFn
-from fnattr.views import default_reduction
+from fnattr.render.views import default_reduction
 
 __all__ = ["FRACTIONS", "HIGHER_IS_BETTER", "METRICS", "Faithfulness", "comprehensiveness",
            "deletion", "faithfulness", "insertion", "load", "save", "sufficiency"]

@@ -11,7 +11,9 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from fnattr import aggregate, views
+from fnattr import aggregate
+
+from fnattr.render import views
 from fnattr.aggregate import Reducer
 from fnattr.batch import Batch
 from fnattr.result import AttributionTensors

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fnattr import evaluate as ev
+from fnattr.evaluate import metrics as ev
 from fnattr._check import typechecked
 
 LEVEL = 0.95  # the bootstrap interval's coverage
@@ -67,7 +67,7 @@ class Comparison:
     def save(self, out_dir: str | os.PathLike, *, overwrite: bool = False) -> list[pathlib.Path]:
         """`save(self, out_dir, overwrite=overwrite)`."""
         # lazy: _compare_files imports this module
-        from fnattr._compare_files import save
+        from fnattr.evaluate.compare_files import save
 
         return save(self, out_dir, overwrite=overwrite)
 
