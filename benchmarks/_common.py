@@ -7,6 +7,9 @@ import sys
 import time
 from collections.abc import Callable
 
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
 import fnattr
 
 from benchmarks._prompts import PROMPT, PROMPTS, TARGET  # noqa: F401  (re-exported)
@@ -59,3 +62,25 @@ def in_subprocess(module: str, *args: str) -> dict:
     out = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
                          check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def smollm2_shaped(dtype, device: str = "cuda"):
+    """A randomly initialised Llama of SmolLM2-135M's shape (no weights to load)."""
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                      num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
+                      tie_word_embeddings=True, pad_token_id=2, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    return LlamaForCausalLM(cfg).to(device, dtype).eval()
+
+
+def random_batch(model, n, src=20, tgt=20):
+    """`n` rows of random token ids, `src` + `tgt` long, as a prepared batch."""
+    g = torch.Generator().manual_seed(n)
+    ids = torch.randint(10, 49000, (n, src + tgt), generator=g)
+    true = torch.ones(n, src, dtype=torch.bool)
+    return fnattr.Batch(
+        source_ids=ids[:, :src], source_mask=true, source_special=torch.zeros_like(true),
+        target_ids=ids[:, src:], target_mask=torch.ones(n, tgt, dtype=torch.bool),
+        target_special=torch.zeros(n, tgt, dtype=torch.bool),
+        source_tokens=(("x",) * src,) * n, target_tokens=(("y",) * tgt,) * n,
+        sources=("x",) * n, targets=("y",) * n, is_encoder_decoder=False, pad_id=2, unk_id=0)

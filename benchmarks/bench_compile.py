@@ -19,7 +19,7 @@ from unittest import mock
 import torch
 
 import fnattr
-from benchmarks._common import PROMPT, TARGET, load
+from benchmarks._common import PROMPT, TARGET, load, random_batch, smollm2_shaped
 from fnattr.compiled import compile as compile_for_attribution
 from fnattr.methods import _triangular, integrated_gradients, saliency
 
@@ -48,8 +48,6 @@ def model_and_batch(device: str):
     if device == "cpu":
         model, tok = load()
         return model, fnattr.prepare(model, tok, PROMPT, TARGET)
-    from benchmarks.gpu_check import random_batch, smollm2_shaped
-
     model = smollm2_shaped(torch.float32)
     return model, random_batch(model, 1)
 

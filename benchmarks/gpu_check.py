@@ -14,6 +14,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import fnattr
 from fnattr.methods import integrated_gradients, saliency
+from benchmarks._common import random_batch, smollm2_shaped
 from tests.conftest import _build, _tokenizer
 
 DEVICE = "cuda"
@@ -63,26 +64,6 @@ def check_every_method_on_cuda():
             err = float((a.source - b.source).abs().max() / a.source.abs().max().clamp(min=1e-30))
             verdict = "ok" if err < 1e-5 else "MISMATCH"
             print(f"{name:6s} {method_name:34s} CUDA vs CPU (float64) max rel diff {err:.1e} {verdict}")
-
-
-def smollm2_shaped(dtype):
-    cfg = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                      num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
-                      tie_word_embeddings=True, pad_token_id=2, bos_token_id=1, eos_token_id=2)
-    torch.manual_seed(0)
-    return LlamaForCausalLM(cfg).to(DEVICE, dtype).eval()
-
-
-def random_batch(model, n, src=20, tgt=20):
-    g = torch.Generator().manual_seed(n)
-    ids = torch.randint(10, 49000, (n, src + tgt), generator=g)
-    true = torch.ones(n, src, dtype=torch.bool)
-    return fnattr.Batch(
-        source_ids=ids[:, :src], source_mask=true, source_special=torch.zeros_like(true),
-        target_ids=ids[:, src:], target_mask=torch.ones(n, tgt, dtype=torch.bool),
-        target_special=torch.zeros(n, tgt, dtype=torch.bool),
-        source_tokens=(("x",) * src,) * n, target_tokens=(("y",) * tgt,) * n,
-        sources=("x",) * n, targets=("y",) * n, is_encoder_decoder=False, pad_id=2, unk_id=0)
 
 
 def per_step(method, model, batch, **kw):

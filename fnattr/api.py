@@ -1,5 +1,7 @@
-"""`attribute`: prepare a batch and run one method by name, in one call."""
+"""`attribute`: prepare a batch and run one method by name, in one call (`prepare_call` is the
+preparing half, shared with the command line and dataset runs)."""
 
+import dataclasses
 import functools
 import inspect
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -72,6 +74,63 @@ def _uses_contrast(specs: Sequence[str | TargetFn]) -> bool:
     return any(isinstance(s, str) and s in _targets.CONTRAST_TARGETS for s in specs)
 
 
+@dataclasses.dataclass(frozen=True)
+class Call:
+    """A call made ready to run: the batch a method reads, the resolved target function and step
+    scores, and the contrast they compare with (None without one)."""
+
+    batch: Batch
+    target_fn: TargetFn
+    step_scores: list[TargetFn]
+    contrast: Contrast | None
+
+
+def prepare_call(
+    model: Model, tokenizer: PreTrainedTokenizerBase, sources: str | Sequence[str],
+    targets: str | Sequence[str] | None = None, *, target_fn: TargetFn | str = defaults.TARGET_FN,
+    step_scores: Sequence[str | TargetFn] = (), contrast_targets: str | Sequence[str] | None = None,
+    contrast_sources: str | Sequence[str] | None = None, contrast_targets_alignments: Alignments = None,
+    contrast_force_inputs: bool = False, target_args: Mapping[str, Any] | None = None,
+    progress: bool = False, **prepare_options: Any,
+) -> Call:
+    """Prepare the batch (tokenize, generate or force `targets`), the contrast and the target
+    functions of one call: the one step that `attribute`, the command line and dataset runs share.
+
+    `prepare_options` go to `fnattr.prepare` (`max_new_tokens`, `chat`, `system`, ...); the
+    contrastive arguments and `target_args` are those of `attribute`.
+
+    >>> call = prepare_call(model, tok, "The capital of France is", target_fn="probability")
+    >>> out = fnattr.methods.saliency(model, call.batch, call.target_fn)
+    """
+    specs = [target_fn, *step_scores]
+    has_contrast = contrast_targets is not None or contrast_sources is not None
+    if has_contrast != _uses_contrast(specs) or (contrast_targets_alignments is not None
+                                                 and contrast_targets is None):
+        raise ValueError("contrastive arguments and functions go together: pass `contrast_targets=` "
+                         "(and optionally `contrast_sources=`, `contrast_targets_alignments=`) "
+                         "with a contrastive `target_fn` or step score, e.g. 'contrast_prob_diff'.")
+    if contrast_force_inputs and not has_contrast:
+        raise ValueError("`contrast_force_inputs=True` attributes on the contrastive inputs: pass "
+                         "`contrast_targets=` and/or `contrast_sources=` with a contrastive target_fn.")
+    max_new_tokens = prepare_options.get("max_new_tokens", defaults.MAX_NEW_TOKENS)
+    with status(progress and targets is None, f"generating up to {max_new_tokens} tokens"):
+        batch = prepare(model, tokenizer, sources, targets, **prepare_options)
+    contrast = None
+    if has_contrast:
+        contrast = prepare_contrast(model, tokenizer, batch, contrast_targets=contrast_targets,
+                                    contrast_sources=contrast_sources,
+                                    contrast_targets_alignments=contrast_targets_alignments)
+        if contrast_force_inputs:
+            batch, contrast = force_inputs(model, batch, contrast)
+    options, used = dict(target_args or {}), set()
+    resolve = functools.partial(resolve_target, model=model, batch=batch, contrast=contrast,
+                                options=options, used=used)
+    call = Call(batch, resolve(target_fn), [resolve(s) for s in step_scores], contrast)
+    if unused := sorted(set(options) - used):
+        raise ValueError(f"`target_args` {unused} are options of none of the target functions used.")
+    return call
+
+
 def attribute(
     model: Model,
     tokenizer: PreTrainedTokenizerBase,
@@ -122,41 +181,19 @@ def attribute(
     ...                 step_scores=["entropy", "contrast_prob"])
     """
     fn = get_method(method)  # fail on a bad name before generating
-    specs = [target_fn, *method_args.get("step_scores", ())]
-    has_contrast = contrast_targets is not None or contrast_sources is not None
-    if has_contrast != _uses_contrast(specs) or (contrast_targets_alignments is not None
-                                                 and contrast_targets is None):
-        raise ValueError("contrastive arguments and functions go together: pass `contrast_targets=` "
-                         "(and optionally `contrast_sources=`, `contrast_targets_alignments=`) "
-                         "with a contrastive `target_fn` or step score, e.g. 'contrast_prob_diff'.")
-    if contrast_force_inputs and not has_contrast:
-        raise ValueError("`contrast_force_inputs=True` attributes on the contrastive inputs: pass "
-                         "`contrast_targets=` and/or `contrast_sources=` with a contrastive target_fn.")
-    with status(progress and targets is None, f"generating up to {max_new_tokens} tokens"):
-        batch = prepare(model, tokenizer, sources, targets, chat=chat, system=system,
-                        keep_template=keep_template, max_new_tokens=max_new_tokens,
-                        skip_special_tokens=skip_special_tokens,
-                        include_eos_baseline=include_eos_baseline,
-                        generate_from_target_prefix=generate_from_target_prefix,
-                        **(generate_kwargs or {}))
-    contrast = None
-    if has_contrast:
-        contrast = prepare_contrast(model, tokenizer, batch, contrast_targets=contrast_targets,
-                                    contrast_sources=contrast_sources,
-                                    contrast_targets_alignments=contrast_targets_alignments)
-        if contrast_force_inputs:
-            batch, contrast = force_inputs(model, batch, contrast)
-    options, used = dict(target_args or {}), set()
-    resolve = functools.partial(resolve_target, model=model, batch=batch, contrast=contrast,
-                                options=options, used=used)
-    target = resolve(target_fn)
+    call = prepare_call(
+        model, tokenizer, sources, targets, target_fn=target_fn,
+        step_scores=method_args.get("step_scores", ()), contrast_targets=contrast_targets,
+        contrast_sources=contrast_sources, contrast_targets_alignments=contrast_targets_alignments,
+        contrast_force_inputs=contrast_force_inputs, target_args=target_args, progress=progress,
+        max_new_tokens=max_new_tokens, chat=chat, system=system, keep_template=keep_template,
+        skip_special_tokens=skip_special_tokens, include_eos_baseline=include_eos_baseline,
+        generate_from_target_prefix=generate_from_target_prefix, **(generate_kwargs or {}))
     if "step_scores" in method_args:
-        method_args["step_scores"] = [resolve(s) for s in method_args["step_scores"]]
-    if unused := sorted(set(options) - used):
-        raise ValueError(f"`target_args` {unused} are options of none of the target functions used.")
+        method_args["step_scores"] = call.step_scores
     if progress:  # only when asked: a method of one's own need not take `progress`
         method_args["progress"] = True
-    return fn(model, batch, target, **method_args)
+    return fn(model, call.batch, call.target_fn, **method_args)
 
 
 def step_slice(out: AttributionTensors, k: int) -> AttributionTensors:

@@ -183,29 +183,19 @@ def _attribute_checks(args: argparse.Namespace, rest: list[str]) -> dict[str, An
 def cmd_attribute(args: argparse.Namespace, rest: list[str]) -> int:
     opts = _attribute_checks(args, rest)
     log, start = _logger(args), time.perf_counter()
-    from fnattr.api import resolve_target
-    from fnattr.batch import prepare
+    from fnattr.api import prepare_call
     from fnattr.methods import METHODS
 
     _check_device(args.device)
     model, tokenizer = load(args.model, **_loading(args))
-    batch = prepare(model, tokenizer, args.text, args.target, max_new_tokens=args.max_new_tokens,
-                    **_prompt(args))
-    contrast = None
-    if args.contrast_target or args.contrast_source:
-        from fnattr.contrast import prepare_contrast
-
-        contrast = prepare_contrast(model, tokenizer, batch, contrast_targets=args.contrast_target,
-                                    contrast_sources=args.contrast_source,
-                                    contrast_targets_alignments=args.contrast_alignments)
-        if args.contrast_force_inputs:
-            from fnattr.contrast import force_inputs
-
-            batch, contrast = force_inputs(model, batch, contrast)
-    resolve = functools.partial(resolve_target, model=model, batch=batch, contrast=contrast,
-                                options={}, used=set())
-    out = METHODS[args.method](model, batch, resolve(args.target_fn),
-                               step_scores=[resolve(s) for s in args.step_scores], **opts)
+    call = prepare_call(model, tokenizer, args.text, args.target, target_fn=args.target_fn,
+                        step_scores=args.step_scores, contrast_targets=args.contrast_target or None,
+                        contrast_sources=args.contrast_source or None,
+                        contrast_targets_alignments=args.contrast_alignments,
+                        contrast_force_inputs=args.contrast_force_inputs,
+                        max_new_tokens=args.max_new_tokens, **_prompt(args))
+    batch = call.batch
+    out = METHODS[args.method](model, batch, call.target_fn, step_scores=call.step_scores, **opts)
     for src, tgt in zip(batch.sources, batch.targets):
         print(f"{src}\u2192{tgt}" if args.quiet else f"{src} \u2192 {tgt!r}")
     write = functools.partial(write_outputs, overwrite=args.overwrite, command=args.command,

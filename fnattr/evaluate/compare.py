@@ -25,13 +25,13 @@ from transformers import PreTrainedTokenizerBase
 
 from fnattr import defaults
 from fnattr.evaluate import metrics as ev
-from fnattr.evaluate.compare_files import JSONL as JSONL
-from fnattr.evaluate.compare_files import RESULT as RESULT
-from fnattr.evaluate.compare_files import _header, _write_jsonl, _write_result
-from fnattr.evaluate.compare_files import check_outputs as check_outputs
-from fnattr.evaluate.compare_files import load as load
-from fnattr.evaluate.compare_files import output_paths as output_paths
-from fnattr.evaluate.compare_files import save as save
+from fnattr.evaluate.compare_result import JSONL as JSONL
+from fnattr.evaluate.compare_result import RESULT as RESULT
+from fnattr.evaluate.compare_result import _header, _write_jsonl, _write_result
+from fnattr.evaluate.compare_result import check_outputs as check_outputs
+from fnattr.evaluate.compare_result import load as load
+from fnattr.evaluate.compare_result import output_paths as output_paths
+from fnattr.evaluate.compare_result import save as save
 from fnattr.evaluate.compare_result import LEVEL as LEVEL
 from fnattr.evaluate.compare_result import Comparison as Comparison
 from fnattr.evaluate.compare_result import Estimate as Estimate

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 
 from fnattr.evaluate import metrics as ev
-from fnattr.evaluate.compare_files import check_outputs
+from fnattr.evaluate.compare_result import check_outputs
 from fnattr.evaluate.compare_result import LEVEL, Comparison, Estimate
 
 
