@@ -23,7 +23,7 @@ install: $(STAMP)
 demo: install
 	$(VENV)/bin/fnattr attribute "The capital of France is" --method integrated_gradients --no-save
 
-# faithfulness of five methods on six SmolLM2 prompts: the README's comparison table and PNG
+# faithfulness of five methods on six SmolLM2 prompts: the table and PNG of docs/evaluation.md
 evaluate: install
 	$(VENV)/bin/fnattr evaluate --methods saliency,input_x_gradient,integrated_gradients,occlusion,attention \
 		--input benchmarks/data/facts.jsonl --max-new-tokens 4 --arg integrated_gradients.n_steps=16 \

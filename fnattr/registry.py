@@ -15,6 +15,7 @@ import functools
 import importlib
 import importlib.util
 import os
+import re
 import sys
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -37,6 +38,10 @@ class MethodSpec:
 
     `reduction` is how the views reduce its extra dims (hidden units, layers, heads) to one score
     per token, chosen by what its scores mean; `summary` is its docstring's first sentence."""
+
+    def table_row(self) -> str:
+        """The method's line in the README's table of methods."""
+        return f"| `{self.name}` | {self.family} | {self.summary} | {self.reduction} |"
 
     name: str
     module: str
@@ -70,8 +75,9 @@ def attribution_method(*, family: str, reduction: str) -> Callable[[F], F]:
 
 
 def _summary(doc: str | None) -> str:
-    """A docstring's first paragraph, on one line."""
-    return " ".join((doc or "").strip().split("\n\n")[0].split())
+    """A docstring's first sentence, on one line."""
+    paragraph = " ".join((doc or "").strip().split("\n\n")[0].split())
+    return re.split(r"(?<=\.)\s+(?=[A-Z`])", paragraph, maxsplit=1)[0]
 
 
 def _folders() -> tuple[str, ...]:
@@ -136,7 +142,11 @@ def specs() -> Mapping[str, MethodSpec]:
 def function(name: str) -> Callable:
     """The method function `name` (imports its module)."""
     spec = specs()[name]
-    return getattr(importlib.import_module(spec.module), name)
+    fn = getattr(importlib.import_module(spec.module), name)
+    package = sys.modules.get(PACKAGE)
+    if package is not None and isinstance(getattr(package, name, None), type(sys)):
+        setattr(package, name, fn)  # `fnattr.methods.NAME` is the method, not its same-named module
+    return fn
 
 
 def reduction(method: str) -> str:
@@ -174,3 +184,11 @@ class Reductions(Mapping):
 
     def __len__(self) -> int:
         return len(specs())
+
+
+TABLE_HEADER = "| method | family | what it computes | views reduce extra dims by |\n|---|---|---|---|"
+
+
+def table() -> str:
+    """The README's table of methods, one line each, from their declarations."""
+    return "\n".join([TABLE_HEADER, *(s.table_row() for s in specs().values())])

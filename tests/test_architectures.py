@@ -43,7 +43,7 @@ from tests.reference import step_gradient
 from tests.state import assert_unchanged, snapshot
 
 SOURCES, TARGETS = ["The capital of France is", "A dog"], [" Paris.", " ran in the park"]
-README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+README = pathlib.Path(__file__).resolve().parents[1] / "docs" / "models.md"
 # Row 1 alone = row 1 in the padded batch, for one deterministic method of each way to run the
 # model: the embedding engine with one backward (saliency) and with path chunks (IG), layer hooks
 # (layer_gradient_x_activation; the layer IG / DeepLIFT variants run the same hooks), DeepLIFT's
@@ -412,4 +412,4 @@ def test_decoder_start_from_the_generation_config(archs):
 def test_readme_supported_models_table_matches_the_matrix():
     table = supported_table(tuple(METHODS))
     assert len(NAMES) >= 20 and set(MOE) <= set(NAMES)
-    assert table in README.read_text(), "README's Supported models table is stale; it should be:\n" + table
+    assert table in README.read_text(), "docs/models.md's Supported models table is stale; it should be:\n" + table

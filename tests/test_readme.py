@@ -1,4 +1,4 @@
-"""The README says what every default is: its tables must match the code."""
+"""The README and docs/ say what every method and default is: their tables must match the code."""
 
 import inspect
 import pathlib
@@ -9,7 +9,9 @@ from fnattr.api import attribute
 from fnattr.cli import build_parser
 from fnattr.methods import METHODS
 
-README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+METHODS_DOC = ROOT / "docs" / "methods.md"
 COMMON = {"model", "batch", "target_fn", "attribute_target", "attr_pos_start", "attr_pos_end",
           "step_scores", "progress"}
 
@@ -24,10 +26,27 @@ def defaults_table() -> str:
     return "\n".join(lines)
 
 
-def test_readme_lists_every_method_default():
-    text = README.read_text()
-    assert defaults_table() in text, "README's method defaults table is stale; it should be:\n" + \
+def test_docs_list_every_method_default():
+    text = METHODS_DOC.read_text()
+    assert defaults_table() in text, "docs/methods.md's method defaults table is stale; it should be:\n" + \
         defaults_table()
+
+
+def test_readme_method_table_is_the_registry():
+    from fnattr import registry
+
+    assert registry.table() in README.read_text(), \
+        "README's table of methods is stale; it should be:\n" + registry.table()
+
+
+def test_readme_is_a_front_door():
+    text = README.read_text()
+    assert len(text.splitlines()) <= 250
+    for link in ("docs/usage.md", "docs/methods.md", "docs/evaluation.md", "docs/datasets.md",
+                 "docs/models.md", "docs/design.md", "docs/benchmarks.md",
+                 "docs/adding-a-method.md", "CHANGELOG.md"):
+        assert f"]({link})" in text, link
+        assert (ROOT / link).is_file(), link
 
 
 def test_cli_and_api_share_defaults():

@@ -50,7 +50,7 @@ TRAVERSAL = 150
 MAX_PIECES = 8
 COMPILED_COPIES = 256  # copies of one replicated forward of a compiled model off the CPU
 # A compiled model on a CPU keeps the engine's one backward per step: there the replicated
-# forward cost more (benchmarks/bench_compile.py: 0.91x for saliency, 0.56x for IG(4)).
+# forward cost more (benchmarks/bench_compile.py; docs/design.md, "torch.compile").
 REPLICATE_ON_CPU = False
 
 

@@ -12,7 +12,7 @@ from fnattr.methods import _buckets
 from fnattr.methods._path import adaptive as _adaptive
 from fnattr.methods._path import refine as _converge
 from fnattr.methods._path import quadrature as _paths
-from fnattr.methods._path.refine import completeness_delta as completeness_delta  # older import path
+from fnattr.methods._path.refine import completeness_delta as completeness_delta  # also importable from here
 from fnattr.attribution import (
     Context, StepScoreSpec, attribution_context, finish, logit_step_scores, run_scored,
 )

@@ -108,7 +108,7 @@ def completeness(conv: Convergence, out: AttributionTensors, row: int) -> str:
 
 def _remedy(out: AttributionTensors) -> str:
     """For IG and layer IG on a fixed rule's refinement: the option that met the tolerance on
-    more steps for less work on SmolLM2 (README, "IG at equal accuracy")."""
+    more steps for less work on SmolLM2 (docs/benchmarks.md, "IG at equal accuracy")."""
     args = method_args(out)
     used = read_meta(out, "completeness", {})
     used = used.get("rule", args.get("method")) if isinstance(used, dict) else args.get("method")

@@ -124,7 +124,7 @@ def warn_unconverged(ctx: Context, method: str, meta: dict[str, str], cap: int, 
 
 
 # for IG and layer IG with a fixed rule: the remedy that met the tolerance on more steps for
-# less work on SmolLM2 (README, "IG at equal accuracy")
+# less work on SmolLM2 (docs/benchmarks.md, "IG at equal accuracy")
 TRY_ADAPTIVE = (", try method='adaptive' (its points go where a step's integrand is sharp, which "
                 "a fixed spacing misses)")
 
