@@ -112,7 +112,7 @@ def panel(out: AttributionTensors, row: int, *, name: str | None = None,
         "name": name or out.meta.get("method", "attribution"), "title": views.visible(views.title(out)),
         "notes": list(hm.notes), "flagged": list(hm.flagged), "flag": views.FLAG,
         "source": source, "gen": gen, "rows": list(hm.rows), "cols": list(hm.cols),
-        "nsrc": hm.n_source, "values": values, "vmax": _number(vmax), "signed": hm.signed,
+        "pos": steps, "nsrc": hm.n_source, "values": values, "vmax": _number(vmax), "signed": hm.signed,
         "exp": _scale(vmax), "score": score,
         "scores": {k: [_number(float(x)) for x in v.tolist()] for k, v in hm.step_scores.items()},
     }

@@ -158,8 +158,8 @@
     });
     const sc = p.score ? `; ${p.score} ${fmt(p.scores[p.score][k], 4)}` : "";
     const delta = p.scores.delta ? `; delta ${fmt(p.scores.delta[k], 3)}` : "";
-    view.status.textContent = p.cols.length ?
-      `step ${k + 1} of ${p.cols.length}: ${stepLabel(p, k)}${sc}${delta}` : "no generated step";
+    view.status.textContent = p.cols.length ? `generated token ${k + 1} of ${p.cols.length} ` +
+      `(step ${p.pos[k]}): ${stepLabel(p, k)}${sc}${delta}` : "no generated step";
     if (view.plot) view.plot.mark(k);
     if (view.table) view.table.mark(k);
   }
@@ -176,7 +176,7 @@
   // ---- the per-step plot ----------------------------------------------------------------------
   function linePlot(series, opts) {
     // series: [{name, values, dash, colour}], x positions 0..n-1 or opts.xs
-    const W = opts.width || 320, H = opts.height || 150, L = 44, R = 8, T = 10, B = 30;
+    const W = opts.width || 340, H = opts.height || 160, L = 44, R = 12, T = 10, B = 32;
     const s = svg("svg", { viewBox: `0 0 ${W} ${H}`, width: W, height: H, role: "img",
       "aria-label": opts.label, class: "plot" });
     const all = series.flatMap((x) => x.values.map(num)).filter((v) => isFinite(v));
@@ -192,6 +192,11 @@
       const t = svg("text", { x: L - 4, y: Y(v) + 4, "text-anchor": "end", class: "axis" });
       t.textContent = fmt(v, 2); s.append(t);
     }
+    if (opts.ticks && opts.ticks.length <= 40) opts.ticks.forEach((tick, i) => {
+      const short = tick.length > 7 ? tick.slice(0, 6) + "\u2026" : tick;
+      const t = svg("text", { x: X(i), y: Y(lo) + 11, "text-anchor": "middle", class: "tick" });
+      t.textContent = short; s.append(t);
+    });
     const xl = svg("text", { x: (L + W - R) / 2, y: H - 4, "text-anchor": "middle", class: "axis" });
     xl.textContent = opts.xlabel; s.append(xl);
     series.forEach((ser, j) => {
@@ -290,7 +295,7 @@
     const view = { p, cells, status, plot: null, table: null };
     if (p.score && p.cols.length) {
       const ser = [{ name: p.score, values: p.scores[p.score] }];
-      view.plot = linePlot(ser, { label: `${p.score} per step`, xlabel: `step (${p.score})`,
+      view.plot = linePlot(ser, { label: `${p.score} per step`, xlabel: "generated token", ticks: p.cols,
         dots: true, ymax: p.score === "probability" ? 1 : 0 });
       const fig = el("figure", { class: "stepplot" });
       fig.append(view.plot, el("figcaption", {}, `${p.score} of each generated token`));
