@@ -420,6 +420,10 @@ def cmd_report(args: argparse.Namespace, rest: list[str]) -> int:
     """`fnattr report PATH...`: the interactive HTML report (`fnattr.report`)."""
     if rest:
         raise UsageError(f"unexpected arguments {' '.join(rest)!r} for `fnattr report`.")
+    for path in args.paths:
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path!r} does not exist: pass a result file (.safetensors), a "
+                                    "dataset run folder or an `fnattr evaluate` folder.")
     check_outputs([("--out", args.out)], overwrite=args.overwrite)
     from fnattr.report.command import run
 

@@ -219,6 +219,7 @@ def test_evaluate_folder_shows_faithfulness_and_panels(evaluation):
         assert f["methods"][m]["score"] == pytest.approx(faith.score[1][mask].tolist(), rel=1e-5)
     est = data["overall"]["estimates"]["occlusion"]["comprehensiveness"]
     assert est[0] == pytest.approx(comp.estimates["occlusion"]["comprehensiveness"].mean, rel=1e-5)
+    assert embedded(fnattr.report.page(build.gather(comp)))["details"] == data["details"]
     both = embedded(fnattr.report.page(build.gather([str(folder), *files])))
     assert [p["name"] for p in both["details"][0]["panels"]] == ["saliency", "occlusion"]
     assert both["details"][0]["faith"] == data["details"][0]["faith"]
@@ -243,6 +244,19 @@ def test_cli_report_writes_refuses_and_explains(tmp_path, capsys):
     assert main(["report", str(run), "--out", str(tmp_path / "run.html"), "--reduce", "l2"]) == 0
     assert "wrote" in capsys.readouterr().err
     assert "L2 norm" in " ".join(embedded((tmp_path / "run.html").read_text())["details"][0]["panels"][0]["notes"])
+
+
+def test_cli_report_checks_paths_before_torch(tmp_path):
+    from tests.test_cli_fast import HEAVY, run
+
+    (tmp_path / "r.html").write_text("")
+    code = ("import sys\nfrom fnattr import cli\n"
+            "a = cli.main(['report', 'missing.safetensors'])\n"
+            "b = cli.main(['report', '.', '--out', 'r.html'])\n"
+            f"print(a, b, [m for m in {HEAVY!r} if m in sys.modules])\n")
+    done, _ = run("-c", code, cwd=tmp_path)
+    assert done.stdout.strip().splitlines()[-1] == "1 1 []", done.stderr
+    assert "'missing.safetensors' does not exist" in done.stderr and "exists: pass --overwrite" in done.stderr
 
 
 def test_page_needs_no_network():

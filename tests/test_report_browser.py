@@ -236,10 +236,14 @@ def test_evaluate_report_draws_faithfulness(browser, evaluation, tmp_path):
     page = Page(browser, path)
     rows = page.page.eval_on_selector_all(".faith table tbody th", "els => els.map(e => e.textContent)")
     assert rows == list(comp.methods)
-    assert page.page.locator(".faith svg.plot").count() == 3  # deletion, insertion, score per step
+    assert page.page.locator(".faith svg.plot").count() == 2  # deletion, insertion (the panels plot the score)
     assert page.page.locator(".overall table tbody tr").count() == len(comp.methods)
     page.axe()
     page.close()
+    alone = Page(browser, fnattr.report.write(str(folder), tmp_path / "alone.html"))
+    assert alone.page.locator(".panel").count() == 0  # an evaluate folder stores no attributions
+    assert alone.page.locator(".faith svg.plot").count() == 3  # ... so it plots the score itself
+    alone.close()
 
 
 def test_screenshot_matches_the_stored_one(browser, result_page):

@@ -184,7 +184,7 @@
     if (hi <= lo) hi = lo + 1;
     const n = Math.max(...series.map((x) => x.values.length), 1);
     const xs = opts.xs || [...Array(n).keys()].map((i) => (n === 1 ? 0.5 : i / (n - 1)));
-    const X = (i) => L + xs[i] * (W - L - R);
+    const X = (i) => L + 10 + xs[i] * (W - L - R - 20);
     const Y = (v) => T + (1 - (v - lo) / (hi - lo)) * (H - T - B);
     s.append(svg("line", { x1: L, y1: Y(lo), x2: W - R, y2: Y(lo), stroke: "#595959" }));
     s.append(svg("line", { x1: L, y1: T, x2: L, y2: Y(lo), stroke: "#595959" }));
@@ -194,7 +194,7 @@
     }
     if (opts.ticks && opts.ticks.length <= 40) opts.ticks.forEach((tick, i) => {
       const short = tick.length > 7 ? tick.slice(0, 6) + "\u2026" : tick;
-      const t = svg("text", { x: X(i), y: Y(lo) + 11, "text-anchor": "middle", class: "tick" });
+      const t = svg("text", { x: X(i), y: Y(lo) + 12, "text-anchor": "middle", class: "tick" });
       t.textContent = short; s.append(t);
     });
     const xl = svg("text", { x: (L + W - R) / 2, y: H - 4, "text-anchor": "middle", class: "axis" });
@@ -318,7 +318,7 @@
     return [sec, view];
   }
 
-  function faithSection(f) {
+  function faithSection(f, withPanels) {
     const sec = el("section", { class: "faith", "aria-labelledby": "faithh" });
     sec.append(el("h3", { id: "faithh" }, "faithfulness"));
     const t = el("table", { class: "metrics" });
@@ -352,11 +352,11 @@
       if (!ser.length) continue;
       const fig = el("figure");
       fig.append(linePlot(ser, { label: `${curve} curve`, xlabel: `fraction ${curve === "deletion" ? "removed" : "kept"}`,
-        xs: f.levels }), el("figcaption", {}, `${curve} curve (${f.target_fn}), mean over steps`), plotLegend(ser));
+        xs: f.levels, ticks: f.levels.map((x) => fmt(x, 2)) }), el("figcaption", {}, `${curve} curve (${f.target_fn}), mean over steps`), plotLegend(ser));
       figs.append(fig);
     }
     const m0 = methods[0];
-    if (m0 && f.methods[m0].score.length) {
+    if (!withPanels && m0 && f.methods[m0].score.length) { // the panels plot it otherwise
       const ser = [{ name: f.target_fn, values: f.methods[m0].score }];
       const fig = el("figure");
       fig.append(linePlot(ser, { label: `${f.target_fn} per step`, xlabel: "step", dots: true,
@@ -387,7 +387,7 @@
       row.append(sec); state.panels.push(view);
     });
     box.append(row);
-    if (d.faith) box.append(faithSection(d.faith));
+    if (d.faith) box.append(faithSection(d.faith, d.panels.length > 0));
     repaint();
     document.querySelectorAll("#rows tr.sel").forEach((tr) => tr.classList.remove("sel"));
     const tr = document.querySelector(`#rows tr[data-i="${i}"]`);
@@ -493,8 +493,9 @@
   document.addEventListener("keydown", (ev) => {
     const t = ev.target;
     if (t && (t.tagName === "INPUT" || t.tagName === "TEXTAREA")) return;
-    if (!state.panels.length) return;
-    const moves = { ArrowRight: 1, ArrowDown: 1, ArrowLeft: -1, ArrowUp: -1 };
+    if (t && t.closest && t.closest("#rows")) return; // the list scrolls with its own keys
+    if (!state.panels.length || ev.altKey || ev.ctrlKey || ev.metaKey) return;
+    const moves = { ArrowRight: 1, ArrowLeft: -1 }; // up and down still scroll the page
     if (ev.key in moves) { select(state.step + moves[ev.key]); ev.preventDefault(); }
     else if (ev.key === "Home") { select(0); ev.preventDefault(); }
     else if (ev.key === "End") { select(1e9); ev.preventDefault(); }
