@@ -3,7 +3,6 @@ from npm for the accessibility check. Every test here skips, with one line that 
 install what is missing, where the browser cannot be had (`make test` installs it as root)."""
 
 import io
-import json
 import os
 import pathlib
 import shutil
@@ -39,22 +38,29 @@ def _axe() -> pathlib.Path | None:
     return None
 
 
+try:  # without them the whole module skips, on one line
+    from playwright.sync_api import sync_playwright
+except ImportError:
+    pytest.skip(f"browser tests: Playwright for Python is not installed ({HOW})", allow_module_level=True)
+if _chromium() is None:
+    pytest.skip(f"browser tests: no Chromium found ({HOW})", allow_module_level=True)
+
+
 @pytest.fixture(scope="module")
 def browser():
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        pytest.skip(f"browser tests: Playwright for Python is not installed ({HOW})")
     path = _chromium()
-    if path is None:
-        pytest.skip(f"browser tests: no Chromium found ({HOW})")
-    with sync_playwright() as p:
-        try:
-            b = p.chromium.launch(executable_path=path, args=["--no-sandbox", "--font-render-hinting=none"])
-        except Exception as error:  # noqa: BLE001 - a browser that cannot start: skip, say why
-            pytest.skip(f"browser tests: Chromium at {path} did not start ({str(error).splitlines()[0]})")
-        yield b
-        b.close()
+    try:  # a driver or a browser that cannot start: skip, and say why
+        driver = sync_playwright().start()
+    except Exception as error:  # noqa: BLE001
+        pytest.skip(f"browser tests: Playwright did not start ({str(error).splitlines()[0]}; {HOW})")
+    try:
+        b = driver.chromium.launch(executable_path=path, args=["--no-sandbox", "--font-render-hinting=none"])
+    except Exception as error:  # noqa: BLE001
+        driver.stop()
+        pytest.skip(f"browser tests: Chromium at {path} did not start ({str(error).splitlines()[0]})")
+    yield b
+    b.close()
+    driver.stop()
 
 
 class Page:
@@ -82,11 +88,7 @@ class Page:
         assert not others, f"the page made requests: {others}"
 
     def axe(self):
-        path = _axe()
-        if path is None:
-            pytest.skip("axe-core is not installed: `make test` fetches it, or npm install --prefix "
-                        ".venv/axe axe-core")
-        self.page.add_script_tag(content=path.read_text(encoding="utf-8"))
+        self.page.add_script_tag(content=_axe().read_text(encoding="utf-8"))
         found = self.page.evaluate("async () => (await axe.run(document)).violations.map("
                                    "v => [v.id, v.impact, v.help, v.nodes.length, v.nodes[0].html])")
         assert not found, found
@@ -158,7 +160,7 @@ def test_arrow_keys_and_clicks_move_between_steps(browser, result_page):
     page.close()
 
 
-def test_heatmap_toggle_and_accessibility(browser, result_page):
+def test_heatmap_toggles(browser, result_page):
     out, path = result_page
     page = Page(browser, path)
     toggle = page.page.locator("button.toggle")
@@ -169,7 +171,6 @@ def test_heatmap_toggle_and_accessibility(browser, result_page):
     hm = build.panel(out, 0)
     assert len(cells) == len(hm["rows"]) * len(hm["cols"])
     assert sum(c == "not visible to this step" for c in cells) == sum(v is None for col in hm["values"] for v in col)
-    page.axe()
     page.close()
 
 
@@ -212,7 +213,6 @@ def test_dataset_list_filters_sorts_opens_rows_and_opens_fast(browser, tmp_path)
     p = data["details"][512]["panels"][0]
     bg = colours(page.page, ".panel .src .tok")[2][0]
     assert max(abs(a - b) for a, b in zip(rgb(bg), build.colour(p["values"][1][2], p["vmax"], signed=True))) <= 1
-    page.axe()
     page.close()
 
 
@@ -226,7 +226,6 @@ def test_comparison_side_by_side(browser, tmp_path):
     page.page.keyboard.press("ArrowRight")  # both panels follow the step
     assert page.page.eval_on_selector_all('button.step[aria-pressed="true"]', "els => els.map(e => e.dataset.col)") == ["1", "1"]
     assert page.page.locator("svg.plot").count() == 2
-    page.axe()
     page.close()
 
 
@@ -238,7 +237,6 @@ def test_evaluate_report_draws_faithfulness(browser, evaluation, tmp_path):
     assert rows == list(comp.methods)
     assert page.page.locator(".faith svg.plot").count() == 2  # deletion, insertion (the panels plot the score)
     assert page.page.locator(".overall table tbody tr").count() == len(comp.methods)
-    page.axe()
     page.close()
     alone = Page(browser, fnattr.report.write(str(folder), tmp_path / "alone.html"))
     assert alone.page.locator(".panel").count() == 0  # an evaluate folder stores no attributions
@@ -265,3 +263,22 @@ def test_screenshot_matches_the_stored_one(browser, result_page):
     assert got.shape == want.shape
     differ = (np.abs(got - want).max(-1) > 40).mean()
     assert differ < 0.02, f"{differ:.1%} of the pixels differ from {SCREENSHOT.name}"
+
+
+def test_pages_pass_the_axe_core_accessibility_check(browser, result_page, evaluation, tmp_path):
+    if _axe() is None:
+        pytest.skip("axe-core is not installed: `make test` fetches it (npm install --prefix "
+                    ".venv/axe axe-core@4.11.0)")
+    _, path = result_page
+    page = Page(browser, path)
+    page.page.click("button.toggle")  # with the heatmap open
+    page.page.hover('button.step[data-col="1"]')
+    page.axe()
+    page.close()
+    folder, _, files = evaluation
+    for inputs in (write_run(tmp_path / "run", 30, shard_size=8), [str(folder), *files]):
+        page = Page(browser, fnattr.report.write(inputs, tmp_path / "page.html"))
+        page.page.click('#rowsbody tr[data-i="1"] button.open')
+        page.page.wait_for_selector('body[data-example="1"]')
+        page.axe()
+        page.close()
