@@ -177,6 +177,8 @@ def test_several_results_side_by_side(tmp_path):
     assert data["details"][1]["panels"][1] == build.panel(b, 1, name="saliency")
     with pytest.raises(ValueError, match="different numbers of examples"):
         build.gather([a, result(3, 3, batch=3)])
+    with pytest.raises(ValueError, match="row 0 holds other texts"):
+        build.gather([a, result(3, 3, batch=2, src_tokens=("x", "y", "z"))])
 
 
 @pytest.fixture(scope="module")

@@ -181,6 +181,8 @@ def test_hostile_tokens_are_shown_as_text(browser, tmp_path):
     page = Page(browser, path)
     texts = page.page.eval_on_selector_all(".panel .tok", "els => els.map(e => e.textContent)")
     assert texts == [views.visible(t) for t in (*HOSTILE_SRC, *HOSTILE_TGT)]
+    bidi = page.page.eval_on_selector_all(".panel .tok", "els => els.map(e => getComputedStyle(e).unicodeBidi)")
+    assert set(bidi) == {"isolate"}  # the right-to-left override reorders its own token only
     assert page.page.evaluate("document.querySelectorAll('script').length") == 2
     assert page.page.evaluate("document.querySelectorAll('#app b, #app i').length") == 0
     assert "baseline: <i>x</i> <!--" in page.page.text_content(".caption")

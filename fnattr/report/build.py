@@ -160,6 +160,11 @@ def from_results(results: Mapping[str, AttributionTensors], *, faith: list[dict]
     first = next(iter(results.values()))
     index, details = [], []
     for b in range(first.source.shape[0]):
+        texts = {name: _texts(out, b) for name, out in results.items()}
+        if len(set(texts.values())) > 1:
+            raise ValueError(f"row {b} holds other texts in different results "
+                             f"({', '.join(f'{n}: {t[0][:40]!r}' for n, t in texts.items())}): give "
+                             "results of the same examples, in the same order.")
         panels = [panel(out, b, name=name, **view) for name, out in results.items()]
         e, d = _example(b, b, panels, *_texts(first, b), faith=None if faith is None else faith[b])
         index.append(e)

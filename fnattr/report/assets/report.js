@@ -375,8 +375,8 @@
     const key = data.index.length > 1 ? `example ${d.n}` + (d.id !== d.n ? `, id ${d.id}` : "") : "example";
     box.append(el("h2", { id: "detailh" }, key));
     const text = el("p", { class: "plain" });
-    text.append(el("span", { class: "lbl" }, "text"), document.createTextNode(d.text),
-      el("span", { class: "arrow" }, " \u2192 "), document.createTextNode(d.target));
+    text.append(el("span", { class: "lbl" }, "text"), el("span", { class: "bidi" }, d.text),
+      el("span", { class: "arrow" }, " \u2192 "), el("span", { class: "bidi" }, d.target));
     box.append(text);
     if (d.panels.length) {
       box.append(el("p", { class: "hint" }, "Hover or click a generated token (or use the arrow keys) to colour the tokens it was attributed to."));
