@@ -211,6 +211,8 @@ def test_dataset_list_filters_sorts_opens_rows_and_opens_fast(browser, tmp_path)
     page.page.wait_for_selector('body[data-example="512"]')
     assert page.page.text_content("#detailh") == "example 512, id ex-512"
     assert page.page.text_content(".panel .src .tok") == " w512"
+    page.page.keyboard.press("ArrowRight")  # the opened example has the keys
+    assert page.page.get_attribute('button.step[data-col="1"]', "aria-pressed") == "true"
     page.page.hover('button.step[data-col="1"]')
     p = data["details"][512]["panels"][0]
     bg = colours(page.page, ".panel .src .tok")[2][0]

@@ -367,13 +367,14 @@
     return sec;
   }
 
-  async function openExample(i) {
+  async function openExample(i, focus) {
     const d = await detail(i);
     state.example = i; state.step = 0; state.preview = null; state.panels = [];
     const box = document.getElementById("detail");
     box.replaceChildren();
     const key = data.index.length > 1 ? `example ${d.n}` + (d.id !== d.n ? `, id ${d.id}` : "") : "example";
-    box.append(el("h2", { id: "detailh" }, key));
+    const h = el("h2", { id: "detailh", tabindex: "-1" }, key);
+    box.append(h);
     const text = el("p", { class: "plain" });
     text.append(el("span", { class: "lbl" }, "text"), el("span", { class: "bidi" }, d.text),
       el("span", { class: "arrow" }, " \u2192 "), el("span", { class: "bidi" }, d.target));
@@ -393,6 +394,7 @@
     const tr = document.querySelector(`#rows tr[data-i="${i}"]`);
     if (tr) tr.classList.add("sel");
     document.body.dataset.example = String(i);
+    if (focus) h.focus(); // the arrow keys now move between this example's steps
   }
 
   // ---- the list of rows ----------------------------------------------------------------------
@@ -418,7 +420,7 @@
       if (i === state.example) tr.classList.add("sel");
       const open = el("button", { type: "button", class: "open" }, String(e.n));
       open.setAttribute("aria-label", `open example ${e.n}`);
-      open.addEventListener("click", () => openExample(i));
+      open.addEventListener("click", () => openExample(i, true));
       const c0 = el("td"); c0.append(open);
       const tops = el("td", { class: "tops" });
       e.top.forEach(([t, v]) => tops.append(el("span", { class: "top", title: fmt(v, 6) }, t)));
