@@ -100,6 +100,16 @@ def test_panel_follows_reduction_and_normalize_and_padding():
     assert "normalised per step" in " ".join(p["notes"]) and "L2 norm" in " ".join(p["notes"])
 
 
+def test_a_batch_is_reduced_once_and_shows_each_row_as_alone():
+    out = result(3, 3, batch=3, delta=torch.tensor([[0.0, 0.9, 0.0]] * 3, dtype=torch.float64))
+    for options in ({}, {"reduction": "l2", "normalize": True}):
+        details = build.gather(out, **options)["details"]
+        for r in range(3):
+            assert details[r]["panels"][0] == build.panel(out, r, **options)
+            hm = views.heatmap(out, row=r, **options)
+            assert details[r]["panels"][0]["notes"] == list(hm.notes) and hm.flagged == (1,)
+
+
 def test_hostile_tokens_are_escaped_in_the_page_and_kept_as_text(tmp_path):
     meta = {"method": "</script><b>m</b>", "target_fn": "probability", "baseline": "<!-- \u2028"}
     out = result(4, 4, src_tokens=HOSTILE_SRC, tgt_tokens=HOSTILE_TGT, meta=meta)

@@ -80,10 +80,16 @@ def panel(out: AttributionTensors, row: int, *, name: str | None = None,
           reduction: str | Reducer | None = None, normalize: bool = False) -> dict[str, Any]:
     """Batch row `row` of `out` as the page draws it: running text (source, then target tokens,
     each with its heatmap row and column), the heatmap's values by column, step scores, title
-    and caption lines."""
+    and caption lines (`views.heatmap`, with `reduction` and `normalize`)."""
+    return _panel(views.view(out, reduction=reduction), row, name=name, normalize=normalize)
+
+
+def _panel(out: AttributionTensors, row: int, *, name: str | None, normalize: bool) -> dict[str, Any]:
+    """`panel` of an `out` whose extra dims are reduced already (`views.view`: done once for
+    every row of a batch; the heatmap's own reduction is then a no-op, its caption the same)."""
     from fnattr.render import hidden
 
-    hm = views.heatmap(out, row=row, reduction=reduction, normalize=normalize)
+    hm = views.heatmap(out, row=row, normalize=normalize)
     hide = hidden(out, hm, row)
     src = out.source_mask[row].nonzero().squeeze(1).tolist()
     cols = out.step_mask[row].nonzero().squeeze(1)
@@ -158,6 +164,7 @@ def from_results(results: Mapping[str, AttributionTensors], *, faith: list[dict]
         raise ValueError(f"the results hold different numbers of examples ({rows}): give results "
                          "of the same batch, one row per example in each.")
     first = next(iter(results.values()))
+    shown = {name: views.view(out, reduction=view.get("reduction")) for name, out in results.items()}
     index, details = [], []
     for b in range(first.source.shape[0]):
         texts = {name: _texts(out, b) for name, out in results.items()}
@@ -165,7 +172,8 @@ def from_results(results: Mapping[str, AttributionTensors], *, faith: list[dict]
             raise ValueError(f"row {b} holds other texts in different results "
                              f"({', '.join(f'{n}: {t[0][:40]!r}' for n, t in texts.items())}): give "
                              "results of the same examples, in the same order.")
-        panels = [panel(out, b, name=name, **view) for name, out in results.items()]
+        panels = [_panel(out, b, name=name, normalize=view.get("normalize", False))
+                  for name, out in shown.items()]
         e, d = _example(b, b, panels, *_texts(first, b), faith=None if faith is None else faith[b])
         index.append(e)
         details.append(d)
@@ -182,9 +190,10 @@ def from_run(folder: str | os.PathLike, **view: Any) -> tuple[list[dict], list[d
     for path in s.shards:
         out = load(path)
         start, keys = int(out.meta["dataset_start"]), dataset.ids(out)
+        shown = views.view(out, reduction=view.get("reduction"))
         for r in range(out.source.shape[0]):
             key = start + r if keys is None else keys[r]
-            p = panel(out, r, **view)
+            p = _panel(shown, r, name=None, normalize=view.get("normalize", False))
             e, d = _example(key, start + r, [p], *_texts(out, r))
             index.append(e)
             details.append(d)
