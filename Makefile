@@ -7,7 +7,10 @@ PIP := $(PY) -m pip install --quiet --disable-pip-version-check -c constraints.t
 STAMP := $(VENV)/.fnattr-installed
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: install demo test bench bench-peer evaluate clean
+AXE_DIR := $(VENV)/axe
+AXE_VERSION := 4.11.0
+
+.PHONY: install browser demo test bench bench-peer evaluate clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +23,18 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
+# What the report's browser tests need (tests/test_report_browser.py): Debian's chromium
+# (installed when missing and running as root) and axe-core from npm (into .venv/axe);
+# Playwright for Python comes with the `test` extra. Any of these may fail (no root, no
+# registry): those tests then skip, each saying how to install what is missing.
+browser: $(STAMP)
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } \
+		>/dev/null 2>&1; } || echo "note: no chromium (apt-get install chromium as root): the report's browser tests will skip"
+	@[ -f $(AXE_DIR)/node_modules/axe-core/axe.min.js ] || { command -v npm >/dev/null 2>&1 && \
+		npm install --silent --no-audit --no-fund --no-save --prefix $(AXE_DIR) axe-core@$(AXE_VERSION) \
+		>/dev/null 2>&1; } || echo "note: no axe-core (npm install --prefix $(AXE_DIR) axe-core): its accessibility checks will skip"
+
 demo: install
 	$(VENV)/bin/fnattr attribute "The capital of France is" --method integrated_gradients --no-save
 
@@ -29,7 +44,7 @@ evaluate: install
 		--input benchmarks/data/facts.jsonl --max-new-tokens 4 --arg integrated_gradients.n_steps=16 \
 		--out out/evaluate --png docs/evaluate-curves.png --overwrite
 
-test: install
+test: install browser
 	$(PY) -m pytest -q --jaxtyping-packages=fnattr,beartype.beartype
 
 bench: install

@@ -83,6 +83,13 @@ class AttributionTensors:
 
         show(self, reduction=reduction, normalize=normalize)
 
+    def report(self, path: str | os.PathLike = "report.html", **options: Any) -> str:
+        """Write an interactive, self-contained HTML report of this result to `path` (see
+        `fnattr.report.write`; `options`: `reduction`, `normalize`, `title`); returns the path."""
+        from fnattr.report import write  # the report imports this module
+
+        return os.fspath(write(self, path, **options))
+
     def __repr__(self) -> str:
         """What the result holds, not its numbers (`out.source` has them; `out.show()` draws them):
         method, shapes, and the first rows' tokens."""

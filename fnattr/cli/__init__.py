@@ -1,4 +1,5 @@
-"""The `fnattr` command line: `attribute`, `attribute-dataset`, `show`, `evaluate`, `methods`.
+"""The `fnattr` command line: `attribute`, `attribute-dataset`, `show`, `evaluate`, `report`,
+`methods`.
 
 Everything cheap is checked before anything expensive. Method names, option values (type-checked
 against the methods' signatures), target functions, input files and output paths are checked
@@ -406,6 +407,21 @@ def cmd_evaluate(args: argparse.Namespace, rest: list[str]) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace, rest: list[str]) -> int:
+    """`fnattr report PATH...`: the interactive HTML report (`fnattr.report`)."""
+    if rest:
+        raise UsageError(f"unexpected arguments {' '.join(rest)!r} for `fnattr report`.")
+    for path in args.paths:
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path!r} does not exist: pass a result file (.safetensors), a "
+                                    "dataset run folder or an `fnattr evaluate` folder.")
+    check_outputs([("--out", args.out)], overwrite=args.overwrite)
+    from fnattr.report.command import run
+
+    return run(args.paths, args.out, reduction=args.reduce, normalize=args.normalize,
+               title=args.title, log=_logger(args))
+
+
 def cmd_methods(args: argparse.Namespace, rest: list[str]) -> int:
     if rest:
         raise UsageError(f"unexpected arguments {' '.join(rest)!r} for `fnattr methods`.")
@@ -612,6 +628,26 @@ def _evaluate_parser(sub) -> None:
     ev.set_defaults(run=cmd_evaluate)
 
 
+def _report_parser(sub) -> None:
+    rep = sub.add_parser("report", help="write an interactive HTML report of a result, a dataset "
+                         "run or an evaluation", description="One self-contained HTML file (no "
+                         "network; opens from disk in any browser) for a result file, a dataset "
+                         "run folder or an `fnattr evaluate` folder; several result files (and an "
+                         "evaluate folder of the same examples) are shown side by side.")
+    rep.add_argument("paths", nargs="+", metavar="PATH",
+                     help="a .safetensors result, a dataset run folder or an evaluate folder")
+    rep.add_argument("--out", default="report.html", metavar="FILE", help="default report.html")
+    reducers = table_names("fnattr.aggregate", "REDUCERS")
+    rep.add_argument("--reduce", default=None, choices=reducers, metavar="HOW",
+                     help=f"how the extra dims are reduced: {', '.join(reducers)} (default: by method)")
+    rep.add_argument("--normalize", action="store_true", help="divide each step by its sum of |scores|")
+    rep.add_argument("--title", default=None, help="the page's heading (default: the inputs)")
+    rep.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    rep.add_argument("--quiet", action="store_true", help="no status messages")
+    rep.add_argument("--debug", action="store_true", help="show tracebacks")
+    rep.set_defaults(run=cmd_report)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fnattr", description="Explain what a generative language model's output depends on.",
@@ -659,6 +695,7 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--debug", action="store_true", help="show tracebacks")
     show.set_defaults(run=cmd_show)
     _evaluate_parser(sub)
+    _report_parser(sub)
 
     methods = sub.add_parser("methods", help="list the methods, their options and defaults")
     methods.add_argument("names", nargs="*", metavar="NAME", help="only these methods")
