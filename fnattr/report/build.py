@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from fnattr import views
+from fnattr.render import views
 from fnattr.aggregate import Reducer
 from fnattr.result import AttributionTensors
 
@@ -285,7 +285,7 @@ def _name(out: AttributionTensors, path: pathlib.Path | None, taken: set[str]) -
 def kind(path: str | os.PathLike) -> str:
     """"result", "run" or "evaluate": what `path` holds (a missing or unknown path raises)."""
     from fnattr import dataset
-    from fnattr.compare import JSONL
+    from fnattr.evaluate.compare import JSONL
 
     p = pathlib.Path(path)
     if p.is_file():
@@ -307,8 +307,8 @@ def gather(inputs: Any, *, reduction: str | Reducer | None = None, normalize: bo
     """The report's data for `inputs`: an AttributionTensors, a path (result file, dataset run
     folder, evaluate folder), a `Comparison`, a {name: AttributionTensors} mapping, or a list of
     these (several result files side by side, with at most one evaluate folder or Comparison)."""
-    from fnattr.compare import Comparison
-    from fnattr.compare import load as load_comparison
+    from fnattr.evaluate.compare import Comparison
+    from fnattr.evaluate.compare import load as load_comparison
     from fnattr.result import load
 
     view = {"reduction": reduction, "normalize": normalize}
