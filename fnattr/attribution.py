@@ -34,6 +34,7 @@ StepScoreSpec = Sequence[str | TargetFn]
 
 
 def fn_name(fn: TargetFn) -> str:
+    """The name a target function is recorded under (`meta["target_fn"]`, step score keys)."""
     return getattr(fn, "__name__", None) or getattr(getattr(fn, "func", None), "__name__", "target")
 
 

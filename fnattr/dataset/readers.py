@@ -124,6 +124,7 @@ def records(path: pathlib.Path, cursor: Cursor = (0, 0)
 
 
 def is_table(path: pathlib.Path) -> bool:
+    """Whether `path` is read as a table (parquet, Arrow, a `datasets` folder) rather than as lines."""
     return path.suffix in TABLES or path.is_dir()
 
 

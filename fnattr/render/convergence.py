@@ -25,6 +25,7 @@ def read_meta(out: AttributionTensors, key: str, default: Any) -> Any:
 
 
 def method_args(out: AttributionTensors) -> dict[str, Any]:
+    """The options the method was called with (`meta["args"]`), or {} where none are recorded."""
     args = read_meta(out, "args", {})
     return args if isinstance(args, dict) else {}
 

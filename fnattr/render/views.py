@@ -85,6 +85,7 @@ def baseline(out: AttributionTensors) -> str | None:
 
 
 def title(out: AttributionTensors) -> str:
+    """A heatmap's title: the method and the target function."""
     return f"{out.meta.get('method', 'attribution')}, target {out.meta.get('target_fn', 'unknown')}"
 
 
