@@ -12,7 +12,7 @@ from transformers import PreTrainedTokenizerBase
 from fnattr import defaults
 from fnattr import targets as _targets
 from fnattr.batch import Batch, prepare
-from fnattr.contrast import Alignments, Contrast, force_inputs, prepare_contrast
+from fnattr.contrast import Alignments, Contrast, ContrastContext, force_inputs, prepare_contrast
 from fnattr.engine import score_steps, step_range
 from fnattr.methods import METHODS
 from fnattr.methods._common import (
@@ -88,6 +88,7 @@ def attribute(
     contrast_targets: str | Sequence[str] | None = None,
     contrast_sources: str | Sequence[str] | None = None,
     contrast_targets_alignments: Alignments = None,
+    contrast_context: ContrastContext = "same",
     contrast_force_inputs: bool = False,
     target_args: Mapping[str, Any] | None = None,
     skip_special_tokens: bool = False,
@@ -104,8 +105,10 @@ def attribute(
     `contrast_targets_alignments` (None, "auto", or (target, contrast) position pairs), run once
     at the clean input (`fnattr.contrast.prepare_contrast`); methods rerun the contrast at each
     perturbed input on the side it shares with the attributed input, so its term carries its
-    gradient. `target_args` holds their options
-    (`top_k`, `top_p`, `n_mcd_steps`, `seed`). `chat=True` writes each source as the user's turn
+    gradient. `contrast_context` ("same", default, or "own") is the prefix a contrast token is
+    scored under: the attributed target's, p(y'_t | x, y_<t), or the contrast's own,
+    p(y'_t | x, y'_<t) (see `fnattr.contrast`). `target_args` holds their options
+    (`top_k`, `top_p`, `filter_strategy`, `n_mcd_steps`, `seed`). `chat=True` writes each source as the user's turn
     of the tokenizer's chat template (after a `system` turn if given) and keeps the template's
     tokens out of the attributed source unless `keep_template=True` (see `prepare`).
     `progress=True` shows the generation and the
@@ -143,7 +146,8 @@ def attribute(
     if has_contrast:
         contrast = prepare_contrast(model, tokenizer, batch, contrast_targets=contrast_targets,
                                     contrast_sources=contrast_sources,
-                                    contrast_targets_alignments=contrast_targets_alignments)
+                                    contrast_targets_alignments=contrast_targets_alignments,
+                                    contrast_context=contrast_context)
         if contrast_force_inputs:
             batch, contrast = force_inputs(model, batch, contrast)
     options, used = dict(target_args or {}), set()
