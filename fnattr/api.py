@@ -108,8 +108,8 @@ def attribute(
     gradient. `contrast_context` ("same", default, or "own") is the prefix a contrast token is
     scored under: the attributed target's, p(y'_t | x, y_<t), or the contrast's own,
     p(y'_t | x, y'_<t) (see `fnattr.contrast`). `target_args` holds their options
-    (`top_k`, `top_p`, `filter_strategy`, `n_mcd_steps`, `seed`). `chat=True` writes each source as the user's turn
-    of the tokenizer's chat template (after a `system` turn if given) and keeps the template's
+    (`top_k`, `top_p`, `filter_strategy`, `n_mcd_steps`, `seed`). `chat=True` writes each
+    source as the user's turn of the tokenizer's chat template (after a `system` turn if given) and keeps the template's
     tokens out of the attributed source unless `keep_template=True` (see `prepare`).
     `progress=True` shows the generation and the
     method's progress on stderr (`fnattr.progress`); it does not change the result.

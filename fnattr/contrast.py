@@ -261,6 +261,8 @@ def force_inputs(model: Model, batch: Batch, contrast: Contrast) -> tuple[Batch,
     x' / y': its terms carry the gradient, and the original's terms are rerun where it shares a
     side with it, constant where not. The alignment must pair every target position with a
     distinct contrast position and leave none out (e.g. equal lengths, no alignment given).
+    Attributing on (x', y') scores each contrast token under its own prefix, so a contrast with
+    `contrast_targets` must come from `prepare_contrast(..., contrast_context="own")`.
 
     >>> c_batch, forced = force_inputs(model, batch, prepare_contrast(model, tok, batch, ...))
     >>> out = saliency(model, c_batch, fnattr.targets.contrast_prob_diff(forced))
