@@ -102,7 +102,32 @@ def _reference(model, batch, cbatch, contrast, names, row, t, case):
 def test_contrastive_gradient_equals_autograd_of_whole_expression(two_models, case):
     """Every contrastive function, every kind of contrast, both contexts: the value and the
     gradient of every step equal a plain autograd of the expression written out for that step."""
-    model, tok = two_models
+    _check_against_reference(*two_models, case)
+
+
+@pytest.fixture(params=["llama", "marian"])
+def other_models(request, decoder_tokenizer, seq2seq_tokenizer):
+    """A second decoder-only (Llama) and encoder-decoder (Marian) model, for both contexts."""
+    from tests.architectures import build
+
+    tok = seq2seq_tokenizer if request.param == "marian" else decoder_tokenizer
+    cache = request.getfixturevalue("models_cache")
+    key = f"contrast-{request.param}"
+    if key not in cache:
+        cache[key] = build(request.param, len(tok))
+    return cache[key], tok
+
+
+@pytest.mark.parametrize("case", ["targets-same", "targets-own"])
+def test_both_contexts_equal_autograd_on_llama_and_marian(other_models, case):
+    _check_against_reference(*other_models, case)
+
+
+def _check_against_reference(model, tok, case):
+    # Llama's RMSNorm normalises in float32: one backward of z[y] - z[y'] and two backwards
+    # subtracted at the input round apart at float32's precision there (exact elsewhere)
+    llama = type(model).__name__.startswith("Llama")
+    tol = {"rtol": 1e-5, "atol": 1e-6} if llama else {"rtol": 1e-7, "atol": 1e-10}
     has_tgt, has_src, context = CASES[case]
     batch = prepare(model, tok, SOURCES, TARGETS)
     kwargs = {"contrast_targets": CONTRAST_TARGETS if has_tgt else None,
@@ -129,9 +154,8 @@ def test_contrastive_gradient_equals_autograd_of_whole_expression(two_models, ca
                 out = outs[name]
                 torch.testing.assert_close(out.step_scores[name][row, k], value, rtol=1e-9,
                                            atol=1e-12, msg=name)
-                torch.testing.assert_close(out.source[row, k][src_cols], gs, rtol=1e-7, atol=1e-10,
-                                           msg=name)
-                torch.testing.assert_close(out.target[row, k, :k], gp, rtol=1e-7, atol=1e-10, msg=name)
+                torch.testing.assert_close(out.source[row, k][src_cols], gs, **tol, msg=name)
+                torch.testing.assert_close(out.target[row, k, :k], gp, **tol, msg=name)
 
 
 def test_contrast_term_is_not_dropped(gpt2):
