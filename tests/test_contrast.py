@@ -129,6 +129,8 @@ def test_explicit_alignments_and_their_errors(gpt2):
         prepare_contrast(model, tok, batch, contrast_targets=[" Rome", " Milan"])
     with pytest.raises(ValueError, match="no contrast given"):
         prepare_contrast(model, tok, batch)
+    with pytest.raises((ValueError, TypeError), match="contrast_context"):  # TypeError: jaxtyping hook
+        prepare_contrast(model, tok, batch, contrast_targets=[" Rome is"], contrast_context="other")
 
 
 def test_attribute_with_contrast_names(any_model):
