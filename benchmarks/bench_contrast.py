@@ -48,11 +48,11 @@ def contrast_loop(model, tok, contrast: Contrast):
 def contrastive(model, tok, batch) -> None:
     def one_pass():
         contrast = prepare_contrast(model, tok, batch, contrast_targets=CONTRAST,
-                                    contrast_targets_alignments="auto")
+                                    contrast_targets_alignments="auto", contrast_context="own")
         return saliency(model, batch, targets.contrast_prob_diff(contrast))
 
     contrast = prepare_contrast(model, tok, batch, contrast_targets=CONTRAST,
-                                contrast_targets_alignments="auto")
+                                contrast_targets_alignments="auto", contrast_context="own")
     t_one = best_time(one_pass)
     t_loop = best_time(lambda: contrast_loop(model, tok, contrast), repeat=1)
     one, loop = one_pass(), contrast_loop(model, tok, contrast)
@@ -67,7 +67,7 @@ def contrastive(model, tok, batch) -> None:
 
 def step_scores(model, tok, batch) -> None:
     contrast = prepare_contrast(model, tok, batch, contrast_targets=CONTRAST,
-                                contrast_targets_alignments="auto")
+                                contrast_targets_alignments="auto", contrast_context="own")
     extra = [*PLAIN, *(f(contrast) for f in targets.CONTRAST_TARGETS.values())]
     t_plain = best_time(lambda: saliency(model, batch), repeat=3)
     t_with = best_time(lambda: saliency(model, batch, step_scores=extra), repeat=3)

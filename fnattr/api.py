@@ -14,7 +14,7 @@ from transformers import PreTrainedTokenizerBase
 from fnattr import defaults
 from fnattr import targets as _targets
 from fnattr.batch import Batch, prepare
-from fnattr.contrast import Alignments, Contrast, force_inputs, prepare_contrast
+from fnattr.contrast import Alignments, Contrast, ContrastContext, force_inputs, prepare_contrast
 from fnattr.engine import score_steps, step_range
 from fnattr.methods import METHODS
 from fnattr.attribution import (
@@ -90,8 +90,8 @@ def prepare_call(
     targets: str | Sequence[str] | None = None, *, target_fn: TargetFn | str = defaults.TARGET_FN,
     step_scores: Sequence[str | TargetFn] = (), contrast_targets: str | Sequence[str] | None = None,
     contrast_sources: str | Sequence[str] | None = None, contrast_targets_alignments: Alignments = None,
-    contrast_force_inputs: bool = False, target_args: Mapping[str, Any] | None = None,
-    progress: bool = False, **prepare_options: Any,
+    contrast_force_inputs: bool = False, contrast_context: ContrastContext = "same",
+    target_args: Mapping[str, Any] | None = None, progress: bool = False, **prepare_options: Any,
 ) -> Call:
     """Prepare the batch (tokenize, generate or force `targets`), the contrast and the target
     functions of one call: the one step that `attribute`, the command line and dataset runs share.
@@ -119,7 +119,8 @@ def prepare_call(
     if has_contrast:
         contrast = prepare_contrast(model, tokenizer, batch, contrast_targets=contrast_targets,
                                     contrast_sources=contrast_sources,
-                                    contrast_targets_alignments=contrast_targets_alignments)
+                                    contrast_targets_alignments=contrast_targets_alignments,
+                                    contrast_context=contrast_context)
         if contrast_force_inputs:
             batch, contrast = force_inputs(model, batch, contrast)
     options, used = dict(target_args or {}), set()
@@ -147,6 +148,7 @@ def attribute(
     contrast_targets: str | Sequence[str] | None = None,
     contrast_sources: str | Sequence[str] | None = None,
     contrast_targets_alignments: Alignments = None,
+    contrast_context: ContrastContext = "same",
     contrast_force_inputs: bool = False,
     target_args: Mapping[str, Any] | None = None,
     skip_special_tokens: bool = False,
@@ -163,9 +165,11 @@ def attribute(
     `contrast_targets_alignments` (None, "auto", or (target, contrast) position pairs), run once
     at the clean input (`fnattr.contrast.prepare_contrast`); methods rerun the contrast at each
     perturbed input on the side it shares with the attributed input, so its term carries its
-    gradient. `target_args` holds their options
-    (`top_k`, `top_p`, `n_mcd_steps`, `seed`). `chat=True` writes each source as the user's turn
-    of the tokenizer's chat template (after a `system` turn if given) and keeps the template's
+    gradient. `contrast_context` ("same", default, or "own") is the prefix a contrast token is
+    scored under: the attributed target's, p(y'_t | x, y_<t), or the contrast's own,
+    p(y'_t | x, y'_<t) (see `fnattr.contrast`). `target_args` holds their options
+    (`top_k`, `top_p`, `filter_strategy`, `n_mcd_steps`, `seed`). `chat=True` writes each
+    source as the user's turn of the tokenizer's chat template (after a `system` turn if given) and keeps the template's
     tokens out of the attributed source unless `keep_template=True` (see `prepare`).
     `progress=True` shows the generation and the
     method's progress on stderr (`fnattr.progress`); it does not change the result.
@@ -185,7 +189,8 @@ def attribute(
         model, tokenizer, sources, targets, target_fn=target_fn,
         step_scores=method_args.get("step_scores", ()), contrast_targets=contrast_targets,
         contrast_sources=contrast_sources, contrast_targets_alignments=contrast_targets_alignments,
-        contrast_force_inputs=contrast_force_inputs, target_args=target_args, progress=progress,
+        contrast_force_inputs=contrast_force_inputs, contrast_context=contrast_context,
+        target_args=target_args, progress=progress,
         max_new_tokens=max_new_tokens, chat=chat, system=system, keep_template=keep_template,
         skip_special_tokens=skip_special_tokens, include_eos_baseline=include_eos_baseline,
         generate_from_target_prefix=generate_from_target_prefix, **(generate_kwargs or {}))

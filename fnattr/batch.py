@@ -210,7 +210,7 @@ def _generate_after(
         cut = inputs.get("decoder_input_ids", inputs["input_ids"]).shape[1]
         inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
         inputs = {k: v.to(model.device) for k, v in inputs.items()}
-        with torch.no_grad(), frozen(model):  # eval mode (no dropout), restored after
+        with torch.no_grad(), frozen(model), finite_masks(model), eager_experts(model):  # eval mode
             new = model.generate(**inputs, max_new_tokens=max_new_tokens, **kwargs).cpu()[:, cut:]
         out.append(list(prefix) + _cut_at_eos(new, eos)[0])
     return out

@@ -1,9 +1,16 @@
 """Contrastive inputs: one no-grad forward of an alternative source/target, aligned to the target.
 
-"Why y rather than y'?" (Yin & Neubig 2022, arXiv:2202.10419): `prepare_contrast` runs the
-contrastive source and/or target once for all steps and keeps, for every target position t, the
-contrast logits and token of the contrast position aligned with t. The contrastive target
-functions of `fnattr.targets` (`contrast_prob_diff(contrast)`, ...) read them.
+"Why y rather than y'?" (Yin & Neubig 2022, arXiv:2202.10419): `prepare_contrast` keeps, for every
+target position t, the contrast token y'_t aligned with t and the logits it is scored on. The
+contrastive target functions of `fnattr.targets` (`contrast_prob_diff(contrast)`, ...) read them.
+
+Two contexts for a contrast token (`contrast_context`):
+- "same" (the default; Yin & Neubig, inseq's `contrast_prob_fn`): the foil is scored under the
+  attributed target prefix, p(y'_t | x', y_<t), with x' = x unless `contrast_sources` are given.
+  With `contrast_targets` only, the contrast's logits are the attributed forward's own.
+- "own": the foil is scored under the contrast's own prefix, p(y'_t | x', y'_<t) (the contrast
+  target run as a sequence of its own; fnattr's default until this change).
+With `contrast_sources` only the two coincide (the target is the attributed one).
 """
 
 import dataclasses
@@ -19,12 +26,14 @@ from transformers import PreTrainedTokenizerBase
 from fnattr._check import typechecked
 from fnattr.batch import Batch, prepare
 from fnattr.engine import Embedded, embed, forward
+from fnattr.hooks.attention import eager_experts, finite_masks
 from fnattr.hooks.embedding import EmbeddingHandle, embedding_hooks
 from fnattr.hooks.frozen import frozen
 from fnattr.types import Model
 
 Pairs = Sequence[tuple[int, int]]
 Alignments = Literal["auto"] | Pairs | Sequence[Pairs] | None
+ContrastContext = Literal["same", "own"]
 
 
 @typechecked
@@ -56,6 +65,12 @@ class Contrast:
     # `force_inputs`: the attributed input is the contrast's and `batch` the original's, so the
     # target functions swap their two terms back (the expression stays p - p', not p' - p)
     swapped: bool = False
+    # which prefix the contrast tokens are scored under ("same": the attributed target's)
+    context: ContrastContext = "own"
+    # the contrast's input is the attributed input (contrast_context="same", contrast_targets
+    # only): `logits` are the attributed forward's, and the target functions score y'_t on the
+    # logits they are given, so both terms carry their gradient without a second forward
+    reads_attributed: bool = False
 
 
 def align_tokens(target: Sequence[int], contrast: Sequence[int]) -> list[tuple[int, int]]:
@@ -103,7 +118,9 @@ def _row_pairs(alignments: Alignments, n_rows: int) -> list[Pairs | None | str]:
 
 
 def _positions(spec: Pairs | None | str, tgt: list[int], con: list[int], row: int) -> list[int]:
-    """The contrast position of every target position of one row."""
+    """The contrast position of every target position of one row: the named one, else the one as
+    far from the contrast's end as t is from the target's (inseq's fill of unaligned positions:
+    the last target token with the last contrast token, and so on backwards)."""
     if spec == "auto":
         spec = align_tokens(tgt, con)
     named = {}
@@ -118,11 +135,12 @@ def _positions(spec: Pairs | None | str, tgt: list[int], con: list[int], row: in
                              "twice: give one contrast position per target position.")
     out = []
     for t in range(len(tgt)):
-        if t not in named and t >= len(con):
+        c = named.get(t, len(con) - len(tgt) + t)
+        if c < 0:
             raise ValueError(f"target position {t} of row {row} has no contrast position: the contrast "
-                             f"has {len(con)} tokens. Pass contrast_targets_alignments='auto' or a "
-                             f"pair ({t}, j).")
-        out.append(named.get(t, t))
+                             f"has {len(con)} tokens, the target {len(tgt)}, and unnamed positions align "
+                             f"from the end. Pass contrast_targets_alignments='auto' or a pair ({t}, j).")
+        out.append(c)
     return out
 
 
@@ -162,18 +180,27 @@ def prepare_contrast(
     contrast_targets: str | Sequence[str] | None = None,
     contrast_sources: str | Sequence[str] | None = None,
     contrast_targets_alignments: Alignments = None,
+    contrast_context: ContrastContext = "same",
 ) -> Contrast:
     """Run the contrastive input once (no grad, eval mode) and align it with `batch`'s targets.
 
     `contrast_targets`: alternative target texts ("why y rather than y'"); `contrast_sources`:
     alternative inputs (e.g. without context); either or both, one per row. Alignment of target
-    position t with a contrast position: None keeps t (the contrast must be long enough), "auto"
-    matches tokens (`align_tokens`), explicit (t, j) pairs (one list for all rows or one per row)
-    set the named positions and keep t elsewhere. Returns a `Contrast` on the model's device.
+    position t with a contrast position, as inseq aligns them: None aligns the positions from the
+    end (the last target token with the last contrast token, and so on; position by position
+    for equal lengths), "auto" matches tokens (`align_tokens`), explicit (t, j) pairs (one list
+    for all rows or one per row) set the named positions and align the others from the end.
+
+    `contrast_context`: "same" (default) scores each contrast token y'_t under the attributed
+    target prefix, p(y'_t | x', y_<t) (Yin & Neubig 2022; inseq); "own" under the contrast's own
+    prefix, p(y'_t | x', y'_<t). Returns a `Contrast` on the model's device.
 
     >>> contrast = prepare_contrast(model, tok, batch, contrast_targets=["Rome."])
     >>> out = saliency(model, batch, fnattr.targets.contrast_prob_diff(contrast))
     """
+    if contrast_context not in ("same", "own"):
+        raise ValueError(f"`contrast_context`={contrast_context!r}: use 'same' (the contrast token "
+                         "under the attributed target prefix) or 'own' (under its own prefix).")
     cb = contrast_batch(model, tokenizer, batch, contrast_targets=contrast_targets,
                         contrast_sources=contrast_sources)
     specs = _row_pairs(contrast_targets_alignments, len(batch))
@@ -182,8 +209,32 @@ def prepare_contrast(
     for row, (spec, n_t, n_c) in enumerate(zip(specs, *lengths)):
         tgt, con = batch.target_ids[row, :n_t].tolist(), cb.target_ids[row, :n_c].tolist()
         index[row, :n_t] = torch.as_tensor(_positions(spec, tgt, con, row))
+    if contrast_targets is not None and contrast_context == "same":
+        return _same_context(model, tokenizer, batch, contrast_sources, cb, index, lengths[0])
     shared = "target" if contrast_targets is None else "source" if contrast_sources is None else None
-    return _run_other(model, cb, batch, index, lengths[0], shared, swapped=False)
+    run = _run_other(model, cb, batch, index, lengths[0], shared, swapped=False)
+    return dataclasses.replace(run, context=contrast_context)
+
+
+def _same_context(model: Model, tokenizer: PreTrainedTokenizerBase, batch: Batch,
+                  contrast_sources: str | Sequence[str] | None, cb: Batch, index: Tensor,
+                  lengths: Sequence[int]) -> Contrast:
+    """The contrast of `contrast_context="same"`: the contrast target `cb`'s tokens at `index`,
+    scored under the attributed target prefix (and `contrast_sources` where given)."""
+    foil = cb.target_ids.to(model.device).gather(1, index.to(model.device))
+    pairs = tuple(tuple((t, int(index[r, t])) for t in range(n)) for r, n in enumerate(lengths))
+    identity = torch.arange(batch.target_ids.shape[1]).expand_as(batch.target_ids)
+    if contrast_sources is None:  # the contrast input is the attributed input
+        batch = batch.to(model.device)
+        with torch.no_grad(), frozen(model), finite_masks(model), eager_experts(model), \
+                embedding_hooks(model) as handle:
+            emb = embed(handle, batch)
+            logits = forward(model, batch, handle, emb.source, emb.target, emb.start)
+        return Contrast(logits=logits, ids=foil, target_ids=batch.target_ids, alignments=pairs,
+                        context="same", reads_attributed=True)
+    other = contrast_batch(model, tokenizer, batch, contrast_sources=contrast_sources)
+    run = _run_other(model, other, batch, identity.clone(), lengths, "target", swapped=False)
+    return dataclasses.replace(run, ids=foil, alignments=pairs, context="same")
 
 
 def _run_other(model: Model, other: Batch, attributed: Batch, index: Tensor, lengths: Sequence[int],
@@ -191,7 +242,8 @@ def _run_other(model: Model, other: Batch, attributed: Batch, index: Tensor, len
     """The `Contrast` of `other` (run once, no grad) for the attributed batch `attributed`:
     `index[b, t]` is the position of `other` aligned with the attributed target position t."""
     other, index = other.to(model.device), index.to(model.device)
-    with torch.no_grad(), frozen(model), embedding_hooks(model) as handle:
+    with torch.no_grad(), frozen(model), finite_masks(model), eager_experts(model), \
+                embedding_hooks(model) as handle:
         emb = embed(handle, other)
         logits = forward(model, other, handle, emb.source, emb.target, emb.start)
     pairs = tuple(tuple((t, int(index[r, t])) for t in range(n)) for r, n in enumerate(lengths))
@@ -209,10 +261,17 @@ def force_inputs(model: Model, batch: Batch, contrast: Contrast) -> tuple[Batch,
     x' / y': its terms carry the gradient, and the original's terms are rerun where it shares a
     side with it, constant where not. The alignment must pair every target position with a
     distinct contrast position and leave none out (e.g. equal lengths, no alignment given).
+    Attributing on (x', y') scores each contrast token under its own prefix, so a contrast with
+    `contrast_targets` must come from `prepare_contrast(..., contrast_context="own")`.
 
     >>> c_batch, forced = force_inputs(model, batch, prepare_contrast(model, tok, batch, ...))
     >>> out = saliency(model, c_batch, fnattr.targets.contrast_prob_diff(forced))
     """
+    if contrast.context == "same" and (contrast.reads_attributed or not torch.equal(
+            contrast.ids, contrast.batch.target_ids.gather(1, contrast.index))):
+        raise ValueError("`contrast_force_inputs` attributes on the contrast's own input (x', y'), "
+                         "where each contrast token is scored under its own prefix: pass "
+                         "contrast_context='own' with it.")
     if contrast.batch is None or contrast.index is None or contrast.swapped:
         raise ValueError("`contrast` must come from prepare_contrast() (and not be forced already).")
     cb = contrast.batch

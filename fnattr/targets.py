@@ -8,7 +8,9 @@ the extra forward once for all steps, without gradients, and return a plain targ
 >>> out = saliency(model, batch, contrast_prob_diff(contrast), step_scores=["entropy"])
 
 Notation: z_t are the logits of step t, p_t = softmax(z_t), y_t the target token; primes mark
-the contrastive input (z'_t, p'_t, y'_t at the contrast step aligned with t).
+the contrastive input (z'_t, p'_t, y'_t at the contrast step aligned with t). With
+`contrast_context="same"` (the default) and `contrast_targets` only, z'_t = z_t: the foil y'_t is
+scored under the attributed prefix, p_t(y'_t) = p(y'_t | x, y_<t) (Yin & Neubig 2022; inseq).
 """
 
 import math
@@ -22,6 +24,7 @@ from fnattr._check import typechecked
 from fnattr.batch import Batch
 from fnattr.contrast import Contrast
 from fnattr.engine import embed, forward
+from fnattr.hooks.attention import eager_experts, finite_masks
 from fnattr.hooks.dropout import enable_dropout, has_dropout
 from fnattr.hooks.embedding import embedding_hooks
 from fnattr.hooks.frozen import frozen
@@ -192,6 +195,12 @@ def _swapped(score: Callable[..., Tensor]) -> Callable[..., Tensor]:
     return swapped
 
 
+def _on_own_logits(score: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    def same(logits: Logits, target_ids: TargetIds, c_ids: TargetIds) -> StepScores:
+        return score(logits, target_ids, logits, c_ids)
+    return same
+
+
 def _contrast(name: str, score: Callable[..., Tensor], contrast: Contrast) -> TargetFn:
     """`score(logits, target_ids, z', y')` over the contrast's one forward at the clean input.
 
@@ -199,6 +208,10 @@ def _contrast(name: str, score: Callable[..., Tensor], contrast: Contrast) -> Ta
     reruns the contrast at a perturbed input (`fnattr.contrast.rerun`) scores with those
     logits instead, so the contrastive term depends on the attributed input as it should.
     """
+    if contrast.reads_attributed:  # same context, same input: y'_t scored on these logits
+        fn = bind(name, _on_own_logits(score), contrast.target_ids, contrast.ids)
+        fn.contrast = contrast
+        return fn
     if contrast.swapped:  # attributed input = the contrast's: the terms change places back
         score = _swapped(score)
     fn = bind(name, score, contrast.target_ids, contrast.logits, contrast.ids)
@@ -275,43 +288,61 @@ def in_context_pvi(contrast: Contrast) -> TargetFn:
     return _contrast("in_context_pvi", _log2_ratio, contrast)
 
 
-def _top_k_top_p(probs: Tensor, top_k: int, top_p: float, min_keep: int) -> Tensor:
-    """True at the tokens that top-k then top-p (nucleus over the renormalised top k) filtering
-    keeps, as `transformers`' TopK/TopP warpers do: each keeps at least `min_keep` tokens."""
-    n = probs.shape[-1]
-    values, order = probs.sort(-1, descending=True)
-    rank = torch.arange(n, device=probs.device)
-    keep = rank < max(top_k, min_keep) if top_k > 0 else torch.ones_like(rank, dtype=torch.bool)
-    keep = keep.expand_as(values)
+FILTER_STRATEGIES = ("merged", "original", "contrast")
+
+
+def _filtered(scores: Tensor, top_k: int, top_p: float, min_keep: int) -> Tensor:
+    """True at the tokens that inseq's `filter_logits` keeps by the logits `scores`: the nucleus
+    of mass `top_p` of softmax(scores), then the `top_k` highest of those (ties kept); each
+    filter keeps at least `min_keep` tokens."""
+    keep = torch.ones_like(scores, dtype=torch.bool)
     if top_p < 1.0:
-        kept = values * keep
-        mass = kept.cumsum(-1) - kept  # mass before the token, of the renormalised top k
-        keep = keep & ((mass < top_p * kept.sum(-1, keepdim=True)) | (rank < min_keep))
-    return torch.zeros_like(keep).scatter(-1, order, keep)
+        values, order = scores.softmax(-1).sort(-1, descending=True)
+        kept = (values.cumsum(-1) - values) < top_p  # mass before the token is still short of top_p
+        kept[..., :min_keep] = True
+        keep = torch.zeros_like(keep).scatter(-1, order, kept)
+    if top_k > 0:
+        masked = scores.masked_fill(~keep, -math.inf)
+        kth = masked.topk(min(max(top_k, min_keep), scores.shape[-1]), -1).values[..., -1:]
+        keep = keep & (masked >= kth)
+    return keep
 
 
 def kl_divergence(contrast: Contrast, *, top_k: int = 0, top_p: float = 1.0,
-                  min_tokens_to_keep: int = 1) -> TargetFn:
+                  min_tokens_to_keep: int = 1, filter_strategy: str = "merged") -> TargetFn:
     """KL divergence of the contrastive from the attributed next-token distribution (Sarti et
     al. 2023, PECoRe, arXiv:2310.01188): `KL_t = sum_{v in V_t} q_t(v) log(q_t(v) / q'_t(v))`,
-    in nats. V_t is the union of the tokens that top-k / top-p filtering keeps in p_t and in
-    p'_t (the merged distributions, as inseq filters them): `top_k` most likely tokens (0: all),
-    then the nucleus of mass `top_p` among them, each set at least `min_tokens_to_keep` tokens.
-    q_t, q'_t are p_t, p'_t restricted to V_t and renormalised. Unlike inseq, which returns NaN
-    once filtering is on, this is finite: the tokens outside V_t weigh exactly 0.
+    in nats. V_t is one set of tokens for both sides, chosen as inseq's `filter_logits` chooses
+    it from the logits of `filter_strategy`: "merged" (default) z_t + z'_t, "original" z_t,
+    "contrast" z'_t; of their softmax the nucleus of mass `top_p` (1: all), then its `top_k`
+    highest tokens (0: all), each filter keeping at least `min_tokens_to_keep`. q_t, q'_t are p_t,
+    p'_t restricted to V_t and renormalised. Unlike inseq, which returns NaN once filtering is on
+    (0 * log 0 at the masked tokens), this is finite: the tokens outside V_t weigh exactly 0.
+
+    The contrast must change the prefix the distributions are conditioned on: `contrast_sources`,
+    or `contrast_targets` with `contrast_context="own"`. With `contrast_targets` only in the same
+    context p'_t = p_t and the KL would be 0 at every step, so that case raises.
 
     {gradient}"""
     if top_k < 0 or not 0.0 < top_p <= 1.0 or min_tokens_to_keep < 1:
         raise ValueError(f"`top_k`={top_k}, `top_p`={top_p}, `min_tokens_to_keep`={min_tokens_to_keep}:"
                          " need top_k >= 0 (0: no top-k), 0 < top_p <= 1 and min_tokens_to_keep >= 1.")
+    if filter_strategy not in FILTER_STRATEGIES:
+        raise ValueError(f"`filter_strategy`={filter_strategy!r}: use one of {FILTER_STRATEGIES} "
+                         "(the logits the kept tokens are chosen by: z + z', z or z').")
+    if contrast.reads_attributed:
+        raise ValueError("`kl_divergence` with `contrast_targets` only and contrast_context='same' "
+                         "compares p(. | x, y_<t) with itself (0 at every step): pass "
+                         "contrast_context='own' (the contrast target's own prefix) or "
+                         "`contrast_sources`.")
 
     @typechecked
     def _kl(logits: Logits, target_ids: TargetIds, c_logits: Logits, c_ids: TargetIds) -> StepScores:
         c_logits = c_logits.to(logits.dtype)
         keep = torch.ones_like(logits, dtype=torch.bool)
         if top_k > 0 or top_p < 1.0:
-            keep = (_top_k_top_p(logits.detach().softmax(-1), top_k, top_p, min_tokens_to_keep)
-                    | _top_k_top_p(c_logits.detach().softmax(-1), top_k, top_p, min_tokens_to_keep))
+            by = {"merged": logits + c_logits, "original": logits, "contrast": c_logits}
+            keep = _filtered(by[filter_strategy].detach(), top_k, top_p, min_tokens_to_keep)
         low = torch.finfo(logits.dtype).min  # masked tokens get probability 0, finite logs
         logq = logits.masked_fill(~keep, low).log_softmax(-1)
         logq_c = c_logits.masked_fill(~keep, low).log_softmax(-1)
@@ -364,7 +395,8 @@ def mc_dropout_prob_avg(
     batch = batch.to(model.device)
     total = torch.zeros(batch.target_ids.shape, dtype=model.dtype, device=model.device)
     copies = torch.arange(len(batch), device=model.device).repeat(n_mcd_steps)
-    with torch.no_grad(), frozen(model), enable_dropout(model), embedding_hooks(model) as handle, \
+    with torch.no_grad(), frozen(model), finite_masks(model), eager_experts(model), \
+            enable_dropout(model), embedding_hooks(model) as handle, \
             _seeded(model.device):
         torch.manual_seed(seed)
         emb = embed(handle, batch)
@@ -374,12 +406,20 @@ def mc_dropout_prob_avg(
     return bind("mc_dropout_prob_avg", _constant, batch.target_ids, total / n_mcd_steps)
 
 
-_GRADIENT = """Gradient: where the contrast shares a side with the attributed input (only
-    `contrast_targets` given: the source; only `contrast_sources`: the target), methods rerun the
-    contrast at each perturbed input on that side, so the attributions are those of the whole
-    expression as a function of the attributed input (both terms). With both sides replaced the
-    contrast is a constant: its terms have zero gradient and only the attributed input's terms
-    are attributed. Wrapping the function in another callable loses the rerun (constant contrast)."""
+_GRADIENT = """Context: with `contrast_targets`, the contrast token y'_t is scored under the
+    attributed target prefix by default (`contrast_context="same"`: p(y'_t | x, y_<t), as Yin &
+    Neubig 2022 and inseq), or under the contrast's own prefix (`contrast_context="own"`:
+    p(y'_t | x, y'_<t)); see `fnattr.contrast`.
+
+    Gradient: with `contrast_targets` only in the same context both terms read the attributed
+    forward's logits, so the attributions are those of the whole expression. Otherwise, where
+    the contrast shares a side with the attributed input (the source, or with `contrast_sources`
+    the target prefix), methods rerun the contrast at each perturbed input on that side, so the
+    attributions are again those of the whole expression (both terms). With both sides
+    replaced (`contrast_sources` and `contrast_targets` in the own context) the contrast is a
+    constant: its terms have zero gradient and only the attributed
+    input's terms are attributed. Wrapping the function in another callable loses the rerun
+    (constant contrast)."""
 
 for _fn in (contrast_logits, contrast_prob, contrast_logits_diff, contrast_prob_diff, pcxmi,
             in_context_pvi, kl_divergence):

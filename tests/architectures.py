@@ -47,6 +47,10 @@ SPECS: dict[str, tuple[str, str, dict]] = {
     "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", {
         **_LLAMA_LIKE, "head_dim": 8, "num_experts": 4, "num_experts_per_tok": 2,
         "moe_intermediate_size": 32, "decoder_sparse_step": 1}),
+    "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", {
+        **_LLAMA_LIKE, "intermediate_size": 16, "num_experts": 4, "num_experts_per_tok": 2}),
+    "granitemoe": ("GraniteMoeConfig", "GraniteMoeForCausalLM", {
+        **_LLAMA_LIKE, "intermediate_size": 16, "num_local_experts": 4, "num_experts_per_tok": 2}),
     "t5": ("T5Config", "T5ForConditionalGeneration", _T5),
     "mt5": ("MT5Config", "MT5ForConditionalGeneration", _T5),
     "bart": ("BartConfig", "BartForConditionalGeneration", {**_SEQ2SEQ, "forced_bos_token_id": None}),
@@ -56,7 +60,10 @@ SPECS: dict[str, tuple[str, str, dict]] = {
     "marian": ("MarianConfig", "MarianMTModel", _SEQ2SEQ),
 }
 SEQ2SEQ = ("t5", "mt5", "bart", "mbart", "pegasus", "m2m100", "marian")
-MOE = ("mixtral", "qwen3_moe")  # grouped_mm has no float64 kernel: fnattr runs their experts eagerly
+# grouped_mm has no float64 kernel: fnattr runs their experts eagerly (`eager_experts` finds
+# them by the configs their experts read, whatever the architecture)
+MOE = ("mixtral", "qwen3_moe", "olmoe", "granitemoe")
+LOWER_PRECISION = ("mixtral", "qwen3_moe")  # also run in float32 and bfloat16 (grouped_mm)
 NAMES = tuple(SPECS)
 
 
@@ -93,7 +100,7 @@ LEGACY_ATTENTION = ("gptj", "falcon", "bloom")
 
 def dtypes(name: str) -> tuple[torch.dtype, ...]:
     """The dtypes the matrix runs every method in (the first with the exactness checks)."""
-    return (torch.float64, torch.float32, torch.bfloat16) if name in MOE else (torch.float64,)
+    return (torch.float64, torch.float32, torch.bfloat16) if name in LOWER_PRECISION else (torch.float64,)
 
 
 def supported_table(methods: tuple[str, ...]) -> str:

@@ -1,4 +1,4 @@
-"""The architecture matrix: every method on tiny models of 24 transformers architectures.
+"""The architecture matrix: every method on tiny models of 26 transformers architectures.
 
 Each cell runs one method on a padded batch of two rows of different lengths (the decoder-only
 prompt of row 1 is left padded, row 0's target is right padded; encoder-decoder sources are
@@ -359,6 +359,47 @@ def test_float64_experts_run_eagerly_inside_a_method_only(archs, name):
         saliency(a.model, a.batch, boom)
     assert a.model.config._experts_implementation == "grouped_mm"
     assert [dict(m._forward_pre_hooks) for m in a.model.modules()] == hooks  # finite_masks' hooks gone
+
+
+@pytest.mark.parametrize("name", MOE)
+def test_float64_experts_run_eagerly_outside_methods_too(archs, name):
+    """The forwards fnattr runs outside a method (a contrast, a continued target prefix) also
+    run float64 experts eagerly, and give the setting back."""
+    from fnattr import targets
+    from fnattr.contrast import prepare_contrast
+
+    a = _arch(archs, name)
+    before = snapshot(a.model)
+    contrast = prepare_contrast(a.model, a.tok, a.batch, contrast_targets=[" Rome.", " sat in a park"],
+                                contrast_targets_alignments="auto",
+                                contrast_context="own")
+    assert torch.isfinite(contrast.logits).all()
+    out = saliency(a.model, a.batch, targets.contrast_prob_diff(contrast))
+    assert torch.isfinite(out.source).all()
+    cont = prepare(a.model, a.tok, SOURCES[:1], [" Paris"], max_new_tokens=2,
+                   generate_from_target_prefix=True)
+    assert cont.target_ids.shape[1] >= 1
+    assert a.model.config._experts_implementation == "grouped_mm"
+    assert_unchanged(a.model, before)
+
+
+def test_experts_are_found_by_the_config_they_read(archs):
+    """Generic detection: experts whose `config` is an object of their own (not the model's nor
+    a sub-config) are switched too, and restored."""
+    from fnattr.hooks.attention import eager_experts
+
+    a = _arch(archs, "olmoe")
+    model = copy.deepcopy(a.model)
+    experts = [m for m in model.modules() if type(m).__name__.endswith("Experts")]
+    assert experts
+    for m in experts:
+        m.config = copy.copy(m.config)  # its own object, unreachable from model.config
+    with pytest.raises(RuntimeError, match="Double"), torch.no_grad():
+        model(input_ids=a.batch.source_ids)
+    with eager_experts(model), torch.no_grad():
+        assert all(m.config._experts_implementation == "eager" for m in experts)
+        assert torch.isfinite(model(input_ids=a.batch.source_ids).logits).all()
+    assert all(m.config._experts_implementation == "grouped_mm" for m in experts)
 
 
 @pytest.mark.parametrize("name", ["bloom", "gemma2"])

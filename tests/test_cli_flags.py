@@ -193,11 +193,11 @@ def test_contrast_force_inputs_equals_the_api(chat_dir, tmp_path, monkeypatch):
     args = ["attribute", "The cat sat", "--model", chat_dir, "--method", "saliency", "--target",
             " on the mat", "--target-fn", "contrast_prob_diff", "--contrast-target", " in the park",
             "--save", "f.safetensors", "--quiet", "--no-table"]
-    assert cli.main([*args, "--contrast-force-inputs"]) == 0
+    assert cli.main([*args, "--contrast-force-inputs", "--contrast-context", "own"]) == 0
     model, tok = load_model(chat_dir)
     ref = fnattr.attribute(model, tok, ["The cat sat"], [" on the mat"], method="saliency",
                            target_fn="contrast_prob_diff", contrast_targets=[" in the park"],
-                           contrast_force_inputs=True)
+                           contrast_force_inputs=True, contrast_context="own")
     out = load(tmp_path / "f.safetensors")
     assert out.target_tokens == ref.target_tokens != [[" on", " the", " mat"]]
     torch.testing.assert_close(out.source, ref.source)
@@ -205,6 +205,8 @@ def test_contrast_force_inputs_equals_the_api(chat_dir, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("args, message", [
     (["--contrast-force-inputs"], "--contrast-force-inputs attributes on the contrastive inputs"),
+    (["--contrast-force-inputs", "--target-fn", "contrast_prob", "--contrast-target", " A"],
+     "add --contrast-context own"),
     (["--generate-from-target-prefix"], "--generate-from-target-prefix continues each --target"),
 ])
 def test_source_flag_errors_before_loading(args, message, tmp_path, monkeypatch, capsys, no_model):

@@ -54,27 +54,53 @@ def test_contrast_equal_to_target_scores_zero(any_model, alignments):
     torch.testing.assert_close(out.source, torch.zeros_like(out.source), rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("context", ["same", "own"])
 @pytest.mark.parametrize("side", ["targets", "sources", "both"])
-def test_contrast_logits_equal_per_step_reference(any_model, side):
+def test_contrast_logits_equal_per_step_reference(any_model, side, context):
+    """The contrast's logits at target position t are a plain forward of the contrast source (or
+    the source) and, in the same context, the attributed prefix y_<t, in the own context the
+    contrast's prefix y'_<c; its token is y'_c (c aligned with t)."""
     model, tok = any_model
     batch = prepare(model, tok, SOURCES, TARGETS)
     kwargs = {"contrast_targets": CONTRASTS if side != "sources" else None,
               "contrast_sources": ["The capital of Italy is", "A cat"] if side != "targets" else None}
     before = snapshot(model)
-    contrast = prepare_contrast(model, tok, batch, contrast_targets_alignments="auto", **kwargs)
+    contrast = prepare_contrast(model, tok, batch, contrast_targets_alignments="auto",
+                                contrast_context=context, **kwargs)
     assert_unchanged(model, before)
+    assert contrast.reads_attributed == (side == "targets" and context == "same")
     ref = prepare(model, tok, kwargs["contrast_sources"] or SOURCES,
                   kwargs["contrast_targets"] or TARGETS)
+    own = context == "own" and side != "sources"
     for row in range(len(SOURCES)):
         src, tgt = _unpadded(ref, row)
+        attributed = _unpadded(batch, row)[1]
         n_target = int(batch.target_mask[row].sum())
-        expected = align_tokens(_unpadded(batch, row)[1].tolist(), tgt.tolist())
+        expected = align_tokens(attributed.tolist(), tgt.tolist())
         assert contrast.alignments[row] == tuple(expected)
         assert len(expected) == n_target
         for t, c in expected:
-            want = _step_logits(model, src, tgt, c, batch.decoder_start_id)
+            want = _step_logits(model, src, tgt if own else attributed, c if own else t,
+                                batch.decoder_start_id)
             torch.testing.assert_close(contrast.logits[row, t], want, rtol=1e-9, atol=1e-12)
             assert contrast.ids[row, t] == tgt[c]
+
+
+def test_same_and_own_context_agree_at_the_first_step_only(decoder_model):
+    """Yin & Neubig's p(y'_t | x, y_<t) and the own-context p(y'_t | x, y'_<t) share the prefix
+    at step 0 and differ where the prefixes differ."""
+    model, tok = decoder_model
+    batch = prepare(model, tok, SOURCES[:1], [" Paris is a city"])
+    scores = {}
+    for context in ("same", "own"):
+        contrast = prepare_contrast(model, tok, batch, contrast_targets=[" Rome sat on the"],
+                                    contrast_context=context)
+        out = saliency(model, batch, targets.contrast_prob(contrast), abs=False)
+        scores[context] = out.step_scores["contrast_prob"][0], out.source[0]
+    (same, g_same), (own, g_own) = scores["same"], scores["own"]
+    torch.testing.assert_close(same[0], own[0], rtol=1e-12, atol=0)
+    torch.testing.assert_close(g_same[0], g_own[0], rtol=1e-10, atol=1e-14)
+    assert ((same[1:] - own[1:]).abs() > 1e-6 * own[1:].abs()).all()
 
 
 def test_explicit_alignments_and_their_errors(gpt2):
@@ -84,7 +110,13 @@ def test_explicit_alignments_and_their_errors(gpt2):
     contrast = prepare_contrast(model, tok, batch, contrast_targets=[" Rome is a city"],
                                 contrast_targets_alignments=pairs)
     assert contrast.alignments[0][:2] == ((0, 1), (1, 0))
-    assert all(t == c for t, c in contrast.alignments[0][2:])  # unnamed positions keep t
+    n_t, n_c = int(batch.target_mask[0].sum()), len(tok(" Rome is a city").input_ids) - 1
+    # unnamed positions align from the end, as inseq fills them
+    for given in (None, [(0, 0)]):
+        c = prepare_contrast(model, tok, batch, contrast_targets=[" Rome is a city"],
+                             contrast_targets_alignments=given)
+        assert c.alignments[0][1:] == tuple((t, n_c - n_t + t) for t in range(1, n_t))
+        assert c.alignments[0][0] == ((0, 0) if given else (0, n_c - n_t))
     with pytest.raises(ValueError, match="out of range"):
         prepare_contrast(model, tok, batch, contrast_targets=[" Rome"],
                          contrast_targets_alignments=[(0, 5)])
@@ -97,17 +129,20 @@ def test_explicit_alignments_and_their_errors(gpt2):
         prepare_contrast(model, tok, batch, contrast_targets=[" Rome", " Milan"])
     with pytest.raises(ValueError, match="no contrast given"):
         prepare_contrast(model, tok, batch)
+    with pytest.raises((ValueError, TypeError), match="contrast_context"):  # TypeError: jaxtyping hook
+        prepare_contrast(model, tok, batch, contrast_targets=[" Rome is"], contrast_context="other")
 
 
 def test_attribute_with_contrast_names(any_model):
     model, tok = any_model
     out = fnattr.attribute(model, tok, SOURCES, TARGETS, target_fn="contrast_prob_diff",
                            contrast_targets=CONTRASTS, contrast_targets_alignments="auto",
+                           contrast_context="own",
                            step_scores=["entropy", "contrast_prob", "kl_divergence"],
                            target_args={"top_k": 5}, attr_pos_start=1)
     batch = prepare(model, tok, SOURCES, TARGETS)
     contrast = prepare_contrast(model, tok, batch, contrast_targets=CONTRASTS,
-                                contrast_targets_alignments="auto")
+                                contrast_targets_alignments="auto", contrast_context="own")
     probs = contrast.logits.softmax(-1).gather(-1, contrast.ids[..., None])[..., 0]
     mask = batch.target_mask[:, 1:]
     torch.testing.assert_close(out.step_scores["contrast_prob"], probs[:, 1:] * mask)
@@ -174,7 +209,7 @@ def test_contrast_target_with_every_method(any_model, name):
     method = fnattr.methods.METHODS[name]
     out = method(model, batch, targets.contrast_prob_diff(contrast),
                  step_scores=["probability", targets.contrast_prob(contrast)],
-                 attr_pos_start=1, **fast_options(method))
+                 attr_pos_end=2, **fast_options(method))
     scores = out.step_scores
     torch.testing.assert_close(scores["contrast_prob_diff"],
                                scores["probability"] - scores["contrast_prob"])

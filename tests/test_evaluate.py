@@ -159,7 +159,7 @@ def test_contrastive_target_reruns_its_contrast_at_the_perturbed_input(gpt2):
     model, tok = gpt2
     batch = prepare(model, tok, [SOURCE], [TARGET])
     contrast = prepare_contrast(model, tok, batch, contrast_targets=[" Rome is a city in Italy"],
-                                contrast_targets_alignments="auto")
+                                contrast_targets_alignments="auto", contrast_context="own")
     fn = targets.contrast_prob_diff(contrast)
     out = input_x_gradient(model, batch, fn)
     src, tgt = batch.source_ids[0], batch.target_ids[0]

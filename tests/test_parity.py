@@ -262,7 +262,9 @@ def test_contrast_force_inputs_attributes_the_contrast_input(any_model):
     batch = prepare(model, tok, SOURCES, TARGETS)
     c_tgt = prepare(model, tok, SOURCES, contrasts)
     assert torch.equal(batch.target_mask, c_tgt.target_mask)  # same lengths: one to one
-    contrast = prepare_contrast(model, tok, batch, contrast_targets=contrasts)
+    with pytest.raises(ValueError, match="contrast_context='own'"):  # forcing = the own context
+        force_inputs(model, batch, prepare_contrast(model, tok, batch, contrast_targets=contrasts))
+    contrast = prepare_contrast(model, tok, batch, contrast_targets=contrasts, contrast_context="own")
     before = snapshot(model)
     c_batch, forced = force_inputs(model, batch, contrast)
     assert torch.equal(c_batch.target_ids, c_tgt.target_ids)
@@ -290,7 +292,8 @@ def test_contrast_force_inputs_needs_a_one_to_one_alignment(gpt2):
     from fnattr.api import attribute
     model, tok = gpt2
     batch = prepare(model, tok, [SOURCE], [TARGET])
-    contrast = prepare_contrast(model, tok, batch, contrast_targets=[" Rome is a city in Italy"])
+    contrast = prepare_contrast(model, tok, batch, contrast_targets=[" Rome is a city in Italy"],
+                                contrast_context="own")
     from fnattr.contrast import force_inputs
     before = snapshot(model)
     with pytest.raises(ValueError, match="contrast_force_inputs.*not one to one"):
@@ -299,7 +302,8 @@ def test_contrast_force_inputs_needs_a_one_to_one_alignment(gpt2):
         attribute(model, tok, SOURCE, TARGET, method="saliency", contrast_force_inputs=True)
     assert_unchanged(model, before)
     out = attribute(model, tok, SOURCE, TARGET, method="saliency", target_fn="contrast_prob_diff",
-                    contrast_targets=" Rome is a city", contrast_force_inputs=True)
+                    contrast_targets=" Rome is a city", contrast_force_inputs=True,
+                    contrast_context="own")
     assert out.target_tokens[0][0] == " Rome"
 
 

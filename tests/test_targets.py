@@ -121,42 +121,62 @@ def test_contrast_functions_equal_hand_reference():
         torch.testing.assert_close(fn(logits, ids), expected[name], msg=name)
 
 
-def _kept(p, top_k, top_p, min_keep):
-    """transformers' TopK then TopP warpers, by hand: the tokens of `p` they keep."""
-    order = sorted(range(V), key=lambda v: -p[v])
-    if top_k:
-        order = order[: max(top_k, min_keep)]
-    total, keep, mass = sum(p[v] for v in order), [], 0.0
-    for i, v in enumerate(order):
-        if mass / total >= top_p and i >= min_keep:
-            break
-        keep.append(v)
-        mass += p[v]
-    return set(keep)
+def _kept(z, top_k, top_p, min_keep):
+    """inseq's `filter_logits` by hand on the logits `z` it filters by: top-p first (remove the
+    tokens whose ascending cumulative probability is <= 1 - top_p, keep the `min_keep` most
+    likely), then top-k among the kept logits (keep those >= the max(top_k, min_keep)-th)."""
+    keep = set(range(V))
+    if top_p < 1.0:
+        p = _softmax(z).tolist()
+        ascending = sorted(range(V), key=lambda v: p[v])
+        cum, removed = 0.0, set()
+        for i, v in enumerate(ascending):
+            cum += p[v]
+            if cum <= 1 - top_p and i < V - min_keep:
+                removed.add(v)
+        keep -= removed
+    if top_k > 0:
+        kept = sorted((float(z[v]) for v in keep), reverse=True)
+        kth = kept[min(max(top_k, min_keep), len(kept)) - 1]
+        keep = {v for v in keep if float(z[v]) >= kth}
+    return keep
 
 
-def _filtered_kl(z, z_c, top_k, top_p, min_keep=1):
-    """KL over the union of the tokens kept in p and in p' (inseq filters the merged pair)."""
+def _filtered_kl(z, z_c, top_k, top_p, min_keep=1, strategy="merged"):
+    """KL of p, p' restricted to one kept set (chosen by z + z', z or z') and renormalised."""
+    by = {"merged": z + z_c, "original": z, "contrast": z_c}[strategy]
+    keep = _kept(by, top_k, top_p, min_keep)
     p, q = _softmax(z).tolist(), _softmax(z_c).tolist()
-    keep = _kept(p, top_k, top_p, min_keep) | _kept(q, top_k, top_p, min_keep)
     sp, sq = sum(p[v] for v in keep), sum(q[v] for v in keep)
     return sum(p[v] / sp * math.log((p[v] / sp) / (q[v] / sq)) for v in keep)
 
 
+@pytest.mark.parametrize("strategy", ["merged", "original", "contrast"])
 @pytest.mark.parametrize(("top_k", "top_p", "min_keep"),
-                         [(3, 1.0, 1), (0, 0.8, 1), (4, 0.5, 1), (1, 1.0, 1), (0, 0.05, 1),
-                          (0, 0.05, 3), (2, 0.3, 4)])
-def test_kl_divergence_filtering_equals_hand_reference(top_k, top_p, min_keep):
+                         [(3, 1.0, 1), (0, 0.8, 1), (4, 0.5, 1), (1, 1.0, 1), (0, 0.05, 3),
+                          (2, 0.3, 4)])
+def test_kl_divergence_filtering_equals_hand_reference(top_k, top_p, min_keep, strategy):
     c, logits, ids = _contrast(), _logits(), _ids()
-    got = targets.kl_divergence(c, top_k=top_k, top_p=top_p, min_tokens_to_keep=min_keep)(logits, ids)
-    want = torch.tensor([[_filtered_kl(logits[b, t], c.logits[b, t], top_k, top_p, min_keep)
+    fn = targets.kl_divergence(c, top_k=top_k, top_p=top_p, min_tokens_to_keep=min_keep,
+                               filter_strategy=strategy)
+    got = fn(logits, ids)
+    want = torch.tensor([[_filtered_kl(logits[b, t], c.logits[b, t], top_k, top_p, min_keep, strategy)
                           for t in range(T)] for b in range(B)], dtype=torch.float64)
     torch.testing.assert_close(got, want)
     assert torch.isfinite(got).all() and (got >= -1e-12).all()
-    if (top_k, top_p, min_keep) == (1, 1.0, 1):  # one token per side: differs from p alone
-        alone = torch.tensor([[_filtered_kl(logits[b, t], logits[b, t], 1, 1.0) for t in range(T)]
-                              for b in range(B)])
-        assert torch.all(alone == 0) and got.abs().max() > 0.01
+    if (top_k, top_p, min_keep) == (1, 1.0, 1):  # one token for both sides: both renormalise to 1
+        assert torch.all(got == 0)
+    elif strategy == "merged":  # the default; one kept set differs from filtering by p alone
+        assert torch.equal(got, targets.kl_divergence(c, top_k=top_k, top_p=top_p,
+                                                      min_tokens_to_keep=min_keep)(logits, ids))
+        alone = targets.kl_divergence(c, top_k=top_k, top_p=top_p, min_tokens_to_keep=min_keep,
+                                      filter_strategy="original")(logits, ids)
+        assert (got - alone).abs().max() > 1e-3
+
+
+def test_kl_divergence_rejects_unknown_filter_strategy():
+    with pytest.raises(ValueError, match="filter_strategy"):
+        targets.kl_divergence(_contrast(), top_k=2, filter_strategy="union")
 
 
 def test_kl_divergence_gradient_is_finite_with_filtering():

@@ -150,6 +150,10 @@ def _text_checks(args: argparse.Namespace, contrastive: set[str]) -> None:
     if args.contrast_force_inputs and not given:
         raise UsageError("--contrast-force-inputs attributes on the contrastive inputs: add "
                          "--contrast-target and/or --contrast-source with a contrastive --target-fn.")
+    if args.contrast_force_inputs and args.contrast_target and args.contrast_context == "same":
+        raise UsageError("--contrast-force-inputs attributes on the contrast's own input, where each "
+                         "--contrast-target token is scored under its own prefix: add "
+                         "--contrast-context own.")
     if args.generate_from_target_prefix and not args.target:
         raise UsageError("--generate-from-target-prefix continues each --target: add --target TEXT.")
     if args.contrast_alignments is not None:
@@ -194,6 +198,7 @@ def cmd_attribute(args: argparse.Namespace, rest: list[str]) -> int:
                         contrast_sources=args.contrast_source or None,
                         contrast_targets_alignments=args.contrast_alignments,
                         contrast_force_inputs=args.contrast_force_inputs,
+                        contrast_context=args.contrast_context,
                         max_new_tokens=args.max_new_tokens, **_prompt(args))
     batch = call.batch
     out = METHODS[args.method](model, batch, call.target_fn, step_scores=call.step_scores, **opts)
@@ -577,7 +582,11 @@ def _attribute_parser(sub) -> None:
                           "(up to --max-new-tokens)")
     att.add_argument("--contrast-alignments", default=None, metavar="auto|JSON",
                      help="align target with --contrast-target positions: auto (by tokens) or "
-                          "[[target position, contrast position], ...] (default: position by position)")
+                          "[[target position, contrast position], ...] (default: position by position "
+                          "from the end, as inseq)")
+    att.add_argument("--contrast-context", default="same", choices=("same", "own"),
+                     help="the prefix a --contrast-target token is scored under: same (the attributed "
+                          "target's, as Yin & Neubig 2022 and inseq; default) or own (the contrast's)")
     _method_options(att, contrast=True)
     _chat_options(att)
     _source_options(att)

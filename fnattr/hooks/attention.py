@@ -81,25 +81,44 @@ def eager_attention(model: Model) -> Iterator[PreTrainedModel]:
             cfg._attn_implementation_internal = impl
 
 
+# experts implementations known to run in float64 (everything else, `grouped_mm` first, is
+# switched to transformers' eager loop there)
+_FLOAT64_EXPERTS = (None, "eager", "batched_mm")
+
+
+def _experts_configs(model: Model) -> list:
+    """The configs whose experts implementation a float64 forward cannot run: the model's
+    configs and every module's own `config` (transformers' `use_experts_implementation` experts
+    read `self.config._experts_implementation` at each call), whatever the architecture."""
+    configs = {id(c): c for c in _configs(model)}
+    for module in model.modules():
+        cfg = getattr(module, "config", None)
+        if isinstance(cfg, PretrainedConfig):
+            configs.setdefault(id(cfg), cfg)
+    return [c for c in configs.values()
+            if getattr(c, "_experts_implementation_internal", None) not in _FLOAT64_EXPERTS]
+
+
 @contextmanager
 def eager_experts(model: Model) -> Iterator[None]:
     """Inside the block, a float64 mixture-of-experts model runs its experts with transformers'
-    eager loop instead of `grouped_mm`, which has no float64 kernel; every config's own
-    `_experts_implementation` is restored on exit. Other models and dtypes are left alone.
+    eager loop instead of `grouped_mm` (no float64 kernel) or any other kernel not known to run
+    float64; every config's own `_experts_implementation` is restored on exit. The experts are
+    found through the configs they read (`_experts_configs`), not by architecture. Other models
+    and dtypes are left alone.
 
-    >>> with eager_experts(model):          # a float64 Mixtral
+    >>> with eager_experts(model):          # a float64 Mixtral, OLMoE, GraniteMoE, ...
     ...     logits = model(input_ids=ids).logits
     """
     float64 = any(p.dtype == torch.float64 for p in model.parameters())
-    configs = [c for c in _configs(model) if float64
-               and getattr(c, "_experts_implementation_internal", None) == "grouped_mm"]
+    configs = [(c, c._experts_implementation_internal) for c in _experts_configs(model)] if float64 else []
     try:
-        for cfg in configs:
+        for cfg, _ in configs:
             cfg._experts_implementation_internal = "eager"
         yield
     finally:
-        for cfg in reversed(configs):
-            cfg._experts_implementation_internal = "grouped_mm"
+        for cfg, impl in reversed(configs):
+            cfg._experts_implementation_internal = impl
 
 
 def _specs(module: nn.Module) -> list[tuple[str, type | None, str | None, str | None, int]]:

@@ -188,6 +188,17 @@ def discretized_integrated_gradients(
     (`n_steps` + 1) * `points_per_segment` forwards per sequence. Special tokens keep their
     embedding; the baseline goes through `baselines` as in `integrated_gradients`.
 
+    Against inseq 0.7.1's DIG (a port of the authors' code): inseq reads its `n_steps` N as the
+    number of path points, so it builds N - 2 anchors but Monotonizes by 1/N, where the authors'
+    code (INK-USC/DIG, `steps` = m) builds m anchors and Monotonizes by 1/m, as here; inseq also
+    searches 50 neighbours (the authors 500, here `n_neighbors`=64), keeps every special token
+    of the model (the authors [CLS]/[SEP]), starts from the UNK token (here
+    `baseline="unk"`) and casts the paths to float32. So
+    `n_steps=N - 2, n_neighbors=50, baseline="unk", points_per_segment=1` has inseq's point
+    count, candidate words and Riemann sum; the two differ only through Monotonize's step,
+    1/(N - 2) here and 1/N there, which moves the non-monotonic dimensions and enters GREEDY's
+    cost. See docs/inseq-differences.md.
+
     With `points_per_segment="auto"` (the default) the paths are built once, with `n_steps`
     anchors, and each step gets 1, 2, 4, ... points per segment (up to `max_points_per_segment`)
     until |delta| is at most `tolerance` times |f(x) - f(baseline)|; steps that miss it are named

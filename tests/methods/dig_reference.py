@@ -46,18 +46,21 @@ def next_anchor(vocab: Tensor, base: Tensor, word: int | None, on_path: list[int
 
 
 def dig_path(vocab: Tensor, base: Tensor, word: int, m: int, k: int,
-             strategy: str) -> tuple[list[Tensor], list[int]]:
-    """Points [w', c_m, ..., c_1, w] and anchors [a_m, ..., a_1] (-1: the baseline)."""
+             strategy: str, step: int | None = None) -> tuple[list[Tensor], list[int]]:
+    """Points [w', c_m, ..., c_1, w] and anchors [a_m, ..., a_1] (-1: the baseline).
+
+    Monotonize moves a dimension by 1/m, as the authors' code (`steps` = m); `step` replaces
+    that m (inseq's port reads its `n_steps` N as the point count: m = N - 2 anchors, step N)."""
     on_path, anchors, points = [word], [], [vocab[word]]
-    current = word
+    current, step = word, step or m
     for _ in range(m):
-        current = next_anchor(vocab, base, current, on_path, m, k, strategy)
+        current = next_anchor(vocab, base, current, on_path, step, k, strategy)
         if current is None:
             points.append(base.clone())
             anchors.append(-1)
             continue
         on_path.append(current)
         anchors.append(current)
-        points.append(monotonize(base, points[-1], vocab[current], m))
+        points.append(monotonize(base, points[-1], vocab[current], step))
     points.append(base.clone())
     return points[::-1], anchors[::-1]

@@ -50,6 +50,44 @@ def test_paths_by_hand(strategy, anchors, points):
     assert got[0, 0] == -1 and torch.equal(paths[0, 1], HAND[0])
 
 
+def test_n_steps_is_the_authors_m_and_not_inseqs_point_count():
+    """The authors' code (INK-USC/DIG `monotonic_paths.py`, `main.py`) takes `steps` = m anchors,
+    Monotonizes by 1/m and integrates over (2^f)(m + 1) + 1 points: fnattr's `n_steps` is that
+    m. inseq 0.7.1's port reads its `n_steps` N as the number of points, m = N - 2 anchors, but
+    Monotonizes by 1/N. On HAND, 4 points: the same anchors, other points."""
+    ids = torch.tensor([1])
+    paths, anchors = monotonic_paths(HAND[ids], HAND[[0]], ids, HAND, n_steps=2, n_neighbors=2,
+                                     strategy="greedy")
+    authors, authors_anchors = dig_path(HAND, HAND[0], 1, 2, 2, "greedy")  # steps = 2
+    assert anchors[0].tolist() == authors_anchors == [2, 3]
+    assert torch.equal(paths[0], torch.stack(authors))
+    inseq, inseq_anchors = dig_path(HAND, HAND[0], 1, 2, 2, "greedy", step=4)  # inseq n_steps=4
+    assert inseq_anchors == authors_anchors and len(inseq) == paths.shape[1] == 4
+    # c_1 = Monotonize(word 3): 4 - 4/4 = 3 (inseq) against 4 - 4/2 = 2 (authors, fnattr)
+    want = torch.tensor([[0.0, 0.0], [2.25, 2.25], [3.0, 3.0], [4.0, 4.0]], dtype=torch.float64)
+    torch.testing.assert_close(torch.stack(inseq), want)
+    assert not torch.allclose(paths[0], want)
+
+
+def test_path_is_continuous_and_auto_converges_to_its_integral(gpt2):
+    """The path runs from the baseline (point 0) to the input (last point) through the points
+    the integration uses, and "auto" with Gauss-Legendre reaches the path integral: its
+    |delta| <= tolerance * |f(x) - f(b)|, while Gauss-Legendre with 16 points per segment
+    leaves round-off (completeness holds for the piecewise-linear path, no jump in it)."""
+    model, tok = gpt2
+    batch = prepare(model, tok, ["The cat sat on the mat and looked at"], [" the dog"])
+    fine = dig(model, batch, n_steps=16, method="gausslegendre", points_per_segment=16)
+    total = fine.source.flatten(2).sum(-1) + fine.target.flatten(2).sum(-1)
+    assert (total - fine.delta).abs().min() > 1e-6  # f(x) - f(b) is not 0
+    assert fine.delta.abs().max() < 1e-12 * (total - fine.delta).abs().max() + 1e-15
+    out, _ = _refine(model, batch, cap=16, n_steps=16, method="gausslegendre", tolerance=1e-3)
+    gap = total - fine.delta  # f(x) - f(b): the same paths, the same ends
+    got = out.source.flatten(2).sum(-1) + out.target.flatten(2).sum(-1)
+    torch.testing.assert_close(got - out.delta, gap, rtol=1e-12, atol=1e-15)
+    assert (out.delta.abs() <= 1e-3 * gap.abs()).all()
+    torch.testing.assert_close(got, total, rtol=2e-3, atol=0)
+
+
 @pytest.mark.parametrize("strategy", ["greedy", "maxcount"])
 @pytest.mark.parametrize(("n_steps", "n_neighbors"), [(3, 3), (6, 5), (9, 2)])
 @pytest.mark.parametrize("base_kind", ["word", "zeros"])
