@@ -40,6 +40,9 @@ DEFAULT_REDUCTION: Mapping[str, str] = MappingProxyType({
     "deeplift": "sum",
     "layer_deeplift": "sum",
     "layer_gradient_x_activation": "sum",
+    # LRP: relevance is additive, a column sums to the step's conserved logit (meta "conservation")
+    "attnlrp": "sum",
+    "cp_lrp": "sum",
     # The attention weights of one layer and head sum to 1 over the tokens a query sees; their
     # mean over layers and heads (and encoder queries) does too, so a column stays a
     # distribution. A sum would grow with the number of layers and heads.

@@ -14,6 +14,8 @@ from fnattr.methods.integrated_gradients import integrated_gradients as integrat
 from fnattr.methods.layer import layer_gradient_x_activation as layer_gradient_x_activation
 from fnattr.methods.layer import layer_integrated_gradients as layer_integrated_gradients
 from fnattr.methods.lime import lime as lime
+from fnattr.methods.lrp import attnlrp as attnlrp
+from fnattr.methods.lrp import cp_lrp as cp_lrp
 from fnattr.methods.occlusion import occlusion as occlusion
 from fnattr.methods.reagent import reagent as reagent
 from fnattr.methods.sequential_ig import sequential_integrated_gradients as sequential_integrated_gradients
@@ -29,6 +31,9 @@ METHODS: Mapping[str, Callable] = MappingProxyType({
     "gradient_shap": gradient_shap,
     "discretized_integrated_gradients": discretized_integrated_gradients,
     "sequential_integrated_gradients": sequential_integrated_gradients,
+    # LRP (Gradient x Input under LRP rules)
+    "attnlrp": attnlrp,
+    "cp_lrp": cp_lrp,
     # layers
     "layer_integrated_gradients": layer_integrated_gradients,
     "layer_gradient_x_activation": layer_gradient_x_activation,
