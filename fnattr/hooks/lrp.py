@@ -137,37 +137,46 @@ def _layer_norm(m: nn.LayerNorm, x: Tensor) -> Tensor:
 
 _NORMS: dict[str, Callable[[nn.Module, Tensor], Tensor]] = {
     **dict.fromkeys(("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"), _rms_llama),
-    "Gemma3RMSNorm": _rms_gemma,
-    "T5LayerNorm": _rms_t5,
+    "GemmaRMSNorm": _rms_gemma, "Gemma3RMSNorm": _rms_gemma,
+    "T5LayerNorm": _rms_t5, "MT5LayerNorm": _rms_t5,
 }
 
 # attention modules: the projections whose outputs are q, k, v (a fused projection: its q, k, v
 # thirds along the last dim)
 _ATTENTION: dict[str, tuple[str, ...]] = {
     **dict.fromkeys(("LlamaAttention", "MistralAttention", "Qwen2Attention", "Qwen3Attention",
-                     "Gemma3Attention", "BartAttention", "MarianAttention"), ("q_proj", "k_proj", "v_proj")),
-    "T5Attention": ("q", "k", "v"),
+                     "GemmaAttention", "Gemma3Attention", "OPTAttention", "BartAttention",
+                     "MBartAttention", "PegasusAttention", "M2M100Attention", "MarianAttention"),
+                    ("q_proj", "k_proj", "v_proj")),
+    "T5Attention": ("q", "k", "v"), "MT5Attention": ("q", "k", "v"),
     "GPT2Attention": ("c_attn",),
 }
 # gated MLPs: (gate projection, module whose input is act(gate) * up)
 _GATED: dict[str, tuple[str, str]] = {
-    **dict.fromkeys(("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP", "Gemma3MLP"), ("gate_proj", "down_proj")),
-    "T5DenseGatedActDense": ("wi_0", "wo"),
+    **dict.fromkeys(("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP", "GemmaMLP", "Gemma3MLP"),
+                    ("gate_proj", "down_proj")),
+    "T5DenseGatedActDense": ("wi_0", "wo"), "MT5DenseGatedActDense": ("wi_0", "wo"),
 }
 # modules whose own arithmetic is linear in their input (or independent of it: rotary and
 # position embeddings, whose outputs absorb relevance like biases); their children have rules
 _PASS = {
-    f"{family}{part}" for family in ("Llama", "Mistral", "Qwen2", "Qwen3", "Gemma3")
-    for part in ("ForCausalLM", "Model", "DecoderLayer", "RotaryEmbedding")
+    f"{family}{part}" for family in ("Llama", "Mistral", "Qwen2", "Qwen3", "Gemma", "Gemma3")
+    for part in ("ForCausalLM", "Model", "DecoderLayer", "RotaryEmbedding", "TextScaledWordEmbedding")
 } | {
-    "Gemma3TextModel", "Gemma3TextScaledWordEmbedding", "GPT2LMHeadModel", "GPT2Model", "GPT2Block",
-    "GPT2MLP", "BartForConditionalGeneration", "BartModel", "BartEncoder", "BartDecoder",
-    "BartEncoderLayer", "BartDecoderLayer", "BartLearnedPositionalEmbedding", "BartScaledWordEmbedding",
-    "MarianMTModel", "MarianModel", "MarianEncoder", "MarianDecoder", "MarianEncoderLayer",
-    "MarianDecoderLayer", "MarianSinusoidalPositionalEmbedding", "T5ForConditionalGeneration",
-    "T5Stack", "T5Block", "T5LayerSelfAttention", "T5LayerCrossAttention", "T5LayerFF",
-    "T5DenseActDense",
+    f"{family}{part}" for family in ("Bart", "MBart", "Pegasus", "M2M100", "Marian")
+    for part in ("ForConditionalGeneration", "MTModel", "Model", "Encoder", "Decoder", "EncoderLayer",
+                 "DecoderLayer", "LearnedPositionalEmbedding", "SinusoidalPositionalEmbedding",
+                 "ScaledWordEmbedding")
+} | {
+    f"{family}{part}" for family in ("T5", "MT5")
+    for part in ("ForConditionalGeneration", "Stack", "Block", "LayerSelfAttention",
+                 "LayerCrossAttention", "LayerFF", "DenseActDense")
+} | {
+    "Gemma3TextModel", "GPT2LMHeadModel", "GPT2Model", "GPT2Block", "GPT2MLP",
+    "OPTForCausalLM", "OPTModel", "OPTDecoder", "OPTDecoderLayer", "OPTLearnedPositionalEmbedding",
 }
+COVERED = ("Llama (SmolLM2), Mistral, Qwen2, Qwen3, Gemma, Gemma3, GPT2, OPT, Bart, MBart, Pegasus, "
+           "M2M100, Marian, T5 and MT5")
 _PLAIN = (nn.Linear, nn.Embedding, nn.Dropout, nn.ModuleList, nn.Identity)
 _NOT_ELEMENTWISE = {"Softmax", "Softmin", "LogSoftmax", "Softmax2d", "MultiheadAttention", "GLU"}
 # config options that add a non-linearity outside any module (tanh soft-capping)
@@ -185,8 +194,8 @@ def _is_plain(m: nn.Module) -> bool:
 
 def _refuse(model: nn.Module, name: str, what: str, rule: str) -> None:
     raise ValueError(f"lrp_rules({rule!r}) has no rule for {what} (module {name or 'the model'!r} of "
-                     f"{type(model).__name__}): LRP covers Llama, Mistral, Qwen2, Qwen3, Gemma3, GPT2, "
-                     "Bart, Marian and T5; use input_x_gradient or another method for this model.")
+                     f"{type(model).__name__}): LRP covers {COVERED}; use input_x_gradient or another "
+                     "method for this model.")
 
 
 def _check_config(model: nn.Module, rule: str) -> None:

@@ -63,6 +63,14 @@ def _gated_attnlrp(self, x):  # lxt `gated_mlp_forward`
     return self.down_proj(_scaled(self.act_fn(self.gate_proj(x)) * self.up_proj(x), 0.5))
 
 
+def _t5_gated(rule: str):  # T5DenseGatedActDense.forward under lxt's gated MLP rules
+    def forward(self, x):
+        gate = self.wi_0(x)
+        h = self.act(gate if rule == "attnlrp" else gate.detach()) * self.wi_1(x)
+        return self.wo(_scaled(h, 0.5) if rule == "attnlrp" else h)
+    return forward
+
+
 def _gated_cp(self, x):  # lxt `cp_gated_mlp_forward`
     return self.down_proj(self.act_fn(self.gate_proj(x).detach()) * self.up_proj(x))
 
@@ -85,10 +93,12 @@ for _rule in ("attnlrp", "cp_lrp"):
 
 def _forward_for(module: nn.Module, rule: str):
     name = type(module).__name__
-    if name == "Gemma3RMSNorm":
+    if name in ("GemmaRMSNorm", "Gemma3RMSNorm"):
         return _gemma_rms
-    if name == "T5LayerNorm":
+    if name in ("T5LayerNorm", "MT5LayerNorm"):
         return _t5_norm
+    if hasattr(module, "wi_0") and hasattr(module, "wo"):
+        return _t5_gated(rule)
     if name.endswith("RMSNorm"):
         return _rms
     if isinstance(module, nn.LayerNorm):
