@@ -61,14 +61,16 @@ class _Gradient(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
         scale = inputs[2]
-        if isinstance(scale, Tensor):
+        ctx.is_tensor = isinstance(scale, Tensor)
+        if ctx.is_tensor:
             ctx.save_for_backward(scale)
         else:
             ctx.scale = scale
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        scale = ctx.saved_tensors[0] if ctx.saved_tensors else ctx.scale
+        # saved tensors read once: `torch.utils.checkpoint` (`checkpointed`) unpacks them once
+        scale = ctx.saved_tensors[0] if ctx.is_tensor else ctx.scale
         return grad * scale, None, None
 
 
