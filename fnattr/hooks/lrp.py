@@ -148,7 +148,8 @@ _NORMS: dict[str, Callable[[nn.Module, Tensor], Tensor]] = {
 _ATTENTION: dict[str, tuple[str, ...]] = {
     **dict.fromkeys(("LlamaAttention", "MistralAttention", "Qwen2Attention", "Qwen3Attention",
                      "GemmaAttention", "Gemma3Attention", "OPTAttention", "BartAttention",
-                     "MBartAttention", "PegasusAttention", "M2M100Attention", "MarianAttention"),
+                     "MBartAttention", "PegasusAttention", "M2M100Attention", "MarianAttention",
+                     "GPTJAttention"),
                     ("q_proj", "k_proj", "v_proj")),
     "T5Attention": ("q", "k", "v"), "MT5Attention": ("q", "k", "v"),
     "GPT2Attention": ("c_attn",),
@@ -175,9 +176,10 @@ _PASS = {
                  "LayerCrossAttention", "LayerFF", "DenseActDense")
 } | {
     "Gemma3TextModel", "GPT2LMHeadModel", "GPT2Model", "GPT2Block", "GPT2MLP",
+    "GPTJForCausalLM", "GPTJModel", "GPTJBlock", "GPTJMLP",
     "OPTForCausalLM", "OPTModel", "OPTDecoder", "OPTDecoderLayer", "OPTLearnedPositionalEmbedding",
 }
-COVERED = ("Llama (SmolLM2), Mistral, Qwen2, Qwen3, Gemma, Gemma3, GPT2, OPT, Bart, MBart, Pegasus, "
+COVERED = ("Llama (SmolLM2), Mistral, Qwen2, Qwen3, Gemma, Gemma3, GPT2, GPT-J, OPT, Bart, MBart, Pegasus, "
            "M2M100, Marian, T5 and MT5")
 _PLAIN = (nn.Linear, nn.Embedding, nn.Dropout, nn.ModuleList, nn.Identity)
 _NOT_ELEMENTWISE = {"Softmax", "Softmin", "LogSoftmax", "Softmax2d", "MultiheadAttention", "GLU"}

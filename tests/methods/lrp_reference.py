@@ -91,6 +91,17 @@ for _rule in ("attnlrp", "cp_lrp"):
     AttentionMaskInterface.register(f"lrp_reference_{_rule}", eager_mask)  # else: no causal mask
 
 
+def _own_attention(rule: str):
+    """GPT-J's `_attn(query, key, value, mask)` (outside the attention interface), wrapped alike."""
+    def attn(self, query, key, value, *args, **kwargs):
+        if rule == "attnlrp":
+            query, key, value = _scaled(query, 0.25), _scaled(key, 0.25), _scaled(value, 0.5)
+        else:
+            query, key = query.detach(), key.detach()
+        return type(self)._attn(self, query, key, value, *args, **kwargs)
+    return attn
+
+
 def _forward_for(module: nn.Module, rule: str):
     name = type(module).__name__
     if name in ("GemmaRMSNorm", "Gemma3RMSNorm"):
@@ -117,13 +128,19 @@ def reference_rules(model: nn.Module, rule: str):
     old = model.config._attn_implementation
     try:
         for m in model.modules():
+            if type(m).__name__ == "GPTJAttention":
+                m._attn = types.MethodType(_own_attention(rule), m)
+                patched.append((m, "_attn"))
             fwd = _forward_for(m, rule)
             if fwd is not None:
                 m.forward = types.MethodType(fwd, m)
-                patched.append(m)
-        model.set_attn_implementation(f"lrp_reference_{rule}")
+                patched.append((m, "forward"))
+        interface = not any(type(m).__name__ == "GPTJAttention" for m in model.modules())
+        if interface:
+            model.set_attn_implementation(f"lrp_reference_{rule}")
         yield model
     finally:
-        model.set_attn_implementation(old)
-        for m in patched:
-            del m.forward
+        if model.config._attn_implementation != old:
+            model.set_attn_implementation(old)
+        for m, attr in patched:
+            delattr(m, attr)

@@ -18,7 +18,7 @@ from tests.state import assert_unchanged, snapshot
 
 SOURCE, TARGET = "The capital of France is", " Paris is a city"
 METHODS = {"attnlrp": attnlrp, "cp_lrp": cp_lrp}
-DECODERS = ("llama", "qwen2", "qwen3", "gemma3", "gpt2")
+DECODERS = ("llama", "qwen2", "qwen3", "gemma3", "gpt2", "gptj")
 SEQ2SEQ = ("bart", "t5")
 _CACHE: dict = {}
 
