@@ -8,8 +8,9 @@ with tensors of the same values whose backward follows the rules:
 
 - elementwise non-linearities (SiLU, GELU, ReLU, ... modules): identity rule (AttnLRP Eq. 9): the
   backward multiplies the output gradient by `out / (in + 1e-10)` (lxt's epsilon, not sign-aware);
-- LayerNorm / RMSNorm: the normaliser (std or rms) is a constant in the backward (identity rule on
-  the normalisation, AttnLRP Sec. 3.3.2), mean centring stays in the backward;
+- LayerNorm / RMSNorm: the normaliser (std or rms) is a constant in the backward (AttnLRP's
+  identity rule on normalisation, lxt's `rms_norm_forward` / `layer_norm_forward`), mean centring
+  stays in the backward;
 - the gated MLP product `act(gate) * up` (AttnLRP): uniform rule (Eq. 7), half the gradient at the
   product; CP-LRP (lxt's `cp_gated_mlp_forward`): no gradient through the gate, the full one
   through `up`;
