@@ -41,8 +41,9 @@ from fnattr.types import Model, TargetFn
 
 
 def conservation(out: AttributionTensors) -> dict:
-    """`meta["conservation"]` of `out`: per row and step, the relevance sum, the target's value
-    and the share absorbed, `(value - sum) / value` (None at padded steps or where value is 0)."""
+    """`meta["conservation"]` of `out`: per row and step, the relevance sum, the target's value,
+    what was absorbed, `value - sum`, and its share `(value - sum) / value` (None at padded steps;
+    the share None where the value is 0)."""
     total = out.source.flatten(2).sum(-1).double()
     if out.target is not None:
         total = total + out.target.flatten(2).sum(-1).double()
@@ -55,7 +56,7 @@ def conservation(out: AttributionTensors) -> dict:
     share = torch.where(value != 0, (value - total) / value.where(value != 0, 1.0), torch.nan)
     return {"target": out.meta["target_fn"],
             "inputs": "source and target" if out.target is not None else "source",
-            "relevance_sum": rows(total), "target_value": rows(value),
+            "relevance_sum": rows(total), "target_value": rows(value), "absorbed": rows(value - total),
             "absorbed_share": [[None if v is None or v != v else v for v in r] for r in rows(share)]}
 
 

@@ -84,6 +84,7 @@ def test_conservation_record_and_caption(tiny):
                 continue
             assert rec["relevance_sum"][b][k] == pytest.approx(float(total[b, k]), rel=1e-12)
             assert rec["target_value"][b][k] == pytest.approx(float(value[b, k]), rel=1e-12)
+            assert rec["absorbed"][b][k] == pytest.approx(float(value[b, k] - total[b, k]), rel=1e-9, abs=1e-15)
             share = (value[b, k] - total[b, k]) / value[b, k]
             assert rec["absorbed_share"][b][k] == pytest.approx(float(share), rel=1e-9)
     assert max(abs(v) for v in rec["absorbed_share"][0]) > 1e-3  # the softmax rule's bias term
