@@ -85,9 +85,22 @@ CHEAP: dict[str, dict] = {
     "discretized_integrated_gradients": {"n_steps": 2, "n_neighbors": 8, "points_per_segment": 2},
     "lime": {"n_samples": 8, "seed": 0},
     "reagent": {"max_probe_steps": 4, "num_probes": 2, "keep_top_n": 1},
+    # LRP attributes the logit by default; the matrix checks the probability among the step scores
+    "attnlrp": {"step_scores": ("probability",)}, "cp_lrp": {"step_scores": ("probability",)},
 }
-# (name, method) cells that are expected to raise instead of giving scores; none today.
-UNSUPPORTED: dict[tuple[str, str], str] = {}
+# (name, method) cells that are expected to raise instead of giving scores.
+# Why LRP's rules (fnattr.hooks.lrp) refuse an architecture: a module without a rule.
+LRP_REFUSED: dict[str, str] = {
+    "gemma2": "tanh soft-capping of logits", "phi3": "fused qkv_proj and gate_up_proj",
+    "gpt_neox": "fused per-head query_key_value", "gpt_bigcode": "multi-query c_attn",
+    "falcon": "fused query_key_value",
+    "bloom": "fused per-head query_key_value, ALiBi", "mixtral": "routed experts",
+    "qwen3_moe": "routed experts", "olmoe": "routed experts", "granitemoe": "routed experts",
+}
+UNSUPPORTED: dict[tuple[str, str], str] = {
+    (name, method): "lrp_rules" for method in ("attnlrp", "cp_lrp") for name in LRP_REFUSED}
+# LRP cells checked against the per-step reference (tests/methods/test_lrp.py)
+LRP_REFERENCE = ("llama", "qwen2", "qwen3", "gemma3", "gpt2", "gptj", "bart", "t5")
 # Cells that run but are not exact: DeepLIFT's rules pair input row i with reference row n + i,
 # and an expert layer regroups tokens by expert, so the pairs break inside it; `delta` shows the
 # gap (about 10% of the scores on the tiny MoE models, 1e-11 elsewhere). Strict xfail test.
@@ -105,8 +118,8 @@ def dtypes(name: str) -> tuple[torch.dtype, ...]:
 
 def supported_table(methods: tuple[str, ...]) -> str:
     """README's "Supported models" table: what `tests/test_architectures.py` runs and checks."""
-    lines = ["| architecture | model class | dtypes | methods | attention reached through |",
-             "|---|---|---|---|---|"]
+    lines = ["| architecture | model class | dtypes | methods | attention reached through | LRP |",
+             "|---|---|---|---|---|---|"]
     for name, (_, model_cls, _) in SPECS.items():
         missing = [m for m in methods if (name, m) in UNSUPPORTED]
         shown = f"all {len(methods)}" if not missing else f"all but {', '.join(missing)}"
@@ -114,5 +127,7 @@ def supported_table(methods: tuple[str, ...]) -> str:
         shown += f"; {', '.join(rough)} not exact (see `delta`)" if rough else ""
         kinds = ", ".join(str(d).removeprefix("torch.") for d in dtypes(name))
         via = "its layers' attention modules" if name in LEGACY_ATTENTION else "the attention interface"
-        lines.append(f"| {name} | `{model_cls}` | {kinds} | {shown} | {via} |")
+        lrp = (f"refused ({LRP_REFUSED[name]})" if name in LRP_REFUSED else
+               "yes, equals the per-step reference" if name in LRP_REFERENCE else "yes")
+        lines.append(f"| {name} | `{model_cls}` | {kinds} | {shown} | {via} | {lrp} |")
     return "\n".join(lines)

@@ -13,6 +13,7 @@ from fnattr.hooks.embedding import embedding_modules as embedding_modules
 from fnattr.hooks.frozen import frozen as frozen
 from fnattr.hooks.layer import LayerHandle as LayerHandle
 from fnattr.hooks.layer import layer_hooks as layer_hooks
+from fnattr.hooks.lrp import lrp_rules as lrp_rules
 from fnattr.hooks.randomized import layer_stack as layer_stack
 from fnattr.hooks.randomized import randomized as randomized
 from fnattr.hooks.value_zeroing import ValueZeroingHandle as ValueZeroingHandle
@@ -21,5 +22,5 @@ from fnattr.hooks.value_zeroing import value_zeroing as value_zeroing
 __all__ = [
     "AttentionCapture", "EmbeddingHandle", "LayerHandle", "ValueZeroingHandle",
     "capture_attention", "checkpointed", "eager_attention", "eager_experts", "embedding_hooks", "embedding_modules",
-    "enable_dropout", "finite_masks", "frozen", "layer_hooks", "layer_stack", "randomized", "value_zeroing",
+    "enable_dropout", "finite_masks", "frozen", "layer_hooks", "lrp_rules", "layer_stack", "randomized", "value_zeroing",
 ]

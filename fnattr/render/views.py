@@ -119,6 +119,28 @@ def _remedy(out: AttributionTensors) -> str:
     return "; try method='adaptive'"
 
 
+def conservation(out: AttributionTensors, row: int) -> str | None:
+    """One caption line for LRP (`meta["conservation"]`): the relevance sum against the target's
+    value over row `row`'s steps, and the share absorbed (biases, softmax rule, epsilon)."""
+    rec = read_meta(out, "conservation", None)
+    if not isinstance(rec, dict):
+        return None
+    try:
+        pairs = [(float(s), float(v)) for s, v in zip(rec["relevance_sum"][row], rec["target_value"][row])
+                 if s is not None and v is not None]
+    except (KeyError, IndexError, TypeError, ValueError):
+        return None
+    if not pairs:
+        return None
+    total, value = sum(s for s, _ in pairs), sum(v for _, v in pairs)
+    shares = [(v - s) / v for s, v in pairs if v != 0]
+    worst = max(shares, key=abs) if shares else math.nan
+    what = rec.get("target", "target")
+    return (f"conservation: relevance sums to {total:.4g} against {what} {value:.4g} over "
+            f"{len(pairs)} step{'s' * (len(pairs) != 1)}; absorbed (biases, softmax rule, epsilon): "
+            f"{(value - total) / value if value else math.nan:.1%} overall, at most {worst:.1%} in a step")
+
+
 def notes(out: AttributionTensors, shown: AttributionTensors, row: int,
           conv: Convergence | None) -> list[str]:
     """Caption lines for batch row `row` of `out` drawn as `shown`: baseline, what a cell holds,
@@ -127,6 +149,8 @@ def notes(out: AttributionTensors, shown: AttributionTensors, row: int,
     lines.append(cells(shown))
     if conv is not None:
         lines.append(completeness(conv, out, row))
+    if (kept := conservation(out, row)) is not None:
+        lines.append(kept)
     return lines
 
 
