@@ -203,6 +203,7 @@ def merge(
     return out.replace(
         source=src, target=tgt, steps=new_steps, source_ids=sids, source_mask=smask,
         target_ids=tids, target_mask=tmask, source_tokens=stok, target_tokens=ttok,
+        source_groups=None, group_texts=None,  # merged units need not follow the groups
         step_scores={k: pool_steps(v) for k, v in out.step_scores.items()},
         delta=pool_steps(out.delta),
         meta=_record(out.meta, "merge", [getattr(how, "__name__", how),

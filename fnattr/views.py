@@ -8,7 +8,7 @@ dims, per-step normalisation, the baseline, and the steps whose path integral di
 import dataclasses
 import math
 import unicodedata
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import MappingProxyType
 
 import torch
@@ -67,12 +67,21 @@ def default_reduction(out: AttributionTensors) -> str:
 
 def view(
     out: AttributionTensors, *, reduction: str | Reducer | None = None, normalize: bool = False,
+    group_by: str | bool | Callable | None = None,
 ) -> AttributionTensors:
     """`out` as drawn: extra dims reduced (default: `default_reduction(out)`), then, with
-    `normalize`, each step divided by the sum of its absolute scores (`aggregate.normalize`).
+    `group_by`, source tokens reduced to groups (`fnattr.groups.grouped`: True or the result's
+    grouping name for its own groups, another splitter name or function to split its token
+    texts), then, with `normalize`, each step divided by the sum of its absolute scores
+    (`aggregate.normalize`).
 
     >>> view(out, normalize=True).source.shape   # [batch step src]
+    >>> view(out, group_by="sentences").source_tokens   # the sentences' texts
     """
+    if group_by is not None and group_by is not False:
+        from fnattr.groups import grouped  # groups imports this module
+
+        out = grouped(out, None if group_by is True else group_by, reduction=reduction)
     shown = aggregate.reduce(out, default_reduction(out) if reduction is None else reduction)
     return aggregate.normalize(shown) if normalize else shown
 
@@ -215,14 +224,14 @@ def label(token: str) -> str:
 
 def heatmap(
     out: AttributionTensors, *, row: int = 0, reduction: str | Reducer | None = None,
-    normalize: bool = False,
+    normalize: bool = False, group_by: str | bool | Callable | None = None,
 ) -> Heatmap:
     """The matrix of batch row `row` of `out`, padding removed, `*extra` dims reduced
     (`view`), with its title, caption lines and flagged columns."""
     if not 0 <= row < out.source.shape[0]:
         n = out.source.shape[0]
         raise ValueError(f"`row`={row} is outside the batch of {n}: use 0..{n - 1}.")
-    shown = view(out, reduction=reduction, normalize=normalize)
+    shown = view(out, reduction=reduction, normalize=normalize, group_by=group_by)
     cols = shown.step_mask[row].nonzero().squeeze(1)
     steps = shown.steps[cols]
     src = shown.source_mask[row].nonzero().squeeze(1)
@@ -260,7 +269,7 @@ def _step_rows(out: AttributionTensors, row: int, cols: torch.Tensor) -> dict[st
 
 
 def heatmaps(out: AttributionTensors, **options) -> list[Heatmap]:
-    """`heatmap` of every batch row; `options`: `reduction`, `normalize`."""
+    """`heatmap` of every batch row; `options`: `reduction`, `normalize`, `group_by`."""
     return [heatmap(out, row=r, **options) for r in range(out.source.shape[0])]
 
 
