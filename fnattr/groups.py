@@ -323,6 +323,13 @@ def grouped(out, by: str | Splitter | None = None, *, reduction: Any = None):
 def as_groups(out, scores: Tensor, owners: Tensor, texts: tuple[tuple[str, ...], ...],
               name: str, how: str):
     """`out` (extra dims reduced) with source axis `scores` [batch step group]."""
+    return out.replace(**group_fields(out, scores, owners, texts, name, how))
+
+
+def group_fields(out, scores: Tensor, owners: Tensor, texts: tuple[tuple[str, ...], ...],
+                 name: str, how: str) -> dict[str, Any]:
+    """The fields of `out` that change when its source axis becomes the groups (`scores`
+    [batch step group], `owners` [batch src] from token to group, `texts` per row)."""
     n = scores.shape[2]
     ids = torch.zeros(len(texts), n, dtype=out.source_ids.dtype)
     mask = torch.zeros(len(texts), n, dtype=torch.bool)
@@ -334,5 +341,5 @@ def as_groups(out, scores: Tensor, owners: Tensor, texts: tuple[tuple[str, ...],
     steps = json.loads(out.meta.get("aggregations", "[]")) + [["grouped", [name, how]]]
     meta = {**out.meta, "aggregations": json.dumps(steps), "grouped": how, "group_by": name}
     scores = scores * mask[:, None, :].to(scores)
-    return out.replace(source=scores, source_ids=ids, source_mask=mask, source_tokens=labels,
-                       source_groups=None, group_texts=None, meta=meta)
+    return dict(source=scores, source_ids=ids, source_mask=mask, source_tokens=labels,
+                source_groups=None, group_texts=None, meta=meta)
