@@ -93,6 +93,7 @@ def attribute(
     skip_special_tokens: bool = False,
     include_eos_baseline: bool = False,
     generate_from_target_prefix: bool = False,
+    groups: Any = None,
     progress: bool = False,
     **method_args: Any,
 ) -> AttributionTensors:
@@ -112,8 +113,8 @@ def attribute(
     method's progress on stderr (`fnattr.progress`); it does not change the result.
     `contrast_force_inputs=True` attributes on the contrast's own inputs
     (`fnattr.contrast.force_inputs`: the result's source and target are the contrast's).
-    `skip_special_tokens`, `include_eos_baseline` and `generate_from_target_prefix` go to
-    `prepare`.
+    `skip_special_tokens`, `include_eos_baseline`, `generate_from_target_prefix` and `groups`
+    (feature groups, `fnattr.groups`: "sentences", "documents", ...) go to `prepare`.
 
     >>> out = attribute(model, tok, "The capital of France is", method="integrated_gradients",
     ...                 max_new_tokens=4, n_steps=32)
@@ -138,7 +139,7 @@ def attribute(
                         skip_special_tokens=skip_special_tokens,
                         include_eos_baseline=include_eos_baseline,
                         generate_from_target_prefix=generate_from_target_prefix,
-                        **(generate_kwargs or {}))
+                        groups=groups, **(generate_kwargs or {}))
     contrast = None
     if has_contrast:
         contrast = prepare_contrast(model, tokenizer, batch, contrast_targets=contrast_targets,

@@ -467,6 +467,10 @@ def prepare(
             )
     if max_new_tokens < 1:
         raise ValueError(f"`max_new_tokens` is {max_new_tokens}: it must be at least 1.")
+    if isinstance(groups, str):  # a splitter's name, checked before anything is generated
+        from fnattr.groups import splitter
+
+        splitter(groups)
     if generate_from_target_prefix and targets is None:
         raise ValueError("`generate_from_target_prefix=True` continues the given `targets`: pass "
                          "the target prefixes, or leave it False to generate from the source.")

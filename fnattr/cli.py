@@ -1,4 +1,5 @@
-"""The `fnattr` command line: `attribute`, `attribute-dataset`, `show`, `evaluate`, `methods`.
+"""The `fnattr` command line: `attribute`, `attribute-dataset`, `show`, `evaluate`,
+`attribute-context`, `methods`.
 
 Everything cheap is checked before anything expensive. Method names, option values (type-checked
 against the methods' signatures), target functions, input files and output paths are checked
@@ -29,8 +30,8 @@ from fnattr._cli_catalog import (  # noqa: F401 - the command line's public help
 )
 from fnattr._cli_catalog import _json_value
 from fnattr._cli_outputs import (  # noqa: F401
-    SAVE_PATTERN, _render_jobs, _table, check_outputs, default_save, png_paths, write_output,
-    write_outputs,
+    SAVE_PATTERN, _render_jobs, _table, check_groups, check_outputs, default_save, group_by,
+    png_paths, print_citations, write_output, write_outputs,
 )
 
 
@@ -167,6 +168,7 @@ def _attribute_checks(args: argparse.Namespace, rest: list[str]) -> dict[str, An
     _text_checks(args, _check_target_fns(args.target_fn, args.step_scores, contrast=True))
     _check_positive(max_new_tokens=args.max_new_tokens)
     _check_chat(args)
+    check_groups(args)
     _check_loading(args)
     _check_model(args.model)
     if args.save is None and not args.no_save:
@@ -190,7 +192,7 @@ def cmd_attribute(args: argparse.Namespace, rest: list[str]) -> int:
     _check_device(args.device)
     model, tokenizer = load(args.model, **_loading(args))
     batch = prepare(model, tokenizer, args.text, args.target, max_new_tokens=args.max_new_tokens,
-                    **_prompt(args))
+                    groups=group_by(args), **_prompt(args))
     contrast = None
     if args.contrast_target or args.contrast_source:
         from fnattr.contrast import prepare_contrast
@@ -212,6 +214,7 @@ def cmd_attribute(args: argparse.Namespace, rest: list[str]) -> int:
                               debug=args.debug, log=log)
     failed = write([("--save", args.save, out.save)] if args.save and not args.no_save else [])
     failed += _table(out, args)
+    failed += print_citations(out, args)
     failed += write(_render_jobs(out, args, png_paths(args.png, len(args.text)) if args.png else []))
     log(f"done in {time.perf_counter() - start:.1f} s")
     return 1 if failed else 0
@@ -221,6 +224,7 @@ def cmd_show(args: argparse.Namespace, rest: list[str]) -> int:
     if rest:
         raise UsageError(f"unexpected arguments {' '.join(rest)!r} for `fnattr show`.")
     _check_positive(limit=args.limit)
+    check_groups(args)
     if os.path.isdir(args.file):
         return _show_run(args)
     if not os.path.isfile(args.file):
@@ -234,6 +238,7 @@ def cmd_show(args: argparse.Namespace, rest: list[str]) -> int:
     pngs = png_paths(args.png, out.source.shape[0]) if args.png else []
     check_outputs([("--png", p) for p in pngs], overwrite=args.overwrite)
     failed = _table(out, args)
+    failed += print_citations(out, args)
     failed += write_outputs(_render_jobs(out, args, pngs), overwrite=args.overwrite,
                             command=args.command, debug=args.debug, log=_logger(args))
     return 1 if failed else 0
@@ -542,6 +547,17 @@ def _view_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--normalize", action="store_true",
                    help="divide each step's column by the sum of its absolute scores, so that "
                         "columns compare (the saved result is not changed)")
+    splitters = table_names("fnattr.groups", "SPLITTERS")
+    p.add_argument("--group-by", default=None, choices=splitters, metavar="NAME",
+                   help=f"one row per source group: {', '.join(splitters)} (attribute: the "
+                        "perturbation methods perturb whole groups; the sum of a group's token "
+                        "scores, or their L2 norm for gradient magnitudes); also prints, for each "
+                        "generated sentence, its top groups")
+    p.add_argument("--group-separator", default=None, metavar="TEXT",
+                   help="with --group-by documents: the text between documents (default a blank "
+                        "line; escapes such as \\n are read)")
+    p.add_argument("--citations", type=int, default=None, metavar="K",
+                   help="with --group-by: cite the top K groups per generated sentence (default 3)")
     p.add_argument("--html", default=None, metavar="PATH", help="write a standalone HTML heatmap")
     p.add_argument("--png", default=None, metavar="PATH",
                    help="write a PNG heatmap (for several texts: PATH-0.png, PATH-1.png, ...)")
@@ -668,6 +684,9 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--debug", action="store_true", help="show tracebacks")
     show.set_defaults(run=cmd_show)
     _evaluate_parser(sub)
+    from fnattr.context.cli import add_parser as _context_parser  # standard library only
+
+    _context_parser(sub, _model_options)
 
     methods = sub.add_parser("methods", help="list the methods, their options and defaults")
     methods.add_argument("names", nargs="*", metavar="NAME", help="only these methods")

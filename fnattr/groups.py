@@ -32,6 +32,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+__all__ = ["SPLITTERS", "attach", "documents", "grouped", "lines", "messages", "sentences",
+           "splitter", "words"]
+
 Span = tuple[int, int]
 Splitter = Callable[[str], list[Span]]
 
@@ -275,9 +278,12 @@ def _post_hoc(out, by: str | Splitter):
 def group_reduction(out, reduction: Any = None) -> str:
     """How token scores combine into a group's: "l2" (the L2 norm over the group's tokens) where
     the token scores are norms (the hidden dims reduce by "l2", e.g. saliency), else "sum"."""
-    from fnattr.views import default_reduction  # views imports this module lazily
+    from fnattr.views import _aggregations, default_reduction  # views imports this lazily
 
     how = default_reduction(out) if reduction is None else reduction
+    if reduction is None and not out.extra_dims:  # reduced before: by the reduction recorded
+        done = [name for name, _ in _aggregations(out) if name in ("l2", "sum", "mean", "max")]
+        how = done[-1] if done else how
     return "l2" if how == "l2" else "sum"
 
 

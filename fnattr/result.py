@@ -96,8 +96,8 @@ class AttributionTensors:
 
     def citations(self, k: int = 3, *, by: Any = None, row: int = 0) -> list:
         """For each generated sentence of row `row`: its text and the top-`k` source groups
-        (score, text) by the sentence's summed scores (`fnattr.context.citations`)."""
-        from fnattr.context.citations import citations
+        (score, text) by the sentence's summed scores (`fnattr.context.cited`)."""
+        from fnattr.context.cited import citations
 
         return citations(self, k=k, by=by, row=row)
 

@@ -99,6 +99,9 @@ def _words(name: str, args: list) -> str:
         return "rescaled per step (largest |score| of a column is 1)"
     if name == "merge" and len(args) == 2:
         return f"tokens merged by {args[0]} (merged steps: {args[1]})"
+    if name == "grouped" and len(args) == 2:
+        how = "L2 norm" if args[1] == "l2" else "sum"
+        return f"source tokens grouped by {args[0]} ({how} of a group's token scores)"
     if name == "difference":
         return f"difference with a {' '.join(map(str, args))} run"
     return f"{_WORDS.get(name, name)} over {', '.join(map(str, args))}"

@@ -13,7 +13,7 @@ import torch
 from fnattr.batch import prepare
 from fnattr.context import context_cite, lasso, surrogate
 from fnattr.context.cite import ablation_masks
-from fnattr.context.lasso import spearman
+from fnattr.context.solver import spearman
 from fnattr.targets import logprob
 from tests.one_token_model import one_token_gpt2
 from tests.state import assert_unchanged, snapshot
@@ -82,9 +82,9 @@ def test_surrogate_equals_the_context_cite_package_on_the_same_masks():
         + 0.1 * torch.randn(64, generator=gen, dtype=torch.float64)
     weight, bias = solver(lasso_alpha=0.01).fit(masks.numpy(), outputs.numpy(), 5)
     w, b = surrogate(masks, outputs, 5, 0.01)
-    # scikit-learn stops at its tolerance (1e-4 on the duality gap); ours converges further
-    torch.testing.assert_close(w, torch.as_tensor(weight, dtype=torch.float64), rtol=0, atol=2e-3)
-    assert abs(float(b) - float(bias)) < 2e-3
+    # the package fits in float32 and scikit-learn stops at its tolerance; ours converges further
+    torch.testing.assert_close(w, torch.as_tensor(weight, dtype=torch.float64), rtol=0, atol=2e-4)
+    assert abs(float(b) - float(bias)) < 2e-4
 
 
 def test_spearman():

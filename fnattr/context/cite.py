@@ -6,7 +6,7 @@ Each ablation keeps every group with probability `keep_prob` (the paper and its 
 and removes the others; one teacher-forced forward of the ablated prompt scores every generated
 step at once. A span's output is its target score summed over its steps (for `logprob`: the log
 probability of the span), turned into the logit of that probability (the paper's target,
-log p - log(1 - p)); a LASSO (`fnattr.context.lasso.surrogate`, the package's solver) maps the
+log p - log(1 - p)); a LASSO (`fnattr.context.solver.surrogate`, the package's solver) maps the
 keep-masks to it. A group's score is its weight: the predicted change of the output when the
 group is kept rather than removed. Held-out ablations measure the surrogate's fit: Spearman's
 rank correlation between predicted and actual outputs (the paper's LDS), in `meta["lds"]`.
@@ -20,7 +20,7 @@ from torch import Tensor
 
 from fnattr._evaluate_run import copy_scores
 from fnattr.batch import Batch
-from fnattr.context.lasso import spearman, surrogate
+from fnattr.context.solver import spearman, surrogate
 from fnattr.engine import score_steps
 from fnattr.groups import _assign, group_fields, kind, splitter
 from fnattr.methods import _grouped
