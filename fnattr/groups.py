@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["SPLITTERS", "attach", "documents", "grouped", "lines", "messages", "sentences",
-           "splitter", "words"]
+           "splitter", "ungrouped", "words"]
 
 Span = tuple[int, int]
 Splitter = Callable[[str], list[Span]]
@@ -252,6 +252,11 @@ def attach(batch, tokenizer, groups: str | Splitter | Sequence, *, system: str |
         texts.append(tuple(row_texts))
     return dataclasses.replace(batch, source_groups=owners.to(batch.source_ids.device),
                                source_group_texts=tuple(texts), group_by=kind(groups))
+
+
+def ungrouped(batch):
+    """`batch` without its groups: methods attribute (and perturb) single tokens again."""
+    return dataclasses.replace(batch, source_groups=None, source_group_texts=None, group_by=None)
 
 
 # ---- results -> groups -----------------------------------------------------------------------

@@ -96,3 +96,18 @@ def test_pecore_groups_saliency_and_round_trip(answer_model, tmp_path):
     assert back.source_tokens == out.source_tokens and describe(back) == describe(out)
     with pytest.raises(ValueError, match="cti_metric"):
         pecore(model, tok, context=CONTEXT, input=INPUT, cti_metric="js")
+
+
+def test_pecore_chat_renders_both_prompts_with_the_template(answer_model):
+    import copy
+
+    model, tok = answer_model
+    chat = copy.deepcopy(tok)
+    chat.chat_template = ("{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n"
+                          "{% endfor %}{% if add_generation_prompt %}<s>assistant\n{% endif %}")
+    out = pecore(model, chat, context=CONTEXT, input=INPUT, output=" city city city.",
+                 method="occlusion", cti_std=0.5, chat=True)
+    assert "".join(out.source_tokens[0]).startswith("<s>user\n" + CONTEXT)
+    assert out.group_texts == ((CONTEXT,),)
+    cci = json.loads(out.meta["cci"])
+    assert cci and all(c["top"][0][1] == "Paris" for c in cci)

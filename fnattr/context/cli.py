@@ -37,6 +37,8 @@ def add_parser(sub, model_options) -> None:
     splitters = table_names("fnattr.groups", "SPLITTERS")
     p.add_argument("--group-by", default=None, choices=splitters, metavar="NAME",
                    help=f"report context groups instead of tokens: {', '.join(splitters)}")
+    p.add_argument("--chat", action="store_true",
+                   help="write both prompts as the user's turn of the chat template (instruct models)")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--save", default=None, metavar="PATH",
                    help="write the result (several examples: PATH-0, PATH-1, ...; default "
@@ -101,7 +103,8 @@ def run(args: argparse.Namespace, rest: list[str]) -> int:
         out = pecore(model, tokenizer, context=ex["context"], input=ex["input"],
                      output=ex.get("output"), template=args.template, cti_metric=args.cti_metric,
                      cti_std=args.cti_std, method=args.method, cci_top_k=args.top_k,
-                     groups=args.group_by, max_new_tokens=args.max_new_tokens, **opts)
+                     groups=args.group_by, max_new_tokens=args.max_new_tokens, chat=args.chat,
+                     **opts)
         print(describe(out))
         if paths:
             failed += write_outputs([("--save", paths[i], out.save)], overwrite=args.overwrite,

@@ -84,7 +84,8 @@ def pecore(
     model: Model, tokenizer, *, context: str, input: str, output: str | None = None,
     template: str = TEMPLATE, cti_metric: Literal["kl", "pcxmi"] = "kl", cti_std: float = 1.0,
     method: str | Callable = "saliency", cci_target: Callable = _targets.contrast_prob_diff,
-    cci_top_k: int = 3, groups: Any = None, max_new_tokens: int = 32, **method_args: Any,
+    cci_top_k: int = 3, groups: Any = None, max_new_tokens: int = 32, chat: bool = False,
+    **method_args: Any,
 ) -> AttributionTensors:
     """PECoRe: context-sensitive generated tokens (CTI) and the context cues of each (CCI).
 
@@ -92,7 +93,9 @@ def pecore(
     `output` is forced, or generated (greedy, `max_new_tokens`) with the context. `method`: any
     fnattr method (name or function; `method_args` go to it), attributing each selected step
     with `cci_target(contrast)`. `groups`: a splitter of the context ("sentences", ...) to
-    report groups instead of context tokens.
+    report groups instead of context tokens. `chat=True` writes both prompts as the user's turn
+    of the tokenizer's chat template (rendered here, so the two prompts differ only by the
+    context; its tokens are attributed as ordinary tokens).
 
     Returns a result with one step per context-sensitive token (`steps` their target
     positions): `source` [1 step src] its attribution, reduced by the method's default
@@ -113,9 +116,13 @@ def pecore(
         raise ValueError(f"`cci_top_k`={cci_top_k}: report at least 1 context token.")
     fn = get_method(method)
     text, at = _prompt(context, input, template)
+    contextless = template.replace("{context}", "").format(input=input).strip() or input
+    if chat:
+        text, contextless = _chat(tokenizer, text), _chat(tokenizer, contextless)
+        start = text.find(context)
+        at = (start, start + len(context))
     batch = prepare(model, tokenizer, [text], None if output is None else [output],
                     max_new_tokens=max_new_tokens, groups=[_spans(context, at, groups)])
-    contextless = template.replace("{context}", "").format(input=input).strip() or input
     contrast = prepare_contrast(model, tokenizer, batch, contrast_sources=[contextless])
     with attribution_context(model, batch, attribute_target=None, attr_pos_start=None,
                              attr_pos_end=None) as ctx:
@@ -140,7 +147,7 @@ def pecore(
                     "top": _top(out_t, cci_top_k, None if groups is not None else in_context)})
     meta = {"method": "pecore", "target_fn": fn_name(cci_target(contrast)),
             "cci_method": getattr(fn, "__name__", str(method)),
-            "args": json.dumps({"cti_metric": cti_metric, "cti_std": cti_std,
+            "args": json.dumps({"cti_metric": cti_metric, "cti_std": cti_std, "chat": chat,
                                 "cci_top_k": cci_top_k, "template": template,
                                 "groups": None if groups is None else str(getattr(groups, "__name__", groups)),
                                 **{k: repr(v) for k, v in method_args.items()}}),
@@ -149,6 +156,19 @@ def pecore(
             "cci": json.dumps(cci), "context": context, "input": input,
             "group_by": "context" if groups is None else str(getattr(groups, "__name__", groups))}
     return _assemble(batch, parts, chosen, scores, meta)
+
+
+def _chat(tokenizer, text: str) -> str:
+    """`text` as the user's turn of the chat template, the assistant's turn opened."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("`chat=True` but the tokenizer has no chat template: pass chat=False.")
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": text}],
+                                             add_generation_prompt=True, tokenize=False)
+    bos = tokenizer.bos_token
+    adds = tokenizer("x")["input_ids"][:1] == [tokenizer.bos_token_id]
+    if bos and adds and rendered.startswith(bos):  # the tokenizer adds it again: once is enough
+        rendered = rendered[len(bos):]
+    return rendered
 
 
 def _top(out: AttributionTensors, k: int, in_context: Tensor | None) -> list[list[Any]]:
