@@ -2,7 +2,8 @@
 
 Run: python -m benchmarks.bench_groups [--full] [--max-new-tokens 3] [--n-ablations 32]
 SmolLM2-135M-Instruct on CPU; a prompt of 8 retrieved documents (blank-line separated) and a
-question whose answer one document holds, `prepare(groups="documents")`. Quick mode (default)
+question whose answer one document holds, as the user's turn of the chat template,
+`prepare(chat=True, groups="documents")` (the template's tokens are in no group). Quick mode (default)
 uses short documents (~240 prompt tokens); `--full` about 1,000 tokens. Each method runs once
 (token occlusion is one forward per token: minutes on a CPU), timed in CPU seconds of this
 process (`time.process_time`) and wall seconds. Printed: the forwards each method needs, the
@@ -64,11 +65,13 @@ def main() -> None:
     args = parser.parse_args()
     model, tok = load()
     text = prompt(14 if args.full else 2)
-    batch = fnattr.prepare(model, tok, text, max_new_tokens=args.max_new_tokens, groups="documents")
+    batch = fnattr.prepare(model, tok, text, max_new_tokens=args.max_new_tokens, chat=True,
+                           groups="documents")
+    fnattr.compute_step_scores(model, batch, ["logprob"])  # warm-up: the first forward is slower
     n_src = int(batch.source_mask.sum())
     n_groups = len(batch.source_group_texts[0])
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}; prompt {n_src} tokens in "
-          f"{n_groups} groups ({n_groups - 1} documents + the question); generated "
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}; prompt {n_src} tokens "
+          f"(chat template included) in {n_groups} groups ({n_groups - 1} documents + the question); generated "
           f"{batch.targets[0]!r}", flush=True)
     plain = fnattr.groups.ungrouped(batch)
     runs = {

@@ -109,6 +109,8 @@ def group_by(args: argparse.Namespace) -> Any:
 
 
 def check_groups(args: argparse.Namespace) -> None:
+    if getattr(args, "group_by", None) == "messages" and not getattr(args, "chat", True):
+        raise UsageError("--group-by messages splits a chat prompt into its turns: add --chat.")
     if getattr(args, "group_separator", None) is not None and args.group_by != "documents":
         raise UsageError("--group-separator splits documents: add --group-by documents.")
     if getattr(args, "citations", None) is not None:

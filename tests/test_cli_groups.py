@@ -56,6 +56,7 @@ def test_show_groups_a_saved_token_result(model_dir, tmp_path, monkeypatch, caps
     (["--group-separator", "x"], "--group-separator splits documents"),
     (["--citations", "2"], "--citations K cites source groups"),
     (["--group-by", "documents", "--citations", "0"], "cite at least 1 group"),
+    (["--group-by", "messages"], "add --chat"),
 ])
 def test_group_usage_errors_before_loading(args, message, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)

@@ -245,3 +245,13 @@ def test_merge_drops_groups(llama, grouped_batch):
     merged = fnattr.aggregate.merge_regex(views.view(ig))
     assert merged.source_groups is None and merged.group_texts is None
     assert out.source_groups is None
+
+
+def test_attribute_passes_groups_and_occlusion_returns_them(llama):
+    model, tok = llama
+    out = fnattr.attribute(model, tok, TEXTS[0], method="occlusion", groups="sentences",
+                           max_new_tokens=2)
+    assert out.source_tokens == (("The cat sat.", "The dog ran.", "Paris is a city."),)
+    assert out.meta["group_by"] == "sentences" and out.grouped() is out
+    with pytest.raises(ValueError, match="unknown"):
+        fnattr.attribute(model, tok, TEXTS[0], method="occlusion", groups="paragraphs")
