@@ -255,3 +255,23 @@ def test_attribute_passes_groups_and_occlusion_returns_them(llama):
     assert out.meta["group_by"] == "sentences" and out.grouped() is out
     with pytest.raises(ValueError, match="unknown"):
         fnattr.attribute(model, tok, TEXTS[0], method="occlusion", groups="paragraphs")
+
+
+def test_faithfulness_by_groups_equals_tokens_when_every_group_is_one_token(llama):
+    from fnattr.evaluate import faithfulness
+
+    model, tok = llama
+    batch = prepare(model, tok, TEXTS[:1], max_new_tokens=2, groups=_token_spans(tok, TEXTS[:1]))
+    plain = _without_groups(batch)
+    opts = dict(fractions=(0.2, 0.5), curve_levels=3, n_random=2, seed=1)
+    by_group = faithfulness(model, batch, occlusion(model, batch), **opts)
+    by_token = faithfulness(model, plain, occlusion(model, plain), **opts)
+    for name in ("comprehensiveness", "sufficiency", "deletion", "insertion"):  # (random draws
+        # are drawn over the positions, groups here, so they differ)
+        torch.testing.assert_close(getattr(by_group, name), getattr(by_token, name), rtol=1e-12, atol=1e-14)
+    sentences = prepare(model, tok, TEXTS[:1], max_new_tokens=2, groups="sentences")
+    faith = faithfulness(model, sentences, integrated_gradients(model, sentences, n_steps=4), **opts)
+    # three sentences, and the earlier generated tokens (IG scores the target side too)
+    assert faith.removable[0].tolist() == [3 + k for k in range(faith.removable.shape[1])]
+    with pytest.raises(ValueError, match="mask"):
+        faithfulness(model, sentences, occlusion(model, sentences), removal="mask")
