@@ -13,7 +13,7 @@ _EXPORTS = {
     "aggregate": "fnattr.aggregate", "compare": "fnattr.compare", "contrast": "fnattr.contrast",
     "dataset": "fnattr.dataset", "evaluate": "fnattr.evaluate", "hooks": "fnattr.hooks",
     "methods": "fnattr.methods", "render": "fnattr.render", "sanity": "fnattr.sanity",
-    "targets": "fnattr.targets",
+    "targets": "fnattr.targets", "groups": "fnattr.groups", "context": "fnattr.context",
     "attribute": "fnattr.api", "compute_step_scores": "fnattr.api", "iter_steps": "fnattr.api",
     "step_slice": "fnattr.api",
     "Batch": "fnattr.batch", "prepare": "fnattr.batch",
@@ -25,7 +25,7 @@ _EXPORTS = {
 
 __all__ = [
     "AttributionTensors", "Batch", "Comparison", "Faithfulness", "aggregate", "attribute",
-    "compare", "compare_methods", "compute_step_scores",
+    "compare", "compare_methods", "compute_step_scores", "context", "groups",
     "contrast", "dataset", "default_model_path", "evaluate", "faithfulness", "hooks", "iter_steps",
     "load", "load_model", "methods", "prepare", "render", "sanity", "save", "step_slice", "targets",
 ]
@@ -51,7 +51,9 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from fnattr import aggregate as aggregate
     from fnattr import compare as compare
     from fnattr import compiled as compiled
+    from fnattr import context as context
     from fnattr import contrast as contrast
+    from fnattr import groups as groups
     from fnattr import dataset as dataset
     from fnattr import evaluate as evaluate
     from fnattr import hooks as hooks

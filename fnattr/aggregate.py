@@ -8,7 +8,32 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from fnattr import registry
 from fnattr.result import AttributionTensors
+
+
+def _meta_json(out: AttributionTensors, key: str, default: Any) -> Any:
+    try:
+        return json.loads(out.meta[key]) if key in out.meta else default
+    except (TypeError, ValueError):
+        return default
+
+
+def aggregations(out: AttributionTensors) -> list[tuple[str, list]]:
+    """The reductions and merges applied to `out` so far (`meta["aggregations"]`), in order."""
+    steps = _meta_json(out, "aggregations", [])
+    return [(str(s[0]), s[1] if isinstance(s[1], list) else [s[1]]) for s in steps
+            if isinstance(s, list) and len(s) == 2] if isinstance(steps, list) else []
+
+
+def default_reduction(out: AttributionTensors) -> str:
+    """The reduction the views apply to `out`'s extra dims unless told another: the one its
+    method declares (`fnattr.registry`), and the L2 norm for bare gradients."""
+    how = registry.reduction(out.meta.get("method", ""))
+    args = _meta_json(out, "args", {})
+    if how == "sum" and isinstance(args, dict) and args.get("multiply_by_inputs") is False:
+        return "l2"  # bare gradients (not times the input) are not additive
+    return how
 
 Reducer = Callable[[Tensor, tuple[int, ...]], Tensor]
 
@@ -203,6 +228,7 @@ def merge(
     return out.replace(
         source=src, target=tgt, steps=new_steps, source_ids=sids, source_mask=smask,
         target_ids=tids, target_mask=tmask, source_tokens=stok, target_tokens=ttok,
+        source_groups=None, group_texts=None,  # merged units need not follow the groups
         step_scores={k: pool_steps(v) for k, v in out.step_scores.items()},
         delta=pool_steps(out.delta),
         meta=_record(out.meta, "merge", [getattr(how, "__name__", how),

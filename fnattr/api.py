@@ -154,6 +154,7 @@ def attribute(
     skip_special_tokens: bool = False,
     include_eos_baseline: bool = False,
     generate_from_target_prefix: bool = False,
+    groups: Any = None,
     progress: bool = False,
     **method_args: Any,
 ) -> AttributionTensors:
@@ -175,8 +176,8 @@ def attribute(
     method's progress on stderr (`fnattr.progress`); it does not change the result.
     `contrast_force_inputs=True` attributes on the contrast's own inputs
     (`fnattr.contrast.force_inputs`: the result's source and target are the contrast's).
-    `skip_special_tokens`, `include_eos_baseline` and `generate_from_target_prefix` go to
-    `prepare`.
+    `skip_special_tokens`, `include_eos_baseline`, `generate_from_target_prefix` and `groups`
+    (feature groups, `fnattr.groups`: "sentences", "documents", ...) go to `prepare`.
 
     >>> out = attribute(model, tok, "The capital of France is", method="integrated_gradients",
     ...                 max_new_tokens=4, n_steps=32)
@@ -193,7 +194,8 @@ def attribute(
         target_args=target_args, progress=progress,
         max_new_tokens=max_new_tokens, chat=chat, system=system, keep_template=keep_template,
         skip_special_tokens=skip_special_tokens, include_eos_baseline=include_eos_baseline,
-        generate_from_target_prefix=generate_from_target_prefix, **(generate_kwargs or {}))
+        generate_from_target_prefix=generate_from_target_prefix, groups=groups,
+        **(generate_kwargs or {}))
     if "step_scores" in method_args:
         method_args["step_scores"] = call.step_scores
     if progress:  # only when asked: a method of one's own need not take `progress`

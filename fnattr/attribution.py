@@ -261,5 +261,7 @@ def finish(
         source_ids=cpu(batch.source_ids), target_ids=cpu(batch.target_ids),
         source_mask=cpu(batch.source_mask), target_mask=cpu(batch.target_mask),
         source_tokens=batch.source_tokens, target_tokens=batch.target_tokens,
-        extra_dims=extra_dims, delta=cpu(delta), meta=meta,
+        extra_dims=extra_dims, delta=cpu(delta),
+        meta=meta if batch.group_by is None else {**meta, "group_by": batch.group_by},
+        source_groups=cpu(batch.source_groups), group_texts=batch.source_group_texts,
     )

@@ -48,6 +48,11 @@ class Batch:
     # newlines, a system turn), everything but the user's text; None without chat. Unless
     # `keep_template=True` they are in `source_special` too, so methods leave them unattributed.
     source_template: Bool[Tensor, "batch src"] | None = None
+    # `prepare(groups=...)` (`fnattr.groups`): the group of each source token (-1: none; indices
+    # per row), each row's group texts, and the grouping's name ("sentences", "spans", ...)
+    source_groups: Int[Tensor, "batch src"] | None = None
+    source_group_texts: tuple[tuple[str, ...], ...] | None = None
+    group_by: str | None = None
 
     def __len__(self) -> int:
         return self.source_ids.shape[0]
@@ -77,13 +82,15 @@ class Batch:
         idx = torch.as_tensor(list(rows), dtype=torch.long, device=self.source_ids.device)
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         for side, cols in (("source", src_cols), ("target", tgt_cols)):
-            for key in ("ids", "mask", "special", "template"):
+            for key in ("ids", "mask", "special", "template", "groups"):
                 if fields.get(f"{side}_{key}") is not None:
                     fields[f"{side}_{key}"] = fields[f"{side}_{key}"][idx][:, cols.to(idx.device)]
             fields[f"{side}_tokens"] = tuple(
                 tuple(fields[f"{side}_tokens"][r][c] for c in cols.tolist()) for r in rows
             )
             fields[f"{side}s"] = tuple(fields[f"{side}s"][r] for r in rows)
+        if fields["source_group_texts"] is not None:
+            fields["source_group_texts"] = tuple(fields["source_group_texts"][r] for r in rows)
         return Batch(**fields)
 
 
@@ -413,6 +420,7 @@ def prepare(
     skip_special_tokens: bool = False,
     include_eos_baseline: bool = False,
     generate_from_target_prefix: bool = False,
+    groups: Any = None,
     **generate_kwargs: Any,
 ) -> Batch:
     """Tokenize `sources` and either force `targets` or generate them (greedy unless told).
@@ -440,6 +448,11 @@ def prepare(
     - `generate_from_target_prefix=True`: `targets` are prefixes that the model continues (up
       to `max_new_tokens` more, greedy unless told); the target is prefix + continuation.
 
+    `groups` (`fnattr.groups`): feature groups of the source tokens, a splitter ("words",
+    "sentences", "lines", "messages", "documents", `fnattr.groups.documents(separator)`, a
+    function text -> [(start, end)]) or character spans per source; recorded in
+    `source_groups` (token -> group, -1 for tokens in no group: BOS, template tokens).
+
     >>> batch = prepare(model, tokenizer, ["The capital of France is"], max_new_tokens=4)
     >>> batch.target_tokens  # ((" Paris", ".", ...),)
     >>> prepare(model, tokenizer, ["Write a story about a cat."], chat=True)  # an instruct model
@@ -454,6 +467,10 @@ def prepare(
             )
     if max_new_tokens < 1:
         raise ValueError(f"`max_new_tokens` is {max_new_tokens}: it must be at least 1.")
+    if isinstance(groups, str):  # a splitter's name, checked before anything is generated
+        from fnattr.groups import splitter
+
+        splitter(groups)
     if generate_from_target_prefix and targets is None:
         raise ValueError("`generate_from_target_prefix=True` continues the given `targets`: pass "
                          "the target prefixes, or leave it False to generate from the source.")
@@ -489,7 +506,7 @@ def prepare(
         template = _pad([[int(t) for t in row] for row in template_rows], 0, left=not enc_dec)[0].bool()
         src_special = src_special if keep_template else src_special | template
     unk = tokenizer.unk_token_id
-    return Batch(
+    batch = Batch(
         source_ids=src_ids, source_mask=src_mask, source_special=src_special,
         target_ids=tgt_ids, target_mask=tgt_mask, target_special=_special(tokenizer, tgt_ids, tgt_mask),
         source_tokens=_tokens(tokenizer, src_ids), target_tokens=_tokens(tokenizer, tgt_ids),
@@ -499,3 +516,8 @@ def prepare(
         decoder_start_id=_decoder_start_id(model), special_tokens=_special_tokens(tokenizer, model),
         source_template=template,
     )
+    if groups is None:
+        return batch
+    from fnattr.groups import attach
+
+    return attach(batch, tokenizer, groups, system=system, render=_render)

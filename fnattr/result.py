@@ -48,6 +48,10 @@ class AttributionTensors:
     extra_dims: tuple[str, ...] = ()
     delta: Float[Tensor, "batch step"] | None = None
     meta: dict[str, str] = dataclasses.field(default_factory=dict)
+    # feature groups of the batch (`prepare(groups=...)`, `fnattr.groups`): the group of each
+    # source token (-1: none) and each row's group texts; `grouped()` reduces to them
+    source_groups: Int[Tensor, "batch src"] | None = None
+    group_texts: tuple[tuple[str, ...], ...] | None = None
 
     def __post_init__(self) -> None:
         extra = self.source.ndim - 3
@@ -62,6 +66,14 @@ class AttributionTensors:
                                  f"{sorted({len(r) for r in tokens})[:4]} tokens but `{side}_ids` is "
                                  f"{rows} x {width}: give one token per id.")
 
+        if (self.source_groups is None) != (self.group_texts is None) or (
+                self.group_texts is not None and (
+                    len(self.group_texts) != self.source_groups.shape[0] or any(
+                        int(g.max()) >= len(t) for g, t in zip(self.source_groups, self.group_texts)
+                        if g.numel()) or bool((self.source_groups < -1).any()))):
+            raise ValueError("`source_groups` and `group_texts` go together: one text per group "
+                             "index of each row (indices -1 .. n_groups - 1).")
+
     @property
     def step_mask(self) -> Bool[Tensor, "batch step"]:
         """True where step k of row b is a real (not padding) target token."""
@@ -74,14 +86,31 @@ class AttributionTensors:
         """Write tensors and metadata to a `.safetensors` file (no pickle)."""
         save(self, path)
 
-    def show(self, *, reduction: str | Callable | None = None, normalize: bool = False) -> None:
+    def grouped(self, by: Any = None, *, reduction: str | Callable | None = None
+                ) -> "AttributionTensors":
+        """One score per source group (`fnattr.groups.grouped`): the sum of the group's token
+        scores, or their L2 norm for gradient magnitudes; `by` regroups by a splitter name."""
+        from fnattr.groups import grouped  # groups imports this module
+
+        return grouped(self, by, reduction=reduction)
+
+    def citations(self, k: int = 3, *, by: Any = None, row: int = 0) -> list:
+        """For each generated sentence of row `row`: its text and the top-`k` source groups
+        (score, text) by the sentence's summed scores (`fnattr.context.cited`)."""
+        from fnattr.context.cited import citations
+
+        return citations(self, k=k, by=by, row=row)
+
+    def show(self, *, reduction: str | Callable | None = None, normalize: bool = False,
+             group_by: Any = None) -> None:
         """Display the heatmap: HTML in a Jupyter notebook, a coloured table in a terminal.
 
         `reduction` of the extra dims (default: by method, `fnattr.views.DEFAULT_REDUCTION`);
-        `normalize`: divide each step by the sum of its absolute scores."""
+        `normalize`: divide each step by the sum of its absolute scores; `group_by`: one row
+        per source group (`grouped`)."""
         from fnattr.render import show  # render imports this module
 
-        show(self, reduction=reduction, normalize=normalize)
+        show(self, reduction=reduction, normalize=normalize, group_by=group_by)
 
     def report(self, path: str | os.PathLike = "report.html", **options: Any) -> str:
         """Write an interactive, self-contained HTML report of this result to `path` (see
@@ -124,7 +153,7 @@ def _tokens_repr(out: AttributionTensors) -> str:
 
 
 _TENSORS = ("source", "target", "steps", "source_ids", "target_ids", "source_mask",
-            "target_mask", "delta")
+            "target_mask", "delta", "source_groups")
 
 
 def save(result: AttributionTensors, path: str | os.PathLike) -> None:
@@ -140,6 +169,8 @@ def save(result: AttributionTensors, path: str | os.PathLike) -> None:
         "step_score_names": json.dumps(list(result.step_scores)),
         "meta": json.dumps(result.meta),
     }
+    if result.group_texts is not None:
+        header["group_texts"] = json.dumps(result.group_texts)
     save_file(tensors, os.fspath(path), metadata=header)
 
 
@@ -225,6 +256,7 @@ def _check_tensors(t: Mapping[str, Tensor], names: list[str]) -> None:
     extra = tuple(t["source"].shape[3:])
     shapes = {"steps": (k,), "source_ids": (b, s), "source_mask": (b, s), "target_ids": (b, n_tgt),
               "target_mask": (b, n_tgt), "delta": (b, k), "target": (b, k, n_tgt, *extra),
+              "source_groups": (b, s),
               **{f"step_scores.{n}": (b, k) for n in names}}
     for name, shape in shapes.items():
         if name in t and tuple(t[name].shape) != shape:
@@ -232,7 +264,7 @@ def _check_tensors(t: Mapping[str, Tensor], names: list[str]) -> None:
                            f"{tuple(t['source'].shape)} implies {shape}")
     for name, x in t.items():
         kind = ("bool" if name.endswith("_mask") else "integer" if name in ("steps", "source_ids",
-                "target_ids") else "floating point")
+                "target_ids", "source_groups") else "floating point")
         ok = {"bool": x.dtype == torch.bool, "floating point": x.is_floating_point(),
               "integer": not x.is_floating_point() and not x.is_complex() and x.dtype != torch.bool}
         if not ok[kind]:
@@ -270,6 +302,13 @@ def _parts(header: Mapping[str, str], tensors: Mapping[str, Tensor]) -> dict[str
         if any(len(tok) > MAX_TOKEN_CHARS for r in rows for tok in r):
             raise _Damaged(f"header field {field!r} has a token of more than {MAX_TOKEN_CHARS} characters")
         parts[field] = tuple(tuple(r) for r in rows)
+    if ("group_texts" in header) != ("source_groups" in tensors):
+        raise _Damaged("header field 'group_texts' and tensor 'source_groups' come together")
+    if "group_texts" in header:
+        rows = _strings(_json(header, "group_texts"), "group_texts", levels=2)
+        if any(len(t) > MAX_META_CHARS for r in rows for t in r):
+            raise _Damaged(f"header field 'group_texts' has a text of more than {MAX_META_CHARS} characters")
+        parts["group_texts"] = tuple(tuple(r) for r in rows)
     return parts
 
 

@@ -78,6 +78,7 @@ def test_version_is_the_installed_one(capsys):
     ("fnattr.methods", "METHODS"), ("fnattr.targets", "TARGETS"), ("fnattr.targets", "CONTRAST_TARGETS"),
     ("fnattr.targets", "MODEL_TARGETS"), ("fnattr.aggregate", "REDUCERS"), ("fnattr.evaluate", "FRACTIONS"),
     ("fnattr.evaluate", "METRICS"), ("fnattr.evaluate", "REMOVALS"), ("fnattr.loading", "_DTYPES"),
+    ("fnattr.groups", "SPLITTERS"),
 ])
 def test_tables_read_from_source_match_the_modules(module, name):
     assert cli.table_names(module, name) == tuple(getattr(importlib.import_module(module), name))

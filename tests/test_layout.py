@@ -7,10 +7,15 @@ import pathlib
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-# Deferred imports (inside a function) that point back up, each for a reason: a result draws
-# itself (`out.show()`, a notebook's `_repr_html_`, `out.report()`) through fnattr.render and
-# fnattr.report, which read results.
-ALLOWED_BACK_EDGES = {("fnattr.result", "fnattr.render"), ("fnattr.result", "fnattr.report")}
+# Deferred imports (inside a function) that point back up, each for a reason: a result presents
+# itself (`out.show()`, a notebook's `_repr_html_`, `out.report()`, `out.grouped()`,
+# `out.citations()`) through the packages that read results. (importer, imported package)
+ALLOWED_BACK_EDGES = {("fnattr.result", "fnattr.render"), ("fnattr.result", "fnattr.report"),
+                      ("fnattr.result", "fnattr.groups"), ("fnattr.result", "fnattr.context")}
+
+
+def _allowed(src: str, dst: str) -> bool:
+    return any(src == a and (dst == b or dst.startswith(b + ".")) for a, b in ALLOWED_BACK_EDGES)
 
 
 def _module_name(path: pathlib.Path) -> str:
@@ -64,7 +69,7 @@ def _cycle(edges: dict[str, set[str]]) -> list[str] | None:
         state[node] = 1
         stack.append(node)
         for dep in sorted(edges.get(node, ())):
-            if (node, dep) in ALLOWED_BACK_EDGES:
+            if _allowed(node, dep):
                 continue
             if state.get(dep) == 1:
                 return stack[stack.index(dep):] + [dep]
@@ -92,7 +97,7 @@ def test_cycle_finder_finds_a_cycle():
 
 def test_allowed_back_edges_exist(graph):
     for src, dst in ALLOWED_BACK_EDGES:  # an exception that no longer happens is removed
-        assert dst in graph[src], (src, dst)
+        assert any(_allowed(src, d) for d in graph[src] if d == dst or d.startswith(dst + ".")), (src, dst)
 
 
 def _private_owner(module: str) -> str | None:

@@ -2,7 +2,8 @@ import importlib
 
 import pytest
 
-MODULES = ["fnattr", "fnattr.methods", "fnattr.hooks", "fnattr.evaluate", "fnattr.sanity"]
+MODULES = ["fnattr", "fnattr.methods", "fnattr.hooks", "fnattr.evaluate", "fnattr.sanity",
+           "fnattr.groups", "fnattr.context"]
 
 
 @pytest.mark.parametrize("name", MODULES)

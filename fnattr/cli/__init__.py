@@ -1,5 +1,5 @@
 """The `fnattr` command line: `attribute`, `attribute-dataset`, `show`, `evaluate`, `report`,
-`methods`.
+`attribute-context`, `methods`.
 
 Everything cheap is checked before anything expensive. Method names, option values (type-checked
 against the methods' signatures), target functions, input files and output paths are checked
@@ -30,8 +30,8 @@ from fnattr.cli.catalog import (  # noqa: F401 - the command line's public helpe
 )
 from fnattr.cli.catalog import _json_value
 from fnattr.cli.outputs import (  # noqa: F401
-    SAVE_PATTERN, _render_jobs, _table, check_outputs, default_save, png_paths, write_output,
-    write_outputs,
+    SAVE_PATTERN, _render_jobs, _table, check_groups, check_outputs, default_save, group_by,
+    png_paths, print_citations, write_output, write_outputs,
 )
 
 
@@ -172,6 +172,7 @@ def _attribute_checks(args: argparse.Namespace, rest: list[str]) -> dict[str, An
     _text_checks(args, _check_target_fns(args.target_fn, args.step_scores, contrast=True))
     _check_positive(max_new_tokens=args.max_new_tokens)
     _check_chat(args)
+    check_groups(args)
     _check_loading(args)
     _check_model(args.model)
     if args.save is None and not args.no_save:
@@ -199,7 +200,7 @@ def cmd_attribute(args: argparse.Namespace, rest: list[str]) -> int:
                         contrast_targets_alignments=args.contrast_alignments,
                         contrast_force_inputs=args.contrast_force_inputs,
                         contrast_context=args.contrast_context,
-                        max_new_tokens=args.max_new_tokens, **_prompt(args))
+                        max_new_tokens=args.max_new_tokens, groups=group_by(args), **_prompt(args))
     batch = call.batch
     out = METHODS[args.method](model, batch, call.target_fn, step_scores=call.step_scores, **opts)
     for src, tgt in zip(batch.sources, batch.targets):
@@ -208,6 +209,7 @@ def cmd_attribute(args: argparse.Namespace, rest: list[str]) -> int:
                               debug=args.debug, log=log)
     failed = write([("--save", args.save, out.save)] if args.save and not args.no_save else [])
     failed += _table(out, args)
+    failed += print_citations(out, args)
     failed += write(_render_jobs(out, args, png_paths(args.png, len(args.text)) if args.png else []))
     log(f"done in {time.perf_counter() - start:.1f} s")
     return 1 if failed else 0
@@ -217,6 +219,7 @@ def cmd_show(args: argparse.Namespace, rest: list[str]) -> int:
     if rest:
         raise UsageError(f"unexpected arguments {' '.join(rest)!r} for `fnattr show`.")
     _check_positive(limit=args.limit)
+    check_groups(args)
     if os.path.isdir(args.file):
         return _show_run(args)
     if not os.path.isfile(args.file):
@@ -230,6 +233,7 @@ def cmd_show(args: argparse.Namespace, rest: list[str]) -> int:
     pngs = png_paths(args.png, out.source.shape[0]) if args.png else []
     check_outputs([("--png", p) for p in pngs], overwrite=args.overwrite)
     failed = _table(out, args)
+    failed += print_citations(out, args)
     failed += write_outputs(_render_jobs(out, args, pngs), overwrite=args.overwrite,
                             command=args.command, debug=args.debug, log=_logger(args))
     return 1 if failed else 0
@@ -554,6 +558,17 @@ def _view_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--normalize", action="store_true",
                    help="divide each step's column by the sum of its absolute scores, so that "
                         "columns compare (the saved result is not changed)")
+    splitters = table_names("fnattr.groups", "SPLITTERS")
+    p.add_argument("--group-by", default=None, choices=splitters, metavar="NAME",
+                   help=f"one row per source group: {', '.join(splitters)} (attribute: the "
+                        "perturbation methods perturb whole groups; the sum of a group's token "
+                        "scores, or their L2 norm for gradient magnitudes); also prints, for each "
+                        "generated sentence, its top groups")
+    p.add_argument("--group-separator", default=None, metavar="TEXT",
+                   help="with --group-by documents: the text between documents (default a blank "
+                        "line; escapes such as \\n are read)")
+    p.add_argument("--citations", type=int, default=None, metavar="K",
+                   help="with --group-by: cite the top K groups per generated sentence (default 3)")
     p.add_argument("--html", default=None, metavar="PATH", help="write a standalone HTML heatmap")
     p.add_argument("--png", default=None, metavar="PATH",
                    help="write a PNG heatmap (for several texts: PATH-0.png, PATH-1.png, ...)")
@@ -705,6 +720,9 @@ def build_parser() -> argparse.ArgumentParser:
     show.set_defaults(run=cmd_show)
     _evaluate_parser(sub)
     _report_parser(sub)
+    from fnattr.cli.context import add_parser as _context_parser  # standard library only
+
+    _context_parser(sub, _model_options)
 
     methods = sub.add_parser("methods", help="list the methods, their options and defaults")
     methods.add_argument("names", nargs="*", metavar="NAME", help="only these methods")

@@ -96,9 +96,53 @@ def write_outputs(jobs: Sequence[tuple[str, str, Callable[[str], None]]], *, ove
     return failed
 
 
+def group_by(args: argparse.Namespace) -> Any:
+    """--group-by as `prepare(groups=)` and `render`'s `group_by`: a splitter name, or for
+    documents with --group-separator the splitter `fnattr.groups.documents(separator)`."""
+    name = getattr(args, "group_by", None)
+    separator = getattr(args, "group_separator", None)
+    if name == "documents" and separator is not None:
+        from fnattr.groups import documents
+
+        return documents(separator.encode().decode("unicode_escape"))
+    return name
+
+
+def check_groups(args: argparse.Namespace) -> None:
+    if getattr(args, "group_by", None) == "messages" and not getattr(args, "chat", True):
+        raise UsageError("--group-by messages splits a chat prompt into its turns: add --chat.")
+    if getattr(args, "group_separator", None) is not None and args.group_by != "documents":
+        raise UsageError("--group-separator splits documents: add --group-by documents.")
+    if getattr(args, "citations", None) is not None:
+        if not args.group_by:
+            raise UsageError("--citations K cites source groups: add --group-by (e.g. documents).")
+        if args.citations < 1:
+            raise UsageError(f"--citations {args.citations}: cite at least 1 group.")
+
+
 def _view(args: argparse.Namespace) -> dict[str, Any]:
-    """How tables, HTML and PNG show the scores: `render`'s `reduction` and `normalize`."""
-    return {"reduction": args.reduce, "normalize": args.normalize}
+    """How tables, HTML and PNG show the scores: `render`'s `reduction`, `normalize` and
+    `group_by`."""
+    return {"reduction": args.reduce, "normalize": args.normalize, "group_by": group_by(args)}
+
+
+def print_citations(out, args: argparse.Namespace) -> int:
+    """With --group-by: for each generated sentence of each row, its top --citations groups
+    (default 3). A failure is reported on one line (1)."""
+    if not getattr(args, "group_by", None):
+        return 0
+    try:
+        from fnattr.context.cited import citations
+
+        for row in range(out.source.shape[0]):
+            print(f"citations (row {row}, top {args.citations or 3} {args.group_by}):")
+            for cite in citations(out, k=args.citations or 3, by=group_by(args), row=row):
+                print(cite)
+        return 0
+    except Exception as error:  # noqa: BLE001 - the outputs are still written
+        print(f"fnattr {args.command}: error: the citations could not be printed: {error}",
+              file=sys.stderr)
+        return 1
 
 
 def _render_jobs(out, args: argparse.Namespace, pngs: Sequence[str]) -> list:

@@ -21,6 +21,10 @@ close the gap, so this is deleting the token; a step keeps the token at its own 
 position, which it reads through its residual stream; encoder-decoder models: source side
 only, as the engine passes no decoder attention mask).
 
+A batch with feature groups (`prepare(groups=...)`) is evaluated by groups: the attribution is
+reduced to them (`out.grouped()`), the fractions are of the removable groups, and removing a
+group removes all its ordinary tokens (`fnattr._evaluate_groups`; removal="mask" is refused).
+
 Rankings: `ranking="step"` (the default) ranks each step's tokens by that step's scores;
 `ranking="example"` ranks an example's tokens once, by the attribution summed over its steps,
 and removes the same tokens for every step (fractions are then of the example's removable
@@ -42,6 +46,7 @@ both curves and every random draw share, the many equal levels of a short input)
 >>> faith.summary()["comprehensiveness"]   # {'value': ..., 'random_mean': ..., ...}
 """
 
+import functools
 import json
 import math
 import warnings
@@ -50,6 +55,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from fnattr.evaluate import groups as _evaluate_groups
 from fnattr.evaluate import ranking as rk
 from fnattr.evaluate.results import HIGHER_IS_BETTER, METRICS, Faithfulness, load, save
 from fnattr.evaluate.removal import copy_scores
@@ -177,7 +183,11 @@ def faithfulness(
     metrics = tuple(metrics)
     _check_options(metrics, fractions, curve_levels, removal, ranking, sign, n_random,
                    internal_batch_size)
-    _check_result(attributions, batch, removal)
+    grouped = batch.source_groups is not None  # units: the groups (`_evaluate_groups`)
+    if grouped:
+        attributions = _evaluate_groups.check(attributions, batch, removal)
+    else:
+        _check_result(attributions, batch, removal)
     named, used = attributions.meta.get("target_fn"), fn_name(target_fn)
     if named and named != used:
         warnings.warn(f"`attributions` explain {named!r}; evaluating with `target_fn` {used!r}.",
@@ -191,9 +201,11 @@ def faithfulness(
             f_x = run_scored(ctx, target_fn, emb.source, emb.target)[1]
         mask_removal = removal == "mask"
         fills = None if mask_removal else baselines(ctx, removal)
-        n, drop = _plan(ctx, attributions, fractions=fractions, levels=levels, metrics=metrics,
-                        ranking=ranking, sign=sign, reduction=reduction,
-                        n_random=n_random, seed=seed, mask_removal=mask_removal)
+        plan = functools.partial(_evaluate_groups.plan, ctx, plan_fn=_plan) if grouped else \
+            functools.partial(_plan, ctx)
+        n, drop = plan(attributions, fractions=fractions, levels=levels, metrics=metrics,
+                       ranking=ranking, sign=sign, reduction=reduction,
+                       n_random=n_random, seed=seed, mask_removal=mask_removal)
         values, rows_run = _scores(ctx, target_fn, f_x, drop, fills, internal_batch_size, ranking)
         step_mask = ctx.batch.target_mask[:, ctx.steps]
         tensors = _metrics(f_x, values, metrics, len(fractions), len(levels), step_mask)

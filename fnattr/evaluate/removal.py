@@ -36,7 +36,9 @@ def masked_batch(
         target_mask=batch.target_mask[rows] & ~drop_tgt, target_special=batch.target_special[rows],
         source_tokens=pick(batch.source_tokens), target_tokens=pick(batch.target_tokens),
         sources=pick(batch.sources), targets=pick(batch.targets),
-        source_template=None if batch.source_template is None else batch.source_template[rows])
+        source_template=None if batch.source_template is None else batch.source_template[rows],
+        source_groups=None if batch.source_groups is None else batch.source_groups[rows],
+        source_group_texts=None if batch.source_group_texts is None else pick(batch.source_group_texts))
 
 
 def _contrast_at(ctx: Context, target_fn: TargetFn, rows: Tensor, source: Tensor, target: Tensor,

@@ -16,6 +16,7 @@ from fnattr.batch import Batch
 from fnattr.attribution import (
     Context, StepScoreSpec, attribution_context, clean_logits, finish, logit_step_scores,
 )
+from fnattr import group_features as _grouped
 from fnattr.methods.integrated_gradients import baselines
 from fnattr.methods.occlusion import Fill, occludable, perturbed_scores
 from fnattr.attribution import call_args
@@ -158,6 +159,9 @@ def lime(
       attribution of each feature; default `fit_surrogates` with `alpha`. Features a step
       cannot see (`visible` 0) are zeroed after it.
 
+    A batch with feature groups (`prepare(groups=...)`) has one feature per source group
+    (its ordinary tokens occluded together), and the result one score per group.
+
     Returns `source` [batch step src] and `target` [batch step tgt]: the surrogate's
     coefficients (`extra_dims` ()), and the step scores of the unmasked input.
 
@@ -178,14 +182,21 @@ def lime(
                               attr_pos_start=attr_pos_start, attr_pos_end=attr_pos_end) as ctx):
         emb = ctx.embedded
         logits = clean_logits(ctx)
-        side, pos, real, counts = _features(ctx)
+        grouped = ctx.batch.source_groups is not None
+        if grouped:  # source features are whole groups (`_grouped`)
+            side, pos, real, counts, member = _grouped.lime_features(ctx, occludable(ctx))
+        else:
+            side, pos, real, counts = _features(ctx)
         keep = torch.zeros(len(counts), n_samples, side.shape[1], dtype=torch.bool)
         for b, n in enumerate(counts):
             keep[b, :, :n] = (sample_masks(n_samples, n, seed=seed, keep_prob=keep_prob)
                               if perturb_fn is None else _user_masks(perturb_fn, n_samples, n, seed))
         rows = torch.arange(len(counts), device=emb.source.device).repeat_interleave(n_samples)
-        y = perturbed_scores(ctx, target_fn, rows, _masks(ctx, side, pos, real, keep),
-                             baselines(ctx, baseline), internal_batch_size, bar=bar)
+        masks = _masks(ctx, side, pos, real, keep | (grouped & (side == 0))[:, None, :])
+        if grouped:
+            masks = (_grouped.lime_source_masks(member, keep).to(masks[0].device), masks[1])
+        y = perturbed_scores(ctx, target_fn, rows, masks, baselines(ctx, baseline),
+                             internal_batch_size, bar=bar)
         y = y.unflatten(0, (len(counts), n_samples)).transpose(1, 2)  # [rows, step, n]
         steps = ctx.steps.cpu()
         visible = real[:, None, :] & ((side == 0)[:, None, :] | (pos[:, None, :] < steps[None, :, None]))
@@ -196,7 +207,13 @@ def lime(
         weights = _checked("similarity_fn", similarity(z, vis), tuple(y.shape), y)
         coef = _checked("surrogate_fn", surrogate(z, y, weights, vis), tuple(vis.shape), y) * vis
         src, tgt = _to_positions(ctx, coef, side, pos, real)
-        return finish(ctx, method="lime", args=args, target_fn=target_fn, source=src,
-                      target=tgt if ctx.attribute_target else None,
-                      step_scores=logit_step_scores(ctx, logits, target_fn, step_scores),
-                      extra_dims=())
+        if grouped:
+            src = torch.zeros_like(src)  # the group coefficients replace the source axis below
+        out = finish(ctx, method="lime", args=args, target_fn=target_fn, source=src,
+                     target=tgt if ctx.attribute_target else None,
+                     step_scores=logit_step_scores(ctx, logits, target_fn, step_scores),
+                     extra_dims=())
+        if not grouped:
+            return out
+        return _grouped.result(ctx, out, _grouped.to_groups(coef, side, pos, real,
+                                                            _grouped.n_groups(ctx)))

@@ -13,6 +13,7 @@ from torch import Tensor
 
 from fnattr.batch import Batch
 from fnattr.engine import score_steps
+from fnattr import group_features as _grouped
 from fnattr.methods import _prefix
 from fnattr.attribution import (
     Context, StepScoreSpec, attribution_context, clean_logits, finish, logit_step_scores,
@@ -120,7 +121,10 @@ def occlusion(
     Each window of `window` consecutive ordinary tokens (every `stride`, per side and row) is
     replaced by the `baseline` embedding ("auto", the default, as in `integrated_gradients`;
     "unk", "pad" or "zeros"; `meta["baseline"]` names the one used); a token's score for step t
-    is f_t(input) - f_t(occluded), averaged over the windows that cover it. Special tokens
+    is f_t(input) - f_t(occluded), averaged over the windows that cover it. A batch with
+    feature groups (`prepare(groups=...)`) is occluded one source group at a time (one copy
+    per group; `window`/`stride` then apply to the target side) and the result has one score
+    per group (`fnattr.group_features`). Special tokens
     (BOS/EOS) are never occluded and score 0. One forward per window serves all steps;
     `internal_batch_size` windows run per forward. `progress=True` shows the occluded copies
     done on stderr.
@@ -144,6 +148,7 @@ def occlusion(
                         ("internal_batch_size", internal_batch_size)):
         if value is not None and value < 1:
             raise ValueError(f"`{name}`={value}: it must be at least 1.")
+    _grouped.check(batch, hidden_window=hidden_window)
     dims = None if hidden_window is None else (hidden_window, hidden_stride or hidden_window)
     if baseline not in ("auto", "unk", "pad", "zeros"):
         raise ValueError(f"`baseline`={baseline!r}: use 'auto', 'unk', 'pad' or 'zeros'.")
@@ -152,6 +157,9 @@ def occlusion(
           attribution_context(model, batch, attribute_target=attribute_target,
                               attr_pos_start=attr_pos_start, attr_pos_end=attr_pos_end) as ctx):
         rows, masks = _occlusions(ctx, window, stride, dims)
+        grouped = ctx.batch.source_groups is not None
+        if grouped:  # one copy per source group instead of the source windows
+            rows, masks, owner = _grouped.occlusions(ctx, occludable(ctx)[0], rows, masks)
         clean = _prefix.prefix(ctx, target_fn, masks)  # the clean forward, with its cache if it pays
         logits = clean_logits(ctx) if clean is None else clean.logits
         f_x = score_steps(target_fn, logits, ctx.batch, ctx.steps)
@@ -164,7 +172,11 @@ def occlusion(
             total.index_add_(0, rows, drop[(..., None, *extra)] * mask[:, None])
             count = f_x.new_zeros(len(ctx.batch), *mask.shape[1:]).index_add_(0, rows, mask.to(f_x))
             scores.append(total / count.clamp(min=1)[:, None])
-        return finish(ctx, method="occlusion", args=args, target_fn=target_fn, source=scores[0],
-                      target=scores[1] if ctx.attribute_target else None,
-                      step_scores=logit_step_scores(ctx, logits, target_fn, step_scores),
-                      extra_dims=() if dims is None else ("hidden",))
+        out = finish(ctx, method="occlusion", args=args, target_fn=target_fn, source=scores[0],
+                     target=scores[1] if ctx.attribute_target else None,
+                     step_scores=logit_step_scores(ctx, logits, target_fn, step_scores),
+                     extra_dims=() if dims is None else ("hidden",))
+        if not grouped:
+            return out
+        return _grouped.result(ctx, out, _grouped.scatter(drop, rows, owner, len(ctx.batch),
+                                                          _grouped.n_groups(ctx)))

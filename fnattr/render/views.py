@@ -8,12 +8,12 @@ dims, per-step normalisation, the baseline, and the steps whose path integral di
 import dataclasses
 import math
 import unicodedata
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import Tensor
 
-from fnattr import aggregate
+from fnattr import aggregate, groups
 from fnattr.aggregate import Reducer
 from fnattr import registry
 from fnattr.render.convergence import Convergence, convergence, method_args, read_meta, unconverged
@@ -27,30 +27,29 @@ FLAG = "\u26a0"  # marks the column of a step whose completeness error is too la
 _WORDS = {"l2": "L2 norm", "absmax": "signed largest |score|"}
 
 
-def default_reduction(out: AttributionTensors) -> str:
-    """The reduction `fnattr.render` applies to `out`'s extra dims unless told another."""
-    how = registry.reduction(out.meta.get("method", ""))
-    if how == "sum" and method_args(out).get("multiply_by_inputs") is False:
-        return "l2"  # bare gradients (not times the input) are not additive
-    return how
+default_reduction = aggregate.default_reduction  # the method's own: `fnattr.registry`
 
 
 def view(
     out: AttributionTensors, *, reduction: str | Reducer | None = None, normalize: bool = False,
+    group_by: str | bool | Callable | None = None,
 ) -> AttributionTensors:
     """`out` as drawn: extra dims reduced (default: `default_reduction(out)`), then, with
-    `normalize`, each step divided by the sum of its absolute scores (`aggregate.normalize`).
+    `group_by`, source tokens reduced to groups (`fnattr.groups.grouped`: True or the result's
+    grouping name for its own groups, another splitter name or function to split its token
+    texts), then, with `normalize`, each step divided by the sum of its absolute scores
+    (`aggregate.normalize`).
 
     >>> view(out, normalize=True).source.shape   # [batch step src]
+    >>> view(out, group_by="sentences").source_tokens   # the sentences' texts
     """
+    if group_by is not None and group_by is not False:
+        out = groups.grouped(out, None if group_by is True else group_by, reduction=reduction)
     shown = aggregate.reduce(out, default_reduction(out) if reduction is None else reduction)
     return aggregate.normalize(shown) if normalize else shown
 
 
-def _aggregations(out: AttributionTensors) -> list[tuple[str, list]]:
-    steps = read_meta(out, "aggregations", [])
-    return [(str(s[0]), s[1] if isinstance(s[1], list) else [s[1]]) for s in steps
-            if isinstance(s, list) and len(s) == 2] if isinstance(steps, list) else []
+_aggregations = aggregate.aggregations
 
 
 def _words(name: str, args: list) -> str:
@@ -60,6 +59,9 @@ def _words(name: str, args: list) -> str:
         return "rescaled per step (largest |score| of a column is 1)"
     if name == "merge" and len(args) == 2:
         return f"tokens merged by {args[0]} (merged steps: {args[1]})"
+    if name == "grouped" and len(args) == 2:
+        how = "L2 norm" if args[1] == "l2" else "sum"
+        return f"source tokens grouped by {args[0]} ({how} of a group's token scores)"
     if name == "difference":
         return f"difference with a {' '.join(map(str, args))} run"
     return f"{_WORDS.get(name, name)} over {', '.join(map(str, args))}"
@@ -210,14 +212,14 @@ def label(token: str) -> str:
 
 def heatmap(
     out: AttributionTensors, *, row: int = 0, reduction: str | Reducer | None = None,
-    normalize: bool = False,
+    normalize: bool = False, group_by: str | bool | Callable | None = None,
 ) -> Heatmap:
     """The matrix of batch row `row` of `out`, padding removed, `*extra` dims reduced
     (`view`), with its title, caption lines and flagged columns."""
     if not 0 <= row < out.source.shape[0]:
         n = out.source.shape[0]
         raise ValueError(f"`row`={row} is outside the batch of {n}: use 0..{n - 1}.")
-    shown = view(out, reduction=reduction, normalize=normalize)
+    shown = view(out, reduction=reduction, normalize=normalize, group_by=group_by)
     cols = shown.step_mask[row].nonzero().squeeze(1)
     steps = shown.steps[cols]
     src = shown.source_mask[row].nonzero().squeeze(1)
@@ -255,7 +257,7 @@ def _step_rows(out: AttributionTensors, row: int, cols: torch.Tensor) -> dict[st
 
 
 def heatmaps(out: AttributionTensors, **options) -> list[Heatmap]:
-    """`heatmap` of every batch row; `options`: `reduction`, `normalize`."""
+    """`heatmap` of every batch row; `options`: `reduction`, `normalize`, `group_by`."""
     return [heatmap(out, row=r, **options) for r in range(out.source.shape[0])]
 
 
