@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
-from fnattr import defaults
+from fnattr import defaults, request
 from fnattr import targets as _targets
 from fnattr.batch import Batch, prepare
 from fnattr.contrast import Alignments, Contrast, force_inputs, prepare_contrast
@@ -122,6 +122,7 @@ def attribute(
     ...                 step_scores=["entropy", "contrast_prob"])
     """
     fn = get_method(method)  # fail on a bad name before generating
+    asked = dict(method_args)  # as given, for meta["request"]
     specs = [target_fn, *method_args.get("step_scores", ())]
     has_contrast = contrast_targets is not None or contrast_sources is not None
     if has_contrast != _uses_contrast(specs) or (contrast_targets_alignments is not None
@@ -156,7 +157,16 @@ def attribute(
         raise ValueError(f"`target_args` {unused} are options of none of the target functions used.")
     if progress:  # only when asked: a method of one's own need not take `progress`
         method_args["progress"] = True
-    return fn(model, batch, target, **method_args)
+    out = fn(model, batch, target, **method_args)
+    return request.record(
+        out, model=model, sources=sources, method=method, target_fn=target_fn, method_args=asked,
+        contrast=contrast, targets=targets, target_args=target_args, max_new_tokens=max_new_tokens,
+        chat=chat, system=system, keep_template=keep_template, generate_kwargs=generate_kwargs,
+        contrast_targets=contrast_targets, contrast_sources=contrast_sources,
+        contrast_targets_alignments=contrast_targets_alignments,
+        contrast_force_inputs=contrast_force_inputs, skip_special_tokens=skip_special_tokens,
+        include_eos_baseline=include_eos_baseline,
+        generate_from_target_prefix=generate_from_target_prefix)
 
 
 def step_slice(out: AttributionTensors, k: int) -> AttributionTensors:

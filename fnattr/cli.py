@@ -206,6 +206,15 @@ def cmd_attribute(args: argparse.Namespace, rest: list[str]) -> int:
                                 options={}, used=set())
     out = METHODS[args.method](model, batch, resolve(args.target_fn),
                                step_scores=[resolve(s) for s in args.step_scores], **opts)
+    from fnattr import request
+
+    out = request.record(  # what `fnattr.attribute` would be called with (meta["request"])
+        out, model=model, sources=args.text, method=args.method, target_fn=args.target_fn,
+        method_args={**opts, "step_scores": list(args.step_scores)}, contrast=contrast,
+        targets=args.target, max_new_tokens=args.max_new_tokens,
+        contrast_targets=args.contrast_target, contrast_sources=args.contrast_source,
+        contrast_targets_alignments=args.contrast_alignments,
+        contrast_force_inputs=args.contrast_force_inputs, **_prompt(args))
     for src, tgt in zip(batch.sources, batch.targets):
         print(f"{src}\u2192{tgt}" if args.quiet else f"{src} \u2192 {tgt!r}")
     write = functools.partial(write_outputs, overwrite=args.overwrite, command=args.command,
@@ -234,6 +243,10 @@ def cmd_show(args: argparse.Namespace, rest: list[str]) -> int:
     pngs = png_paths(args.png, out.source.shape[0]) if args.png else []
     check_outputs([("--png", p) for p in pngs], overwrite=args.overwrite)
     failed = _table(out, args)
+    from fnattr.request import describe
+
+    if not args.no_table and (asked := describe(out.meta)):
+        print(asked)
     failed += write_outputs(_render_jobs(out, args, pngs), overwrite=args.overwrite,
                             command=args.command, debug=args.debug, log=_logger(args))
     return 1 if failed else 0
