@@ -185,6 +185,21 @@ def _check_local(name_or_path: str | os.PathLike) -> pathlib.Path | None:
     return None
 
 
+# Files from which transformers builds a tokenizer (fast, sentencepiece, BPE, WordPiece, ...)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt",
+                   "spiece.model", "sentencepiece.bpe.model", "source.spm", "vocab.model", "tiktoken.model")
+
+
+def _check_tokenizer_files(folder: pathlib.Path) -> None:
+    """A local model folder must hold a tokenizer: without one, transformers builds an empty
+    tokenizer and every text later "gives no tokens"."""
+    if folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise FileNotFoundError(
+            f"model folder {str(folder)!r} has no tokenizer files: none of "
+            f"{', '.join(TOKENIZER_FILES)}. Save the tokenizer next to the model "
+            "(`tokenizer.save_pretrained(folder)`) or copy those files from the model's source.")
+
+
 def _finish(
     model: PreTrainedModel, *, name: str, dtype: torch.dtype | None, device: str | torch.device
 ) -> PreTrainedModel:
@@ -242,6 +257,8 @@ def load_model(
         model.config.fnattr_gguf_sha256 = file_sha256(local, _cache_root(cache_dir))
         return model, tokenizer
     name = str(local) if local is not None else os.fspath(name_or_path)
+    if local is not None:
+        _check_tokenizer_files(local)
     try:
         model, tokenizer = _load_folder(name, dtype=resolved, trust_remote_code=trust_remote_code,
                                         placement=placement)
