@@ -401,11 +401,11 @@ def cmd_evaluate(args: argparse.Namespace, rest: list[str]) -> int:
     compare.check_outputs(compare.output_paths(args.out, run["methods"]) + ([args.png] if args.png else []),
                           overwrite=args.overwrite)
     try:
-        rows = dataset.read_examples(args.input, text_field=args.source_field,
+        rows = dataset.read_examples(args.input, text_field=args.text_field,
                                      target_field=args.target_field, on_bad_row=args.on_bad_row)
         examples = list(itertools.islice(rows, args.limit))
-    except ValueError as error:  # dataset names its own command's flag
-        raise ValueError(str(error).replace("--text-field", "--source-field")) from None
+    except ValueError as error:
+        raise ValueError(str(error)) from None
     log = _logger(args)
     if rows.skipped:
         log(f"skipped {len(rows.skipped)} bad rows: "
@@ -603,7 +603,8 @@ def _evaluate_parser(sub) -> None:
                     help=f"comma-separated method names: {', '.join(method_names())} "
                          "(`--methods help` lists their options)")
     ev.add_argument("--input", required=True, help=INPUTS)
-    ev.add_argument("--source-field", default="text", help="the field with the source text (default text)")
+    ev.add_argument("--text-field", "--source-field", dest="text_field", default="text",
+                    help="the field with the source text (default text; --source-field is an alias)")
     ev.add_argument("--target-field", default=None, help="a field with forced targets (default: generate)")
     ev.add_argument("--out", default="fnattr-evaluate", metavar="DIR",
                     help="folder for per_example.jsonl and <method>.faithfulness.safetensors "
@@ -644,7 +645,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     ds = sub.add_parser("attribute-dataset", help="attribute a dataset file into shards (on Ray with --workers)")
     ds.add_argument("--input", required=True, help=INPUTS)
-    ds.add_argument("--text-field", required=True)
+    ds.add_argument("--text-field", "--source-field", dest="text_field", required=True,
+                    help="the field with the source text (--source-field is an alias, as in evaluate)")
     ds.add_argument("--target-field", default=None)
     ds.add_argument("--out", required=True, help="folder for the shards (resumed if present)")
     ds.add_argument("--id-field", default=None,

@@ -265,7 +265,9 @@ def load_model(
     except OSError as error:
         if local is not None:
             raise
+        # on one line: the hub's message spans lines, and a first line alone left "(" unclosed
+        said = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
         raise OSError(
-            f"name_or_path={name!r}: no such local folder, and the hub could not provide it ({error})"
-        ) from error
+            f"name_or_path={name!r}: no such local folder, and the hub could not provide it: "
+            f"{said or type(error).__name__}") from error
     return _finish(model, name=name, dtype=resolved, device=device), tokenizer

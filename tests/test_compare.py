@@ -239,7 +239,9 @@ def _data(folder) -> str:
 @pytest.mark.parametrize("argv, status, message", [
     (["--methods", "saliency,nope"], 2, "'nope' unknown"),
     (["--methods", "saliency", "--input", "missing.jsonl"], 1, "--input 'missing.jsonl' does not exist"),
-    (["--methods", "saliency", "--source-field", "question"], 1, "--source-field 'question' is not a field"),
+    (["--methods", "saliency", "--source-field", "question"], 1, "--text-field 'question' is not a field"),
+    (["--methods", "saliency", "--text-field", "question"], 1, "--text-field 'question' is not a field"),
+    (["--methods", "occlusion", "--arg", "occlusion.window=-1"], 2, "window=-1 is out of range"),
     (["--methods", "saliency", "--target-field", "answer"], 1, "--target-field 'answer' is not a field"),
     (["--methods", "saliency", "--arg", "n_steps=4"], 2, "is not method.key=value"),
     (["--methods", "saliency", "--arg", "occlusion.window=2"], 2, "which --methods does not list"),
