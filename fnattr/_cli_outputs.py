@@ -98,7 +98,8 @@ def write_outputs(jobs: Sequence[tuple[str, str, Callable[[str], None]]], *, ove
 
 def _view(args: argparse.Namespace) -> dict[str, Any]:
     """How tables, HTML and PNG show the scores: `render`'s `reduction` and `normalize`."""
-    return {"reduction": args.reduce, "normalize": args.normalize}
+    return {"reduction": args.reduce, "normalize": args.normalize,
+            "show_template": getattr(args, "show_template", False)}
 
 
 def _render_jobs(out, args: argparse.Namespace, pngs: Sequence[str]) -> list:

@@ -555,6 +555,9 @@ def _view_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--normalize", action="store_true",
                    help="divide each step's column by the sum of its absolute scores, so that "
                         "columns compare (the saved result is not changed)")
+    p.add_argument("--show-template", action="store_true",
+                   help="with --chat: show the chat template's tokens (hidden by default: they "
+                        "are never attributed)")
     p.add_argument("--html", default=None, metavar="PATH", help="write a standalone HTML heatmap")
     p.add_argument("--png", default=None, metavar="PATH",
                    help="write a PNG heatmap (for several texts: PATH-0.png, PATH-1.png, ...)")

@@ -246,6 +246,9 @@ def finish(
         "versions": json.dumps(_versions()),
         **baseline_meta(batch, args, attribute_target=ctx.attribute_target, method=method),
     }
+    if batch.source_template is not None:  # chat: the template's unattributed tokens, per row
+        template = (batch.source_template & batch.source_special).cpu()
+        meta["template"] = json.dumps([row.nonzero().flatten().tolist() for row in template])
     cpu = lambda t: None if t is None else t.detach().cpu()  # noqa: E731
     return AttributionTensors(
         source=cpu(source), target=cpu(target), steps=cpu(ctx.steps),
