@@ -17,6 +17,7 @@ import argparse
 import functools
 import itertools
 import os
+import shlex
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -334,7 +335,8 @@ def cmd_dataset(args: argparse.Namespace, rest: list[str]) -> int:
     total = dataset.count_examples(args.input, **fields)  # every row checked before loading
     _check_device(args.device)
     model, tokenizer = load(args.model, **_loading(args))
-    done = dataset.run(model, tokenizer, examples, run.pop("method"), total=total, **run)
+    done = dataset.run(model, tokenizer, examples, run.pop("method"), total=total,
+                       command=shlex.join(["fnattr", *args.argv]), **run)
     log(f"{done} examples in {args.out}" + (f"; {len(examples.skipped)} bad rows skipped "
                                              f"(listed in {os.path.join(args.out, dataset.RUN_FILE)})"
                                              if examples.skipped else ""))
@@ -710,6 +712,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         parser = build_parser()
         args, rest = parser.parse_known_args(argv)
+        args.argv = list(sys.argv[1:] if argv is None else argv)  # as typed (a run records it)
         if args.debug:
             return args.run(args, rest)
         try:
