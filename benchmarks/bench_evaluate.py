@@ -1,6 +1,8 @@
 """Cost of scoring one attribution's faithfulness (`fnattr.evaluate.metrics`) on the demo.
 
-Run: python -m benchmarks.bench_evaluate
+Run: python -m benchmarks.bench_evaluate            (one method against a peer loop)
+     python -m benchmarks.bench_evaluate --shared   (5 methods in shared forwards against 1;
+                                                     quick: 3 new tokens; --full: 8)
 SmolLM2-135M, "The capital of France is" + 8 greedy tokens, saliency attributions, the four
 metrics at their default levels, no random baseline (n_random=0). Prints, measured in this one
 process: one clean forward of the whole sequence; fnattr's cost as a multiple of it; and the loop a
@@ -9,6 +11,7 @@ model rows as fnattr's batched copies), as a ratio to fnattr. CPU seconds next t
 """
 
 import statistics
+import sys
 
 import torch
 
@@ -51,5 +54,39 @@ def main() -> None:
            for k, v in result.summary().items()})
 
 
+SHARED = ("saliency", "input_x_gradient", "occlusion", "attention", "value_zeroing")
+
+
+def shared(full: bool = False) -> None:
+    """Scoring 5 methods' attributions of one example in shared forwards
+    (`fnattr.evaluate.shared.faithfulness_many`, what `fnattr evaluate` runs) against scoring
+    one (`faithfulness`), default options (5 random rankings), in this one process."""
+    from fnattr.evaluate.shared import faithfulness_many
+
+    model, tok = load()
+    batch = fnattr.prepare(model, tok, "The capital of France is", max_new_tokens=8 if full else 3)
+    outs = {m: fnattr.methods.METHODS[m](model, batch) for m in SHARED}
+    faithfulness(model, batch, outs["saliency"], n_random=0, curve_levels=1, fractions=(0.5,))  # warm-up
+    one_wall, one_cpu, one = timed(lambda: faithfulness(model, batch, outs["saliency"]))
+    sep = [timed(lambda m=m: faithfulness(model, batch, outs[m])) for m in SHARED[1:]]
+    all_wall, all_cpu, many = timed(lambda: faithfulness_many(model, batch, outs))
+    sep_wall = one_wall + sum(t[0] for t in sep)
+    rows_sep = int(one.meta["forward_rows"]) + sum(int(t[2].meta["forward_rows"]) for t in sep)
+    print(f"SmolLM2-135M, {batch.source_ids.shape[1]} prompt + {batch.target_ids.shape[1]} "
+          f"generated tokens, 4 metrics, 5 random rankings, removal auto")
+    print(f"scoring 1 method (saliency)     wall {one_wall:7.2f} s  cpu {one_cpu:7.2f} s  "
+          f"{one.meta['forward_rows']} copies")
+    print(f"scoring 5 methods, one by one   wall {sep_wall:7.2f} s  {rows_sep} copies")
+    print(f"scoring 5 methods, shared       wall {all_wall:7.2f} s  cpu {all_cpu:7.2f} s  "
+          f"{many['saliency'].meta['forward_rows']} copies")
+    rows_one, rows_all = int(one.meta["forward_rows"]), int(many["saliency"].meta["forward_rows"])
+    print(f"shared 5 / one: {all_wall / one_wall:.2f}x wall, {all_cpu / one_cpu:.2f}x cpu, "
+          f"{rows_all / rows_one:.2f}x copies (goal <= 2x); one by one / shared: "
+          f"{sep_wall / all_wall:.2f}x wall, {rows_sep / rows_all:.2f}x copies")
+
+
 if __name__ == "__main__":
-    main()
+    if "--shared" in sys.argv:
+        shared(full="--full" in sys.argv)
+    else:
+        main()

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
-from fnattr import defaults
+from fnattr import defaults, request
 from fnattr import targets as _targets
 from fnattr.batch import Batch, prepare
 from fnattr.contrast import Alignments, Contrast, ContrastContext, force_inputs, prepare_contrast
@@ -186,6 +186,7 @@ def attribute(
     ...                 step_scores=["entropy", "contrast_prob"])
     """
     fn = get_method(method)  # fail on a bad name before generating
+    asked = dict(method_args)  # as given, for meta["request"]
     call = prepare_call(
         model, tokenizer, sources, targets, target_fn=target_fn,
         step_scores=method_args.get("step_scores", ()), contrast_targets=contrast_targets,
@@ -200,7 +201,34 @@ def attribute(
         method_args["step_scores"] = call.step_scores
     if progress:  # only when asked: a method of one's own need not take `progress`
         method_args["progress"] = True
-    return fn(model, call.batch, call.target_fn, **method_args)
+    out = fn(model, call.batch, call.target_fn, **method_args)
+    return request.record(
+        out, model=model, sources=sources, method=method, target_fn=target_fn, method_args=asked,
+        contrast=call.contrast, targets=targets, target_args=target_args,
+        max_new_tokens=max_new_tokens, chat=chat, system=system, keep_template=keep_template,
+        generate_kwargs=generate_kwargs, contrast_targets=contrast_targets,
+        contrast_sources=contrast_sources, contrast_targets_alignments=contrast_targets_alignments,
+        contrast_force_inputs=contrast_force_inputs, contrast_context=contrast_context,
+        groups=groups, skip_special_tokens=skip_special_tokens,
+        include_eos_baseline=include_eos_baseline,
+        generate_from_target_prefix=generate_from_target_prefix)
+
+
+def rerun(model: Model, tokenizer: PreTrainedTokenizerBase, out: AttributionTensors) -> AttributionTensors:
+    """`attribute` called again with the arguments `out` records (`fnattr.request.arguments`);
+    warns when `model` is not the one it names.
+
+    >>> again = rerun(model, tok, fnattr.load("out.safetensors"))   # the same tensors
+    """
+    import json
+    import warnings
+
+    req = json.loads(out.meta.get("request", "{}"))
+    if req and req["model"] != request.model_identity(model):
+        warnings.warn(f"this result was computed with {req['model']}; rerunning with "
+                      f"{request.model_identity(model)}.", UserWarning, stacklevel=2)
+    kwargs = request.arguments(out)
+    return attribute(model, tokenizer, kwargs.pop("sources"), **kwargs)
 
 
 def step_slice(out: AttributionTensors, k: int) -> AttributionTensors:

@@ -183,17 +183,36 @@ def _jsonable(value: Any) -> Any:
     return getattr(value, "__name__", repr(value))
 
 
-def baseline_meta(batch: Batch, args: Mapping[str, Any], *, attribute_target: bool) -> dict[str, str]:
+def baseline_meta(batch: Batch, args: Mapping[str, Any], *, attribute_target: bool,
+                  method: str | None = None) -> dict[str, str]:
     """`meta["baseline"]` (the baseline used, in words) and `meta["baseline_kind"]` for a method
     with a `baseline` argument; nothing for the others."""
     if "baseline" not in args:
         return {}
-    return baselines.baseline_meta(batch, args["baseline"], attribute_target=attribute_target)
+    return baselines.baseline_meta(batch, args["baseline"], attribute_target=attribute_target,
+                                   method=method)
 
 
 # rules that take a gradient at the baseline itself (alpha = 0), where a zero baseline overflows
 # in a bias-free model: every RMSNorm of an all-zero residual stream scales it by 1/sqrt(eps)
 AT_BASELINE = ("riemann_left", "riemann_trapezoid")
+
+
+def _baseline_hint(ctx: Context, method: str, baseline: Any) -> str:
+    """The remedy when a method's own arithmetic overflowed: the baseline it started from."""
+    from fnattr import baselines  # here, not at the top: fnattr.baselines imports this module
+
+    specs = baseline if isinstance(baseline, (list, tuple)) else [baseline]
+    kinds = [baselines.resolve_baseline(ctx.batch, b, method)[0] for b in specs
+             if isinstance(b, Tensor) or b in baselines.KINDS]
+    if "zeros" in kinds:
+        return ("; the baseline is the zero vector, which is singular on a model with RMSNorm and "
+                "no biases (Llama): a zero input gives an all-zero stream, where the norm scales by "
+                "1/sqrt(eps). Pass another `baseline`: 'unk', 'pad' or a tensor (CLI: "
+                "`--arg baseline=unk`)")
+    return (f"; `baseline`={'tensor' if isinstance(baseline, Tensor) else baseline!r} resolved to "
+            f"{'/'.join(kinds) or 'a tensor'}: try another `baseline` ('unk', 'pad', 'zeros' or a "
+            "tensor, CLI `--arg baseline=...`) or the model in float64")
 
 
 def check_finite(ctx: Context, method: str, parts: Mapping[str, Tensor | None],
@@ -225,6 +244,8 @@ def check_finite(ctx: Context, method: str, parts: Mapping[str, Tensor | None],
                  "overflows where the baseline is the zero vector and the model has RMSNorm and no "
                  "biases (Llama): use method='gausslegendre', 'riemann_right' or 'adaptive', or "
                  "another `baseline`")
+    elif not scored and "baseline" in (args or {}):
+        hint += _baseline_hint(ctx, method, args["baseline"])
     raise FloatingPointError(f"`{method}` gave non-finite values (NaN or inf) in {', '.join(fields)}: "
                              f"{where}. {cause[0].upper()}{cause[1:]}{hint}.")
 
@@ -252,8 +273,11 @@ def finish(
         "model_class": type(ctx.model).__name__,
         "is_encoder_decoder": str(batch.is_encoder_decoder).lower(),
         "versions": json.dumps(_versions()),
-        **baseline_meta(batch, args, attribute_target=ctx.attribute_target),
+        **baseline_meta(batch, args, attribute_target=ctx.attribute_target, method=method),
     }
+    if batch.source_template is not None:  # chat: the template's unattributed tokens, per row
+        template = (batch.source_template & batch.source_special).cpu()
+        meta["template"] = json.dumps([row.nonzero().flatten().tolist() for row in template])
     cpu = lambda t: None if t is None else t.detach().cpu()  # noqa: E731
     return AttributionTensors(
         source=cpu(source), target=cpu(target), steps=cpu(ctx.steps),

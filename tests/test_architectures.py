@@ -411,11 +411,12 @@ def test_generation_of_a_padded_row_equals_it_alone(archs, name):
     assert torch.isfinite(saliency(a.model, both).source).all()
 
 
-@pytest.mark.parametrize("method", [saliency, occlusion], ids=["saliency", "occlusion"])
+@pytest.mark.parametrize("method", [saliency, occlusion, METHODS["lime"]], ids=["saliency", "occlusion", "lime"])
 def test_a_nan_weight_raises_with_rows_and_steps(archs, method):
     """No silent NaN: a NaN in the input embedding of a token only row 1 reads makes the call
     raise, naming row 1 and its steps, and the model comes back unchanged. (Llama: its output
-    layer is not tied to the input embeddings, so row 0's logits stay finite.)"""
+    layer is not tied to the input embeddings, so row 0's logits stay finite.) LIME says so
+    before its solver (which died with "false INTERNAL ASSERT FAILED" on NaN scores)."""
     a = _arch(archs, "llama")
     model = copy.deepcopy(a.model)
     token = int(a.batch.source_ids[1][a.batch.source_mask[1]][-1])

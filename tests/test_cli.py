@@ -69,6 +69,9 @@ def test_attribute_then_show(model_dir, tmp_path, monkeypatch):
     ref = integrated_gradients(model, batch, n_steps=4, baseline="pad", step_scores=("logprob",))
     torch.testing.assert_close(out.source, ref.source)
     torch.testing.assert_close(out.step_scores["logprob"], ref.step_scores["logprob"])
+    from fnattr import request  # issue 24.3: the command line records its call in meta["request"]
+    again = fnattr.api.rerun(model, tok, out)
+    assert torch.equal(again.source, out.source) and again.meta["request"] == out.meta["request"]
     assert (tmp_path / "a.png").read_bytes()[:4] == b"\x89PNG"
     assert not list(tmp_path.glob(".*.tmp"))  # no temporary file left behind
 

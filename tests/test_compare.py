@@ -240,7 +240,9 @@ def _data(folder) -> str:
 @pytest.mark.parametrize("argv, status, message", [
     (["--methods", "saliency,nope"], 2, "'nope' unknown"),
     (["--methods", "saliency", "--input", "missing.jsonl"], 1, "--input 'missing.jsonl' does not exist"),
-    (["--methods", "saliency", "--source-field", "question"], 1, "--source-field 'question' is not a field"),
+    (["--methods", "saliency", "--source-field", "question"], 1, "--text-field 'question' is not a field"),
+    (["--methods", "saliency", "--text-field", "question"], 1, "--text-field 'question' is not a field"),
+    (["--methods", "occlusion", "--arg", "occlusion.window=-1"], 2, "window=-1 is out of range"),
     (["--methods", "saliency", "--target-field", "answer"], 1, "--target-field 'answer' is not a field"),
     (["--methods", "saliency", "--arg", "n_steps=4"], 2, "is not method.key=value"),
     (["--methods", "saliency", "--arg", "occlusion.window=2"], 2, "which --methods does not list"),
@@ -284,7 +286,8 @@ def test_cli_end_to_end(model_dir, tmp_path):
     assert "faithfulness of 3 methods, ranked by comprehensiveness" in run.stdout
     assert all(m in run.stdout for m in NAMES) and "chance" in run.stdout
     for m in NAMES:
-        assert f"attributing with {m}" in run.stderr and f"scoring {m}" in run.stderr
+        assert f"attributing with {m}" in run.stderr
+    assert f"scoring {', '.join(NAMES)}: done" in run.stderr  # all methods in shared forwards
     assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
     rows = [json.loads(line) for line in (tmp_path / "res" / "per_example.jsonl").read_text().splitlines()]
     assert len(rows) == 9 and {r["method"] for r in rows} == set(NAMES)

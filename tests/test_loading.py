@@ -1,5 +1,6 @@
 """Tests for fnattr.loading: GGUF conversion and cache, model-class choice, dtype, errors."""
 
+import hashlib
 import importlib.util
 import os
 import pathlib
@@ -119,15 +120,22 @@ def test_cached_load_applies_dtype(smollm2: Loaded) -> None:
     assert not model.training
 
 
-def test_gguf_cache_path_changes_with_mtime(tmp_path: pathlib.Path) -> None:
+def test_gguf_cache_path_follows_the_content_not_the_path(tmp_path: pathlib.Path) -> None:
+    """Issue 24.6: clones hold copies of one GGUF file: they share one converted cache."""
     file = tmp_path / "m.gguf"
-    file.write_bytes(b"GGUF")
+    file.write_bytes(b"GGUF" * 1000)
     before = gguf_cache_path(file, cache_dir=tmp_path / "cache")
-    os.utime(file, ns=(1_000_000_000, 1_000_000_000))
+    clone = tmp_path / "clone" / "m.gguf"
+    clone.parent.mkdir()
+    clone.write_bytes(file.read_bytes())
+    assert gguf_cache_path(clone, cache_dir=tmp_path / "cache") == before
+    os.utime(file, ns=(1_000_000_000, 1_000_000_000))  # touched, same bytes: same cache
+    assert gguf_cache_path(file, cache_dir=tmp_path / "cache") == before
+    file.write_bytes(b"GGUF" * 999 + b"FUGG")  # edited: a fresh conversion
     after = gguf_cache_path(file, cache_dir=tmp_path / "cache")
     assert before != after
     assert before.parent == after.parent == tmp_path / "cache"
-    assert before.name.startswith("m-")
+    assert before.name == f"m-{hashlib.sha256(b'GGUF' * 1000).hexdigest()[:12]}"
 
 
 def test_cache_root_from_environment(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -18,6 +18,7 @@ import argparse
 import functools
 import itertools
 import os
+import shlex
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -203,6 +204,16 @@ def cmd_attribute(args: argparse.Namespace, rest: list[str]) -> int:
                         max_new_tokens=args.max_new_tokens, groups=group_by(args), **_prompt(args))
     batch = call.batch
     out = METHODS[args.method](model, batch, call.target_fn, step_scores=call.step_scores, **opts)
+    from fnattr import request
+
+    out = request.record(  # what `fnattr.attribute` would be called with (meta["request"])
+        out, model=model, sources=args.text, method=args.method, target_fn=args.target_fn,
+        method_args={**opts, "step_scores": list(args.step_scores)}, contrast=call.contrast,
+        targets=args.target, max_new_tokens=args.max_new_tokens,
+        contrast_targets=args.contrast_target, contrast_sources=args.contrast_source,
+        contrast_targets_alignments=args.contrast_alignments,
+        contrast_force_inputs=args.contrast_force_inputs, contrast_context=args.contrast_context,
+        groups=group_by(args), **_prompt(args))
     for src, tgt in zip(batch.sources, batch.targets):
         print(f"{src}\u2192{tgt}" if args.quiet else f"{src} \u2192 {tgt!r}")
     write = functools.partial(write_outputs, overwrite=args.overwrite, command=args.command,
@@ -234,6 +245,10 @@ def cmd_show(args: argparse.Namespace, rest: list[str]) -> int:
     check_outputs([("--png", p) for p in pngs], overwrite=args.overwrite)
     failed = _table(out, args)
     failed += print_citations(out, args)
+    from fnattr.request import describe
+
+    if not args.no_table and (asked := describe(out.meta)):
+        print(asked)
     failed += write_outputs(_render_jobs(out, args, pngs), overwrite=args.overwrite,
                             command=args.command, debug=args.debug, log=_logger(args))
     return 1 if failed else 0
@@ -321,7 +336,8 @@ def cmd_dataset(args: argparse.Namespace, rest: list[str]) -> int:
     total = dataset.count_examples(args.input, **fields)  # every row checked before loading
     _check_device(args.device)
     model, tokenizer = load(args.model, **_loading(args))
-    done = dataset.run(model, tokenizer, examples, run.pop("method"), total=total, **run)
+    done = dataset.run(model, tokenizer, examples, run.pop("method"), total=total,
+                       command=shlex.join(["fnattr", *args.argv]), **run)
     log(f"{done} examples in {args.out}" + (f"; {len(examples.skipped)} bad rows skipped "
                                              f"(listed in {os.path.join(args.out, dataset.RUN_FILE)})"
                                              if examples.skipped else ""))
@@ -389,11 +405,11 @@ def cmd_evaluate(args: argparse.Namespace, rest: list[str]) -> int:
     compare.check_outputs(compare.output_paths(args.out, run["methods"]) + ([args.png] if args.png else []),
                           overwrite=args.overwrite)
     try:
-        rows = dataset.read_examples(args.input, text_field=args.source_field,
+        rows = dataset.read_examples(args.input, text_field=args.text_field,
                                      target_field=args.target_field, on_bad_row=args.on_bad_row)
         examples = list(itertools.islice(rows, args.limit))
-    except ValueError as error:  # dataset names its own command's flag
-        raise ValueError(str(error).replace("--text-field", "--source-field")) from None
+    except ValueError as error:
+        raise ValueError(str(error)) from None
     log = _logger(args)
     if rows.skipped:
         log(f"skipped {len(rows.skipped)} bad rows: "
@@ -569,6 +585,9 @@ def _view_options(p: argparse.ArgumentParser) -> None:
                         "line; escapes such as \\n are read)")
     p.add_argument("--citations", type=int, default=None, metavar="K",
                    help="with --group-by: cite the top K groups per generated sentence (default 3)")
+    p.add_argument("--show-template", action="store_true",
+                   help="with --chat: show the chat template's tokens (hidden by default: they "
+                        "are never attributed)")
     p.add_argument("--html", default=None, metavar="PATH", help="write a standalone HTML heatmap")
     p.add_argument("--png", default=None, metavar="PATH",
                    help="write a PNG heatmap (for several texts: PATH-0.png, PATH-1.png, ...)")
@@ -621,7 +640,8 @@ def _evaluate_parser(sub) -> None:
                     help=f"comma-separated method names: {', '.join(method_names())} "
                          "(`--methods help` lists their options)")
     ev.add_argument("--input", required=True, help=INPUTS)
-    ev.add_argument("--source-field", default="text", help="the field with the source text (default text)")
+    ev.add_argument("--text-field", "--source-field", dest="text_field", default="text",
+                    help="the field with the source text (default text; --source-field is an alias)")
     ev.add_argument("--target-field", default=None, help="a field with forced targets (default: generate)")
     ev.add_argument("--out", default="fnattr-evaluate", metavar="DIR",
                     help="folder for per_example.jsonl and <method>.faithfulness.safetensors "
@@ -682,7 +702,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     ds = sub.add_parser("attribute-dataset", help="attribute a dataset file into shards (on Ray with --workers)")
     ds.add_argument("--input", required=True, help=INPUTS)
-    ds.add_argument("--text-field", required=True)
+    ds.add_argument("--text-field", "--source-field", dest="text_field", required=True,
+                    help="the field with the source text (--source-field is an alias, as in evaluate)")
     ds.add_argument("--target-field", default=None)
     ds.add_argument("--out", required=True, help="folder for the shards (resumed if present)")
     ds.add_argument("--id-field", default=None,
@@ -747,6 +768,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         parser = build_parser()
         args, rest = parser.parse_known_args(argv)
+        args.argv = list(sys.argv[1:] if argv is None else argv)  # as typed (a run records it)
         if args.debug:
             return args.run(args, rest)
         try:

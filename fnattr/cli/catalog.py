@@ -12,6 +12,8 @@ import typing
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
+from fnattr.cli.bounds import out_of_range
+
 COMMON = ("attribute_target", "attr_pos_start", "attr_pos_end")  # every method takes them
 FIXED = ("step_scores",)  # method options the command line sets itself (--step-scores)
 
@@ -456,4 +458,7 @@ def check_options(method: str, opts: dict[str, Any]) -> dict[str, Any]:
                     f"{spec_text(option.spec)}, which only the Python API can pass")
             raise UsageError(f"--arg {key}={value!r}: {method} takes {key} as {what} "
                              f"(default {option.default!r}).")
+        if option is not None and (want := out_of_range(method, key, out[key])):
+            raise UsageError(f"--arg {key}={value!r} is out of range: {method} takes {key} as "
+                             f"{want} (default {option.default!r}).")
     return out

@@ -121,9 +121,10 @@ def check_groups(args: argparse.Namespace) -> None:
 
 
 def _view(args: argparse.Namespace) -> dict[str, Any]:
-    """How tables, HTML and PNG show the scores: `render`'s `reduction`, `normalize` and
-    `group_by`."""
-    return {"reduction": args.reduce, "normalize": args.normalize, "group_by": group_by(args)}
+    """How tables, HTML and PNG show the scores: `render`'s `reduction`, `normalize`, `group_by`
+    and `show_template`."""
+    return {"reduction": args.reduce, "normalize": args.normalize, "group_by": group_by(args),
+            "show_template": getattr(args, "show_template", False)}
 
 
 def print_citations(out, args: argparse.Namespace) -> int:

@@ -236,6 +236,7 @@ def run(
     reduce: str | Reducer | None = None, total: int | None = None, progress: bool = True,
     on_shard: Callable[[pathlib.Path], None] | None = None,
     chat: bool = False, system: str | None = None, keep_template: bool = False,
+    command: str | None = None,
 ) -> int:
     """Attribute `examples` in batches of `batch_size`, one shard per batch, into `out_dir`.
 
@@ -245,6 +246,8 @@ def run(
     dims (e.g. hidden) before saving; ids (`Example.id`) go into each shard's
     `meta["dataset_ids"]`. `on_shard(path)` is called after each shard is written. `chat`,
     `system` and `keep_template` write each text into the chat template (see `prepare`).
+    `total` (the input's number of examples) and `command` (the command line that resumes the
+    run) go into `run.json`, so that `describe` / `fnattr show` can say what is not done yet.
     Returns the number of examples attributed in total (earlier runs included).
     """
     method_args = dict(method_args or {})
@@ -254,6 +257,8 @@ def run(
                             system=system, keep_template=keep_template)
     out_dir, stream = pathlib.Path(out_dir), iter(examples)
     record, done = _resume(out_dir, settings, stream)
+    record = {**record, **({"total": total} if total is not None else {}),
+              **({"command": command} if command else {})}
     _write_json(out_dir / RUN_FILE, record := _skipped(examples, record))
     index = len(record["shards"])
     bar, task = _progress(total, done, progress)
@@ -292,6 +297,12 @@ class Summary:
     shards: tuple[pathlib.Path, ...]
     ids: tuple[str | int, ...] | None
     skipped: tuple[BadRow, ...]
+    total: int | None = None  # the input's examples, where the run recorded it
+    command: str | None = None  # the command line that resumes the run, where recorded
+
+    @property
+    def incomplete(self) -> bool:
+        return self.total is not None and self.examples < self.total
 
 
 def summary(out_dir: str | os.PathLike) -> Summary:
@@ -310,7 +321,7 @@ def summary(out_dir: str | os.PathLike) -> Summary:
         folder=folder, config=dict((record or {}).get("config", {})),
         examples=int(found[-1][1]["dataset_end"]) if found else 0, shards=tuple(p for p, _ in found),
         ids=None if not found or None in all_ids else tuple(i for part in all_ids for i in part),
-        skipped=tuple(skipped))
+        skipped=tuple(skipped), total=(record or {}).get("total"), command=(record or {}).get("command"))
 
 
 def _some(values: Sequence[Any], n: int = 5) -> str:
@@ -325,7 +336,8 @@ def describe(out_dir: str | os.PathLike) -> str:
     fields = ", ".join(f"{k.removesuffix('_field')} field {c[k]!r}" for k in
                        ("text_field", "target_field", "id_field") if c.get(k) is not None)
     lines = [f"run in {str(s.folder)!r}: {s.examples} examples in {len(s.shards)} shards"
-             + (f" (batch size {c['batch_size']})" if "batch_size" in c else ""),
+             + (f" (batch size {c['batch_size']})" if "batch_size" in c else "")
+             + (f": {s.examples} of {s.total} rows done" if s.total is not None else ""),
              f"method {c.get('method', '?')}, target {c.get('target_fn') or '?'}, "
              f"max_new_tokens {c.get('max_new_tokens', '?')}, step scores {c.get('step_scores') or 'none'}"
              + (f", options {json.dumps(c['method_args'])}" if c.get("method_args") else "")]
@@ -339,6 +351,10 @@ def describe(out_dir: str | os.PathLike) -> str:
         lines.append(f"ids: {_some(s.ids)}")
     lines.append("skipped rows: " + (f"line{'s' * (len(s.skipped) > 1)} {_some([b.line for b in s.skipped])}"
                                      if s.skipped else "none"))
+    if s.incomplete:
+        again = s.command or f"the same command with --out {str(s.folder)!r}"
+        lines.append(f"incomplete: {s.total - s.examples} of {s.total} rows not done yet; "
+                     f"resume with: {again}")
     return "\n".join(lines)
 
 

@@ -40,6 +40,7 @@ from fnattr.evaluate.compare_result import bootstrap as bootstrap
 from fnattr.evaluate.compare_views import console as console
 from fnattr.evaluate.compare_views import plot_curves as plot_curves
 from fnattr.evaluate.compare_views import table as table
+from fnattr.evaluate.shared import faithfulness_many
 from fnattr.batch import Batch, prepare
 from fnattr.dataset.readers import Example
 from fnattr.methods import METHODS
@@ -178,12 +179,14 @@ def compare_methods(
     meta = {"target_fn": fn_name(fn), "targets": how,
             "options": json.loads(json.dumps({**options, "seed": seed}, default=repr))}
     files = dict(zip(plan, output_paths(out_dir, list(plan))[1:])) if out_dir is not None else {}
+    outs = {}
     for name, (method, opts) in plan.items():
         with _phase(console, f"attributing with {name}"):
-            out = method(model, batch, fn, **opts)
-        with _phase(console, f"scoring {name}"):
-            results[name] = ev.faithfulness(model, batch, out, fn, metrics=metrics, seed=seed,
-                                            **options)
+            outs[name] = method(model, batch, fn, **opts)
+    # every method's removal copies and the random rankings' in the same forwards, each once
+    with _phase(console, f"scoring {', '.join(plan)}" if len(plan) > 1 else f"scoring {name}"):
+        results = faithfulness_many(model, batch, outs, fn, metrics=metrics, seed=seed, **options)
+    for name in plan:
         if name in files:
             header = _header(list(plan), range(len(batch)), n_boot, seed, meta)
             _write_result(results[name], files[name], header)

@@ -43,10 +43,10 @@ def _not_checkpointed(model: Model, name: str) -> None:
                          "outside the `with` block (it needs one forward, little memory).")
 
 
-def _stacked(ctx: Context, baseline: Baseline) -> tuple[Tensor, Tensor, Tensor]:
+def _stacked(ctx: Context, baseline: Baseline, method: str) -> tuple[Tensor, Tensor, Tensor]:
     """Source and target embeddings of [inputs; references], and the batch row of each."""
     emb = ctx.embedded
-    base_src, base_tgt = baselines(ctx, baseline)
+    base_src, base_tgt = baselines(ctx, baseline, method)
     n = len(ctx.batch)
     rows = torch.cat([torch.arange(n), torch.arange(n)]).to(emb.source.device)
     return torch.cat([emb.source, base_src]), torch.cat([emb.target, base_tgt]), rows
@@ -86,7 +86,7 @@ def deeplift(
         ctx = stack.enter_context(attribution_context(
             model, batch, attribute_target=attribute_target,
             attr_pos_start=attr_pos_start, attr_pos_end=attr_pos_end))
-        source, target, rows = _stacked(ctx, baseline)
+        source, target, rows = _stacked(ctx, baseline, "deeplift")
         n = len(ctx.batch)
         bar.expect(len(rows))
         source.requires_grad_()
@@ -151,7 +151,7 @@ def layer_deeplift(
                                                 else layer))
         roles = _layers.roles(model, hooks.modules)
         _layers.check_sides(roles, ctx.attribute_target)
-        source, target, rows = _stacked(ctx, baseline)
+        source, target, rows = _stacked(ctx, baseline, "layer_deeplift")
         n_src, n = ctx.batch.source_ids.shape[1], len(ctx.batch)
         bar.expect(len(rows))
         with deeplift_rules(ctx.model):

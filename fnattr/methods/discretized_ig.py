@@ -230,7 +230,7 @@ def discretized_integrated_gradients(
                               attr_pos_start=attr_pos_start, attr_pos_end=attr_pos_end) as ctx):
         b = ctx.batch
         x = (ctx.embedded.source, ctx.embedded.target)
-        base = baselines(ctx, baseline)
+        base = baselines(ctx, baseline, "discretized_integrated_gradients")
         keep_src = b.source_mask & ~b.source_special & (x[0] != base[0]).any(-1)
         keep_tgt = (b.target_mask & ~b.target_special & (x[1] != base[1]).any(-1)
                     & ctx.attribute_target)

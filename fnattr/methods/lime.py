@@ -14,7 +14,8 @@ from torch import Tensor
 
 from fnattr.batch import Batch
 from fnattr.attribution import (
-    Context, StepScoreSpec, attribution_context, clean_logits, finish, logit_step_scores,
+    Context, StepScoreSpec, attribution_context, check_finite, clean_logits, finish, fn_name,
+    logit_step_scores,
 )
 from fnattr import group_features as _grouped
 from fnattr.methods.integrated_gradients import baselines
@@ -201,6 +202,9 @@ def lime(
         steps = ctx.steps.cpu()
         visible = real[:, None, :] & ((side == 0)[:, None, :] | (pos[:, None, :] < steps[None, :, None]))
         vis, z = visible.to(y), keep[:, None].to(y).expand(-1, len(steps), -1, -1)
+        scores = logit_step_scores(ctx, logits, target_fn, step_scores)
+        # before the solver, which fails on NaN with "false INTERNAL ASSERT FAILED"
+        check_finite(ctx, "lime", {**scores, f"{fn_name(target_fn)} of the perturbed inputs": y}, args)
         bar.update(detail="fitting surrogates")
         similarity = similarity_fn or functools.partial(kernel_weights, kernel_width=kernel_width)
         surrogate = surrogate_fn or functools.partial(fit_surrogates, alpha=alpha)
@@ -211,7 +215,7 @@ def lime(
             src = torch.zeros_like(src)  # the group coefficients replace the source axis below
         out = finish(ctx, method="lime", args=args, target_fn=target_fn, source=src,
                      target=tgt if ctx.attribute_target else None,
-                     step_scores=logit_step_scores(ctx, logits, target_fn, step_scores),
+                     step_scores=scores,
                      extra_dims=())
         if not grouped:
             return out

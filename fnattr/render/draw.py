@@ -134,6 +134,7 @@ def table(hm: Heatmap, *, hide: torch.Tensor | None = None):
 def console(
     out: AttributionTensors, *, file=None, width: int | None = None,
     reduction: str | Reducer | None = None, normalize: bool = False, group_by=None,
+    show_template: bool = False,
 ) -> None:
     """Print every batch row of `out` as a coloured table (to `file`, default stdout);
     `reduction` / `normalize` as in `heatmap`."""
@@ -144,7 +145,8 @@ def console(
         width = 1000  # a pipe or file: never truncate cells to a guessed 80 columns
     con = Console(file=file, width=width)
     for row, hm in enumerate(heatmaps(out, reduction=reduction, normalize=normalize,
-                                               group_by=group_by)):
+                                               group_by=group_by,
+                                               show_template=show_template)):
         con.print(table(hm, hide=hidden(out, hm, row)))
 
 
@@ -202,6 +204,7 @@ NOTEBOOK_ROWS = 8  # batch rows a notebook cell draws (`AttributionTensors._repr
 def html(
     out: AttributionTensors, *, standalone: bool = True, reduction: str | Reducer | None = None,
     normalize: bool = False, max_rows: int | None = None, group_by=None,
+    show_template: bool = False,
 ) -> str:
     """Every batch row (the first `max_rows`, with a note saying so) as an HTML heatmap;
     `standalone` wraps it in a page with no network assets."""
@@ -209,7 +212,8 @@ def html(
     if max_rows is not None and max_rows < 1:
         raise ValueError(f"`max_rows`={max_rows}: draw at least 1 row, or None for all {n}.")
     shown = range(n if max_rows is None else min(n, max_rows))
-    maps = [(r, heatmap(out, row=r, reduction=reduction, normalize=normalize, group_by=group_by))
+    maps = [(r, heatmap(out, row=r, reduction=reduction, normalize=normalize, group_by=group_by,
+                 show_template=show_template))
             for r in shown]
     body = "\n".join(_html_table(hm, hidden(out, hm, r)) for r, hm in maps)
     if len(shown) < n:
@@ -262,13 +266,15 @@ def _wrap(notes: tuple[str, ...], inches: float) -> list[str]:
 
 
 def figure(out: AttributionTensors, *, row: int = 0, dpi: int = 100,
-           reduction: str | Reducer | None = None, normalize: bool = False, group_by=None):
+           reduction: str | Reducer | None = None, normalize: bool = False, group_by=None,
+           show_template: bool = False):
     """A matplotlib Figure of batch row `row`: tokens on both axes, colour bar, step scores,
     caption lines under it. Every text is drawn literally (mathtext off)."""
     import matplotlib
     from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global figure state
 
-    hm = heatmap(out, row=row, reduction=reduction, normalize=normalize, group_by=group_by)
+    hm = heatmap(out, row=row, reduction=reduction, normalize=normalize, group_by=group_by,
+                 show_template=show_template)
     nan, vmax = _nan_cells(hm, hidden(out, hm, row)), _vmax(hm)
     n_r, n_c, n_s = len(hm.rows), len(hm.cols), len(hm.step_scores)
     w_in = png_size(n_r, n_c, dpi=dpi)[0] / dpi
@@ -327,7 +333,8 @@ def save_png(out: AttributionTensors, path: str | os.PathLike, *, row: int = 0, 
 
 def step_plot(out: AttributionTensors, path: str | os.PathLike | None = None, *, row: int = 0,
               top_k: int = 3, score: str | None = None, dpi: int = 100,
-              reduction: str | Reducer | None = None, normalize: bool = False, group_by=None):
+              reduction: str | Reducer | None = None, normalize: bool = False, group_by=None,
+              show_template: bool = False):
     """A matplotlib Figure of batch row `row`, one point per generated token: the attributed
     target's step score (`score`: another step score), each step labelled with the `top_k`
     tokens of largest |score| in its column of the heatmap (same reduction and normalisation).
@@ -337,7 +344,8 @@ def step_plot(out: AttributionTensors, path: str | os.PathLike | None = None, *,
     """
     from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global figure state
 
-    hm = heatmap(out, row=row, reduction=reduction, normalize=normalize, group_by=group_by)
+    hm = heatmap(out, row=row, reduction=reduction, normalize=normalize, group_by=group_by,
+                 show_template=show_template)
     name, ys = views.step_score(out, hm, score)
     tops = views.top_tokens(hm, top_k)
     n_c, lit = len(hm.cols), {"parse_math": False}

@@ -6,6 +6,7 @@ dims, per-step normalisation, the baseline, and the steps whose path integral di
 """
 
 import dataclasses
+import json
 import math
 import unicodedata
 from collections.abc import Callable, Mapping
@@ -210,12 +211,21 @@ def label(token: str) -> str:
     return text
 
 
+def template_positions(out: AttributionTensors, row: int) -> list[int]:
+    """Source positions of row `row` that a chat template wrote and no method attributes
+    (`meta["template"]`, recorded by `prepare(chat=True)` runs); [] without chat."""
+    rows = json.loads(out.meta.get("template", "[]"))
+    return rows[row] if row < len(rows) else []
+
+
 def heatmap(
     out: AttributionTensors, *, row: int = 0, reduction: str | Reducer | None = None,
     normalize: bool = False, group_by: str | bool | Callable | None = None,
+    show_template: bool = False,
 ) -> Heatmap:
     """The matrix of batch row `row` of `out`, padding removed, `*extra` dims reduced
-    (`view`), with its title, caption lines and flagged columns."""
+    (`view`), with its title, caption lines and flagged columns. A chat run's template tokens
+    (role headers, markers; never attributed) are left out unless `show_template`."""
     if not 0 <= row < out.source.shape[0]:
         n = out.source.shape[0]
         raise ValueError(f"`row`={row} is outside the batch of {n}: use 0..{n - 1}.")
@@ -223,6 +233,9 @@ def heatmap(
     cols = shown.step_mask[row].nonzero().squeeze(1)
     steps = shown.steps[cols]
     src = shown.source_mask[row].nonzero().squeeze(1)
+    hide = [] if show_template or group_by not in (None, False) else template_positions(out, row)
+    if hide:
+        src = src[~torch.isin(src, torch.tensor(hide, dtype=src.dtype))]
     parts = [shown.source[row][cols][:, src].T.double()]
     labels = [shown.source_tokens[row][i] for i in src.tolist()]
     if shown.target is not None and len(steps):
@@ -241,7 +254,9 @@ def heatmap(
         cols=tuple(label(shown.target_tokens[row][int(s)]) for s in steps.tolist()),
         values=torch.cat(parts), n_source=len(src), title=visible(heading),
         step_scores=_step_rows(out, row, cols),
-        notes=tuple(visible(n) for n in notes(out, shown, row, conv)),
+        notes=tuple(visible(n) for n in [*notes(out, shown, row, conv), *(
+            [f"{len(hide)} chat-template tokens hidden (show_template=True, --show-template "
+             "shows them)"] if hide else [])]),
         flagged=tuple(i for i, k in enumerate(cols.tolist()) if k in bad),
     )
 
