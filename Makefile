@@ -43,8 +43,11 @@ browser: $(STAMP)
 		npm install --silent --no-audit --no-fund --no-save --prefix $(AXE_DIR) axe-core@$(AXE_VERSION) \
 		>/dev/null 2>&1; } || echo "note: no axe-core (npm install --prefix $(AXE_DIR) axe-core): its accessibility checks will skip"
 
+# two methods on a prompt whose tokens matter unequally (docs/demo.md): they agree on " iffel"
+DEMO_PROMPT := "The Eiffel Tower is located in the city of" --target " Paris" --no-save
 demo: $(DEMO_STAMP)
-	$(VENV)/bin/fnattr attribute "The capital of France is" --method integrated_gradients --no-save
+	$(VENV)/bin/fnattr attribute $(DEMO_PROMPT) --method occlusion
+	$(VENV)/bin/fnattr attribute $(DEMO_PROMPT) --method integrated_gradients
 
 # faithfulness of five methods on six SmolLM2 prompts: the table and PNG of docs/evaluation.md
 evaluate: $(DEMO_STAMP)
