@@ -42,7 +42,7 @@ from fnattr.dataset.readers import (  # noqa: F401 (re-exported: the reading hal
     read_examples,
 )
 from fnattr.aggregate import Reducer
-from fnattr.batch import prepare
+from fnattr.api import prepare_call
 from fnattr.result import AttributionTensors, load, load_meta
 from fnattr.targets import probability
 from fnattr.types import Model, TargetFn
@@ -193,9 +193,11 @@ def attribute_chunk(
 ) -> AttributionTensors:
     """One batch of a run, as its shard holds it (examples `start`.. of the input)."""
     targets = [e.target for e in chunk]
-    batch = prepare(model, tokenizer, [e.text for e in chunk], None if targets[0] is None else targets,
-                    max_new_tokens=max_new_tokens, chat=chat, system=system, keep_template=keep_template)
-    out = method(model, batch, target_fn, step_scores=tuple(step_scores), **method_args)
+    call = prepare_call(model, tokenizer, [e.text for e in chunk],
+                        None if targets[0] is None else targets, target_fn=target_fn,
+                        max_new_tokens=max_new_tokens, chat=chat, system=system,
+                        keep_template=keep_template)  # the step `fnattr.attribute` takes
+    out = method(model, call.batch, call.target_fn, step_scores=tuple(step_scores), **method_args)
     return _shard(out, chunk, start, reduce)
 
 
