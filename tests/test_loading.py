@@ -81,7 +81,8 @@ def test_gguf_converts_once_then_loads_from_cache(smollm2: Loaded) -> None:
     folder = gguf_cache_path(default_model_path(), cache_dir=smollm2.cache_dir)
     assert (folder / "model.safetensors").is_file()
     assert (folder / "config.json").is_file()
-    assert [p.name for p in smollm2.cache_dir.iterdir()] == [folder.name]  # no temp folder left
+    # the converted folder and the content-hash index (`sha256-index.json`), no temp folder left
+    assert sorted(p.name for p in smollm2.cache_dir.iterdir()) == sorted([folder.name, "sha256-index.json"])
     assert smollm2.cached_seconds < smollm2.gguf_seconds / 5
     for model, _ in (smollm2.gguf, smollm2.cached):
         assert not model.training

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 
 import torch
 
-from fnattr import evaluate as ev
+from fnattr.evaluate import metrics as ev
 from fnattr.baselines import baselines
 from fnattr.batch import Batch
 from fnattr.attribution import attribution_context, fn_name, run_scored
