@@ -10,7 +10,6 @@ import sys
 import time
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import fnattr
 from fnattr.methods import integrated_gradients, saliency

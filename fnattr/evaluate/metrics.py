@@ -50,6 +50,7 @@ import functools
 import json
 import math
 import warnings
+from typing import Any
 from collections.abc import Sequence
 
 import torch
@@ -156,6 +157,16 @@ def _scores(ctx, target_fn, f_x, drop, fills, chunk, ranking):
     return per.transpose(-1, -2), int(todo.sum())
 
 
+def clean_and_fills(ctx, target_fn: TargetFn, removal: str) -> tuple[Tensor, bool, Any]:
+    """The target's score at the clean input `[batch step]`, whether `removal` masks tokens out of
+    the attention, and otherwise the embeddings that replace removed tokens (`baselines`)."""
+    emb = ctx.embedded
+    with torch.no_grad():
+        f_x = run_scored(ctx, target_fn, emb.source, emb.target)[1]
+    mask_removal = removal == "mask"
+    return f_x, mask_removal, None if mask_removal else baselines(ctx, removal)
+
+
 def faithfulness(
     model: Model, batch: Batch, attributions: AttributionTensors, target_fn: TargetFn = probability,
     *, metrics: Sequence[str] = METRICS, fractions: Sequence[float | int] = FRACTIONS,
@@ -196,11 +207,7 @@ def faithfulness(
     start = int(attributions.steps[0])
     with attribution_context(model, batch, attribute_target=attributions.target is not None,
                              attr_pos_start=start, attr_pos_end=start + len(attributions.steps)) as ctx:
-        emb = ctx.embedded
-        with torch.no_grad():
-            f_x = run_scored(ctx, target_fn, emb.source, emb.target)[1]
-        mask_removal = removal == "mask"
-        fills = None if mask_removal else baselines(ctx, removal)
+        f_x, mask_removal, fills = clean_and_fills(ctx, target_fn, removal)
         plan = functools.partial(_evaluate_groups.plan, ctx, plan_fn=_plan) if grouped else \
             functools.partial(_plan, ctx)
         n, drop = plan(attributions, fractions=fractions, levels=levels, metrics=metrics,

@@ -15,9 +15,8 @@ from collections.abc import Mapping
 import torch
 
 from fnattr.evaluate import metrics as ev
-from fnattr.baselines import baselines
 from fnattr.batch import Batch
-from fnattr.attribution import attribution_context, fn_name, run_scored
+from fnattr.attribution import attribution_context, fn_name
 from fnattr.result import AttributionTensors
 from fnattr.targets import probability
 from fnattr.types import Model, TargetFn
@@ -66,11 +65,7 @@ def _group(model, batch, attributions, target_fn, *, metrics, fractions, curve_l
     start = int(first.steps[0])
     with attribution_context(model, batch, attribute_target=first.target is not None,
                              attr_pos_start=start, attr_pos_end=start + len(first.steps)) as ctx:
-        emb = ctx.embedded
-        with torch.no_grad():
-            f_x = run_scored(ctx, target_fn, emb.source, emb.target)[1]
-        mask_removal = removal == "mask"
-        fills = None if mask_removal else baselines(ctx, removal)
+        f_x, mask_removal, fills = ev.clean_and_fills(ctx, target_fn, removal)
         plans = {name: ev._plan(ctx, out, fractions=fractions, levels=levels, metrics=metrics,
                                 ranking=ranking, sign=sign, reduction=reduction, n_random=n_random,
                                 seed=seed, mask_removal=mask_removal)

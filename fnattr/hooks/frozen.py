@@ -27,12 +27,10 @@ def model_lock(model: nn.Module) -> threading.RLock:
         return lock
 
 
-def _restore(flags: list, modes: list) -> None:
-    """Put back every saved mode, then every saved flag. Each assignment is idempotent, so one
-    that a KeyboardInterrupt (or another error) cuts short is done again; the first error is
-    raised once everything is back."""
-    items = [(setattr, (m, "training", mode)) for m, mode in reversed(modes)]
-    items += [(nn.Parameter.requires_grad_, (p, flag)) for p, flag in reversed(flags)]
+def undo_all(items: list) -> None:
+    """Call every `(fn, args)` of `items` in order: idempotent undo steps (restore a flag, remove
+    a hook). One that a KeyboardInterrupt (or another error) cuts short is done again; the first
+    error is raised once everything is undone."""
     pending: BaseException | None = None
     i = tries = 0
     while i < len(items):
@@ -47,6 +45,13 @@ def _restore(flags: list, modes: list) -> None:
                 i, tries = i + 1, 0
     if pending is not None:
         raise pending
+
+
+def _restore(flags: list, modes: list) -> None:
+    """Put back every saved mode, then every saved flag (`undo_all`)."""
+    items = [(setattr, (m, "training", mode)) for m, mode in reversed(modes)]
+    items += [(nn.Parameter.requires_grad_, (p, flag)) for p, flag in reversed(flags)]
+    undo_all(items)
 
 
 @contextmanager

@@ -40,13 +40,12 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from fnattr.hooks.frozen import model_lock
+from fnattr.hooks.frozen import model_lock, undo_all
 from fnattr.types import Model
 
 Rule = Literal["attnlrp", "cp_lrp"]
 RULES: tuple[str, ...] = Rule.__args__
 EPSILON = 1e-10  # lxt 2.1 `identity_rule_implicit_fn`: out / (in + 1e-10)
-_RETRIES = 100
 
 
 class _Gradient(torch.autograd.Function):
@@ -308,24 +307,6 @@ def _projection_hook(attention: nn.Module, child: str, rule: str):
     return _scale_hook(scale)
 
 
-def _remove_all(handles: list) -> None:
-    """Remove every hook; one that a KeyboardInterrupt cuts short is removed again (removal is
-    idempotent); the first error is raised once all are gone."""
-    pending: BaseException | None = None
-    i = tries = 0
-    while i < len(handles):
-        try:
-            handles[i].remove()
-            i, tries = i + 1, 0
-        except BaseException as error:  # noqa: BLE001 - re-raised below
-            pending = pending or error
-            tries += 1
-            if tries >= _RETRIES:
-                i, tries = i + 1, 0
-    if pending is not None:
-        raise pending
-
-
 @contextmanager
 def lrp_rules(model: Model, rule: Rule = "attnlrp") -> Iterator[Model]:
     """Inside the block, `model`'s backward follows AttnLRP's (Achtibat et al., ICML 2024,
@@ -351,7 +332,7 @@ def lrp_rules(model: Model, rule: Rule = "attnlrp") -> Iterator[Model]:
                     handles.append(module.register_forward_hook(hook))
             yield model
         finally:
-            _remove_all(list(reversed(handles)))
+            undo_all([(h.remove, ()) for h in reversed(handles)])
 
 
 def is_lrp(model: Model) -> bool:
