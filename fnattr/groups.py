@@ -181,6 +181,19 @@ def _assign(offsets: Sequence[Span], spans: Sequence[Span], text: str, *, strict
     return owner, texts
 
 
+def split_tokens(tokens: Sequence[str], positions: Sequence[int], by: str | Splitter,
+                 row: int = 0) -> list[list[int]]:
+    """`positions` (indices into `tokens`, in order) grouped by the spans that splitter `by` finds
+    in their concatenated texts: one list per span, spans in text order (generated sentences)."""
+    offsets, text = [], ""
+    for j in positions:
+        offsets.append((len(text), len(text) + len(tokens[j])))
+        text += tokens[j]
+    owner, _ = _assign(offsets, splitter(by)(text), text, strict=False, row=row)
+    n = max(owner + [-1]) + 1
+    return [[positions[i] for i, o in enumerate(owner) if o == s] for s in range(n)]
+
+
 def _check_spans(spans: Any, text: str, row: int) -> list[Span]:
     if isinstance(spans, (str, bytes)) or not isinstance(spans, Sequence):
         raise TypeError(f"`groups[{row}]` is {type(spans).__name__}: give a list of (start, end) "

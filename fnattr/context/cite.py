@@ -22,7 +22,7 @@ from fnattr.evaluate.removal import copy_scores
 from fnattr.batch import Batch
 from fnattr.context.solver import spearman, surrogate
 from fnattr.engine import score_steps
-from fnattr.groups import _assign, group_fields, kind, splitter
+from fnattr.groups import group_fields, kind, split_tokens, splitter
 from fnattr import group_features as _grouped
 from fnattr.attribution import (
     attribution_context, clean_logits, finish, fn_name, logit_step_scores,
@@ -52,13 +52,7 @@ def target_spans(batch: Batch, spans: Any) -> list[list[list[int]]]:
         if spans == "all":
             out.append([real] if real else [])
             continue
-        offsets, text = [], ""
-        for j in real:
-            offsets.append((len(text), len(text) + len(batch.target_tokens[b][j])))
-            text += batch.target_tokens[b][j]
-        owner, _ = _assign(offsets, splitter(spans)(text), text, strict=False, row=b)
-        n = max(owner + [-1]) + 1
-        out.append([[real[i] for i, o in enumerate(owner) if o == s] for s in range(n)])
+        out.append(split_tokens(batch.target_tokens[b], real, spans, row=b))
     return out
 
 

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from fnattr.groups import _assign, splitter
+from fnattr.groups import split_tokens
 from fnattr.result import AttributionTensors
 
 
@@ -28,13 +28,7 @@ class Citation:
 def _sentences(out: AttributionTensors, row: int, by: Any) -> list[list[int]]:
     """Target positions of each generated sentence of `row` (from the token texts)."""
     real = out.target_mask[row].nonzero().squeeze(1).tolist()
-    offsets, text = [], ""
-    for j in real:
-        offsets.append((len(text), len(text) + len(out.target_tokens[row][j])))
-        text += out.target_tokens[row][j]
-    owner, _ = _assign(offsets, splitter(by)(text), text, strict=False, row=row)
-    n = max(owner + [-1]) + 1
-    return [[real[i] for i, o in enumerate(owner) if o == s] for s in range(n)]
+    return split_tokens(out.target_tokens[row], real, by, row=row)
 
 
 def _top(scores: torch.Tensor, texts: tuple[str, ...], k: int) -> tuple[tuple[float, str], ...]:
