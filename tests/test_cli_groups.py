@@ -4,24 +4,12 @@ attribute-context` (issue 27), in process on a tiny saved model."""
 import json
 
 import pytest
-import torch
-from transformers import GPT2Config, GPT2LMHeadModel
 
 from fnattr import cli
 from fnattr.result import load
+from tests.test_cli import model_dir  # noqa: F401 - the same tiny saved model fixture
 
 DOCS = "The cat sat on the mat.\n\nParis is a city in France."
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory, decoder_tokenizer):
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(decoder_tokenizer), n_positions=64, n_embd=16,
-                                       n_layer=1, n_head=2, pad_token_id=0, bos_token_id=1, eos_token_id=2))
-    path = tmp_path_factory.mktemp("tiny")
-    model.save_pretrained(path)
-    decoder_tokenizer.save_pretrained(path)
-    return str(path)
 
 
 def test_attribute_group_by_documents_perturbs_documents_and_cites(model_dir, tmp_path, monkeypatch, capsys):

@@ -16,6 +16,7 @@ from fnattr.methods import METHODS
 from tests.architectures import NAMES, SEQ2SEQ, build
 from tests.state import assert_unchanged, snapshot
 from tests.test_architectures import SOURCES, TARGETS
+from tests.test_architectures import _one_thread  # noqa: F401 - autouse: tiny models on one thread
 
 # The methods whose automatic baseline this rule changes; the other methods' defaults run on every
 # architecture in `test_architectures.py` (with cheaper sizes) and below on SmolLM2.
@@ -32,14 +33,6 @@ def _smollm2_like(batch):
     ids = {i: spelled[r] for r, i, _ in batch.special_tokens if r in spelled}
     return dataclasses.replace(batch, special_tokens=tuple(
         (r, i, ids.get(i, t)) for r, i, t in batch.special_tokens))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("name", NAMES)
